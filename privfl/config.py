@@ -1,0 +1,574 @@
+"""Scenario files: parsed once into frozen dataclasses and validated there.
+
+A scenario is a TOML file with the sections ``scenario``, ``data``, ``model``,
+``training``, ``defense`` and ``attack``. Every key is checked: an unknown key, a
+value of the wrong type or an impossible value raises :class:`ScenarioError` naming
+the key (``data.parties``) and what would be accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+
+class ScenarioError(ValueError):
+    """A scenario file or override is invalid; the message names the key."""
+
+
+def _fail(key: str, msg: str) -> typing.NoReturn:
+    raise ScenarioError(f"{key}: {msg}")
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class ScenarioSection:
+    """Identity of the run."""
+
+    name: str = "unnamed"
+    description: str = ""
+    seed: int = 0
+    rounds: int = 3
+    # "auto" picks CUDA when present; "cpu" / "cuda" / "cuda:N" force it.
+    device: str = "auto"
+    # Fraction of one GPU each simulated party may hold (Flower client resources).
+    gpus_per_party: float = 0.0
+    cpus_per_party: int = 1
+    # Seconds the server waits for replies in one exchange.
+    timeout: float = 600.0
+
+    def validate(self, key: str) -> None:
+        if self.rounds < 1:
+            _fail(f"{key}.rounds", f"must be >= 1, got {self.rounds}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            _fail(f"{key}.device", f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if not 0.0 <= self.gpus_per_party <= 1.0:
+            _fail(f"{key}.gpus_per_party", f"must be in [0, 1], got {self.gpus_per_party}")
+        if self.cpus_per_party < 1:
+            _fail(f"{key}.cpus_per_party", f"must be >= 1, got {self.cpus_per_party}")
+        if self.timeout <= 0:
+            _fail(f"{key}.timeout", f"must be > 0, got {self.timeout}")
+
+
+DATASETS = ("mnist", "fashion-mnist")
+EMNIST_SPLITS = ("letters", "balanced", "digits", "byclass", "bymerge", "mnist")
+
+
+@dataclass(frozen=True)
+class DataSection:
+    """Where the data comes from and how it is split among the parties."""
+
+    # mnist | fashion-mnist | emnist-<split> (letters, balanced, digits, byclass, ...)
+    dataset: str = "mnist"
+    # "" -> $PRIVFL_DATA if set, else the MNIST sample shipped with privfl ("embedded").
+    root: str = ""
+    download: bool = False
+    partition: Literal["iid", "dirichlet", "shards"] = "iid"
+    alpha: float = 0.5  # Dirichlet concentration (smaller = more label skew)
+    shards_per_party: int = 2
+    parties: int = 3
+    # 0 = every sample of the party's partition.
+    samples_per_party: int = 0
+    # Fraction of each party's samples kept back as its local test split.
+    party_test_fraction: float = 0.1
+    # Samples of the test set the server evaluates on (0 = all).
+    server_test_samples: int = 0
+
+    def validate(self, key: str) -> None:
+        if not (self.dataset in DATASETS or self.dataset.startswith("emnist-")):
+            _fail(
+                f"{key}.dataset",
+                f"unknown dataset {self.dataset!r}; accepted: {', '.join(DATASETS)}, "
+                f"emnist-<split> with split in {', '.join(EMNIST_SPLITS)}",
+            )
+        if self.dataset.startswith("emnist-"):
+            split = self.dataset.removeprefix("emnist-")
+            if split not in EMNIST_SPLITS:
+                _fail(f"{key}.dataset", f"unknown EMNIST split {split!r}; accepted: {EMNIST_SPLITS}")
+        if self.parties < 1:
+            _fail(f"{key}.parties", f"must be >= 1, got {self.parties}")
+        if self.alpha <= 0:
+            _fail(f"{key}.alpha", f"must be > 0, got {self.alpha}")
+        if self.shards_per_party < 1:
+            _fail(f"{key}.shards_per_party", f"must be >= 1, got {self.shards_per_party}")
+        if self.samples_per_party < 0:
+            _fail(f"{key}.samples_per_party", f"must be >= 0 (0 = all), got {self.samples_per_party}")
+        if not 0.0 <= self.party_test_fraction < 1.0:
+            _fail(f"{key}.party_test_fraction", f"must be in [0, 1), got {self.party_test_fraction}")
+        if self.server_test_samples < 0:
+            _fail(f"{key}.server_test_samples", f"must be >= 0, got {self.server_test_samples}")
+
+
+MODELS = ("cnn", "mlp", "lenet")
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """The task model every party trains."""
+
+    name: Literal["cnn", "mlp", "lenet"] = "cnn"
+    hidden: int = 128  # width of the MLP's hidden layers / the CNN's dense layer
+
+    def validate(self, key: str) -> None:
+        if self.hidden < 1:
+            _fail(f"{key}.hidden", f"must be >= 1, got {self.hidden}")
+
+
+@dataclass(frozen=True)
+class TrainingSection:
+    """Local training on each party."""
+
+    local_epochs: int = 1
+    # > 0: exactly this many local optimiser steps per round instead of epochs.
+    local_steps: int = 0
+    batch_size: int = 32
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+    def validate(self, key: str) -> None:
+        if self.local_epochs < 1:
+            _fail(f"{key}.local_epochs", f"must be >= 1, got {self.local_epochs}")
+        if self.local_steps < 0:
+            _fail(f"{key}.local_steps", f"must be >= 0 (0 = use local_epochs), got {self.local_steps}")
+        if self.batch_size < 1:
+            _fail(f"{key}.batch_size", f"must be >= 1, got {self.batch_size}")
+        if self.lr <= 0:
+            _fail(f"{key}.lr", f"must be > 0, got {self.lr}")
+        if not 0.0 <= self.momentum < 1.0:
+            _fail(f"{key}.momentum", f"must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            _fail(f"{key}.weight_decay", f"must be >= 0, got {self.weight_decay}")
+
+
+@dataclass(frozen=True)
+class SecAggSection:
+    """Parameters of secret-shared secure aggregation (``defense.secagg``)."""
+
+    # Each coordinate of an update is clipped to [-clip_range, clip_range] before encoding.
+    clip_range: float = 4.0
+    # Fixed-point scale: 2**frac_bits quantisation steps per unit.
+    frac_bits: int = 20
+    # Ring Z_{2^ring_bits}; the encoder checks the headroom for n parties.
+    ring_bits: int = 62
+    # Masking: Shamir threshold t (0 = floor(2n/3) + 1) and neighbours per party
+    # (0 = all pairs; otherwise a k-regular graph).
+    threshold: int = 0
+    neighbours: int = 0
+    # Additive: how many times a round is retried without the dropped parties.
+    max_retries: int = 2
+
+    def validate(self, key: str) -> None:
+        if self.clip_range <= 0:
+            _fail(f"{key}.clip_range", f"must be > 0, got {self.clip_range}")
+        if not 1 <= self.frac_bits <= 40:
+            _fail(f"{key}.frac_bits", f"must be in [1, 40], got {self.frac_bits}")
+        if not 16 <= self.ring_bits <= 64:
+            _fail(f"{key}.ring_bits", f"must be in [16, 64], got {self.ring_bits}")
+        if self.threshold < 0:
+            _fail(f"{key}.threshold", f"must be >= 0 (0 = automatic), got {self.threshold}")
+        if self.neighbours < 0:
+            _fail(f"{key}.neighbours", f"must be >= 0 (0 = all pairs), got {self.neighbours}")
+        if self.max_retries < 0:
+            _fail(f"{key}.max_retries", f"must be >= 0, got {self.max_retries}")
+
+
+@dataclass(frozen=True)
+class DPSection:
+    """Differential privacy (``defense.dp``).
+
+    mode: ``none``; ``client`` (record-level DP-SGD on every party); ``global``
+    (DP-FedAvg: clipped party updates, Gaussian noise on the aggregate);
+    ``distributed`` (each party adds integer noise inside secure aggregation).
+    """
+
+    mode: Literal["none", "client", "global", "distributed"] = "none"
+    # Target epsilon for the whole run; 0 means "use noise_multiplier as given".
+    epsilon: float = 0.0
+    delta: float = 1e-5
+    noise_multiplier: float = 0.0
+    # Clipping norm: per-sample gradient norm (client) or party update norm (global).
+    clip: float = 1.0
+    accountant: Literal["rdp", "prv"] = "rdp"
+    # global mode: where updates are clipped; "client" is required under secure aggregation.
+    clipping: Literal["client", "server"] = "client"
+    # global mode: fraction of parties sampled each round (party-level amplification).
+    party_sampling_rate: float = 1.0
+    # distributed mode: the integer noise each party adds in the ring.
+    mechanism: Literal["discrete-gaussian", "skellam"] = "skellam"
+    # Stop the run cleanly once the budget is spent (global mode).
+    stop_when_exhausted: bool = True
+
+    def validate(self, key: str) -> None:
+        if self.mode == "none":
+            return
+        if self.epsilon < 0:
+            _fail(f"{key}.epsilon", f"must be >= 0, got {self.epsilon}")
+        if self.epsilon == 0 and self.noise_multiplier <= 0:
+            _fail(
+                f"{key}.epsilon",
+                f"mode={self.mode!r} needs a target epsilon > 0 or a noise_multiplier > 0",
+            )
+        if not 0 < self.delta < 1:
+            _fail(f"{key}.delta", f"must be in (0, 1), got {self.delta}")
+        if self.noise_multiplier < 0:
+            _fail(f"{key}.noise_multiplier", f"must be >= 0, got {self.noise_multiplier}")
+        if self.clip <= 0:
+            _fail(f"{key}.clip", f"must be > 0, got {self.clip}")
+        if not 0 < self.party_sampling_rate <= 1:
+            _fail(f"{key}.party_sampling_rate", f"must be in (0, 1], got {self.party_sampling_rate}")
+
+
+@dataclass(frozen=True)
+class DefenseSection:
+    secure_aggregation: Literal["none", "additive", "masking"] = "none"
+    secagg: SecAggSection = field(default_factory=SecAggSection)
+    dp: DPSection = field(default_factory=DPSection)
+
+    def validate(self, key: str) -> None:
+        self.secagg.validate(f"{key}.secagg")
+        self.dp.validate(f"{key}.dp")
+        if self.dp.mode == "distributed" and self.secure_aggregation == "none":
+            _fail(
+                f"{key}.dp.mode",
+                "'distributed' adds noise inside secure aggregation; set "
+                "defense.secure_aggregation to 'additive' or 'masking'",
+            )
+        if (
+            self.dp.mode == "global"
+            and self.secure_aggregation != "none"
+            and self.dp.clipping == "server"
+        ):
+            _fail(
+                f"{key}.dp.clipping",
+                "the server cannot clip single updates under secure aggregation; use 'client'",
+            )
+
+
+@dataclass(frozen=True)
+class GradientInversionSection:
+    """Curious server inverting one party's update (``attack.gradient_inversion``)."""
+
+    method: Literal["dlg", "idlg", "inverting-gradients"] = "dlg"
+    target_party: int = 0
+    round: int = 1
+    iterations: int = 300
+    restarts: int = 1
+    lr: float = 1.0
+    tv_weight: float = 1e-4
+    labels_known: bool = False
+    # "average": invert the update as one averaged step; "simulate": unroll the local steps.
+    multi_step: Literal["average", "simulate"] = "average"
+    recovered_psnr: float = 18.0
+
+    def validate(self, key: str) -> None:
+        if self.target_party < 0:
+            _fail(f"{key}.target_party", f"must be >= 0, got {self.target_party}")
+        if self.round < 1:
+            _fail(f"{key}.round", f"must be >= 1, got {self.round}")
+        if self.iterations < 1:
+            _fail(f"{key}.iterations", f"must be >= 1, got {self.iterations}")
+        if self.restarts < 1:
+            _fail(f"{key}.restarts", f"must be >= 1, got {self.restarts}")
+        if self.lr <= 0:
+            _fail(f"{key}.lr", f"must be > 0, got {self.lr}")
+
+
+@dataclass(frozen=True)
+class ImprintSection:
+    """Imprint-layer extraction (``attack.imprint``)."""
+
+    role: Literal["malicious-server", "malicious-participant"] = "malicious-server"
+    # Number of imprint neurons; 0 = choose from target_fraction and the expected samples.
+    bins: int = 0
+    target_fraction: float = 0.95
+    measurement: Literal["brightness", "random", "dct"] = "brightness"
+    round: int = 1
+    participant: int = 0  # which party is malicious (role malicious-participant)
+    public_samples: int = 1000
+    recovered_psnr: float = 18.0
+
+    def validate(self, key: str) -> None:
+        if self.bins < 0:
+            _fail(f"{key}.bins", f"must be >= 0 (0 = automatic), got {self.bins}")
+        if not 0 < self.target_fraction < 1:
+            _fail(f"{key}.target_fraction", f"must be in (0, 1), got {self.target_fraction}")
+        if self.round < 1:
+            _fail(f"{key}.round", f"must be >= 1, got {self.round}")
+        if self.participant < 0:
+            _fail(f"{key}.participant", f"must be >= 0, got {self.participant}")
+        if self.public_samples < 2:
+            _fail(f"{key}.public_samples", f"must be >= 2, got {self.public_samples}")
+
+
+@dataclass(frozen=True)
+class MembershipSection:
+    """Query-only membership inference (``attack.membership``)."""
+
+    attacks: tuple[str, ...] = ("qmia", "loss", "lira")
+    # "single": one model trained on a member set; "federated": the global model.
+    target: Literal["single", "federated"] = "single"
+    target_party: int = 0
+    # single target: records it is trained on (members) and epochs of training.
+    members: int = 500
+    epochs: int = 30
+    # Evaluation set: this many members and as many non-members.
+    eval_samples: int = 500
+    public_samples: int = 5000
+    shadow_models: int = 8
+    fixed_variance: bool = True
+    quantile_levels: int = 32
+    # The FPR each attack aims for at its operating point (its flagged set).
+    operating_fpr: float = 0.01
+    # QMIA regressor: pinball loss on many quantile levels, or a Gaussian (mean, std) head.
+    qmia_head: Literal["pinball", "gaussian"] = "pinball"
+    qmia_epochs: int = 30
+
+    def validate(self, key: str) -> None:
+        if not 0.0 < self.operating_fpr < 0.5:
+            _fail(f"{key}.operating_fpr", f"must be in (0, 0.5), got {self.operating_fpr}")
+        if self.qmia_epochs < 1:
+            _fail(f"{key}.qmia_epochs", f"must be >= 1, got {self.qmia_epochs}")
+        if "lira" in self.attacks and self.shadow_models < 2:
+            _fail(f"{key}.shadow_models", f"LiRA needs >= 2 shadow models, got {self.shadow_models}")
+        known = {"qmia", "loss", "lira"}
+        bad = [a for a in self.attacks if a not in known]
+        if bad or not self.attacks:
+            _fail(f"{key}.attacks", f"unknown or empty {bad or list(self.attacks)}; accepted: {sorted(known)}")
+        for name in ("members", "epochs", "eval_samples", "public_samples", "shadow_models",
+                     "quantile_levels"):
+            if getattr(self, name) < 1:
+                _fail(f"{key}.{name}", f"must be >= 1, got {getattr(self, name)}")
+        if self.eval_samples > self.members and self.target == "single":
+            _fail(f"{key}.eval_samples", f"must be <= members ({self.members}), got {self.eval_samples}")
+
+
+ATTACKS = ("none", "gradient-inversion", "imprint", "membership-inference")
+
+
+@dataclass(frozen=True)
+class AttackSection:
+    kind: Literal["none", "gradient-inversion", "imprint", "membership-inference"] = "none"
+    gradient_inversion: GradientInversionSection = field(default_factory=GradientInversionSection)
+    imprint: ImprintSection = field(default_factory=ImprintSection)
+    membership: MembershipSection = field(default_factory=MembershipSection)
+
+    def validate(self, key: str) -> None:
+        self.gradient_inversion.validate(f"{key}.gradient_inversion")
+        self.imprint.validate(f"{key}.imprint")
+        self.membership.validate(f"{key}.membership")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A fully resolved, validated scenario."""
+
+    scenario: ScenarioSection = field(default_factory=ScenarioSection)
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    defense: DefenseSection = field(default_factory=DefenseSection)
+    attack: AttackSection = field(default_factory=AttackSection)
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate(f.name)
+        n = self.data.parties
+        gi = self.attack.gradient_inversion
+        if self.attack.kind == "gradient-inversion":
+            if gi.target_party >= n:
+                _fail("attack.gradient_inversion.target_party", f"must be < data.parties ({n})")
+            if gi.round > self.scenario.rounds:
+                _fail("attack.gradient_inversion.round", f"must be <= scenario.rounds ({self.scenario.rounds})")
+        im = self.attack.imprint
+        if self.attack.kind == "imprint":
+            if im.round > self.scenario.rounds:
+                _fail("attack.imprint.round", f"must be <= scenario.rounds ({self.scenario.rounds})")
+            if im.role == "malicious-participant":
+                if im.participant >= n:
+                    _fail("attack.imprint.participant", f"must be < data.parties ({n})")
+                if im.round + 1 > self.scenario.rounds:
+                    _fail(
+                        "scenario.rounds",
+                        "a malicious participant needs the global model after its round: "
+                        f"rounds must be >= attack.imprint.round + 1 ({im.round + 1})",
+                    )
+        mi = self.attack.membership
+        if (
+            self.attack.kind == "membership-inference"
+            and mi.target == "federated"
+            and mi.target_party >= n
+        ):
+            _fail("attack.membership.target_party", f"must be < data.parties ({n})")
+        sa = self.defense.secure_aggregation
+        if sa != "none" and n < 2:
+            _fail("defense.secure_aggregation", f"needs at least 2 parties, data.parties is {n}")
+        if sa == "masking" and self.defense.secagg.threshold > n:
+            _fail("defense.secagg.threshold", f"must be <= data.parties ({n})")
+        if self.data.samples_per_party and self.training.batch_size > self.data.samples_per_party:
+            _fail(
+                "training.batch_size",
+                f"{self.training.batch_size} is larger than a party's data "
+                f"(data.samples_per_party = {self.data.samples_per_party})",
+            )
+
+    # ----------------------------------------------------------------- conversions
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> Scenario:
+        obj = _build(cls, raw, "")
+        obj.validate()
+        return obj
+
+    @classmethod
+    def from_json(cls, text: str) -> Scenario:
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, overrides: Iterable[str]) -> Scenario:
+        """A copy with ``section.key=value`` overrides applied (values parsed as TOML)."""
+        raw = self.to_dict()
+        apply_overrides(raw, overrides)
+        return Scenario.from_dict(raw)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _describe(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if get_origin(tp) is tuple:
+        return f"a list of {_describe(get_args(tp)[0])}"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            _fail(key, f"must be a table, got {type(value).__name__}")
+        return _build(tp, value, key)
+    if origin is Literal:
+        if value not in get_args(tp):
+            _fail(key, f"must be {_describe(tp)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            _fail(key, f"must be {_describe(tp)}, got {value!r}")
+        (inner, *_) = get_args(tp)
+        return tuple(_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"unsupported annotation for {key}")
+    if tp is bool:
+        if not isinstance(value, bool):
+            _fail(key, f"must be a boolean (true/false), got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(key, f"must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            _fail(key, f"must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            _fail(key, f"must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")
+
+
+def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in raw.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if k not in hints:
+            _fail(key, f"unknown key; accepted keys here: {', '.join(names)}")
+        kwargs[k] = _coerce(hints[k], v, key)
+    return cls(**kwargs)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> None:
+    """Apply ``section.key=value`` strings to a raw scenario dict in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ScenarioError(f"override {item!r}: expected section.key=value")
+        path, text = item.split("=", 1)
+        path = path.strip()
+        parts = path.split(".")
+        if len(parts) < 2 or not all(parts):
+            raise ScenarioError(f"override {item!r}: expected section.key=value")
+        try:
+            value = tomllib.loads(f"v = {text.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text.strip()  # bare words such as dirichlet or /data/mnist
+        node = raw
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ScenarioError(f"override {item!r}: {p} is not a table")
+        node[parts[-1]] = value
+
+
+def load_scenario(path: str | Path, overrides: Iterable[str] = ()) -> Scenario:
+    """Read, override and validate a scenario TOML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ScenarioError(f"scenario file {str(path)!r} does not exist")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ScenarioError(f"{path}: not valid TOML ({exc})") from exc
+    apply_overrides(raw, overrides)
+    return Scenario.from_dict(raw)
+
+
+def scenario_dir() -> Path:
+    """Folder of the scenarios shipped with privfl (checkout or installed package)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "scenarios", here / "scenarios"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError("privfl's scenarios/ folder was not found")
+
+
+def resolve_scenario_path(name: str | Path) -> Path:
+    """A path as given, or the name of a shipped scenario (with or without .toml)."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    stem = p.name.removesuffix(".toml")
+    shipped = scenario_dir() / f"{stem}.toml"
+    if shipped.is_file():
+        return shipped
+    raise ScenarioError(
+        f"scenario {str(name)!r} not found as a file nor among the shipped ones "
+        f"({', '.join(sorted(q.stem for q in scenario_dir().glob('*.toml')))})"
+    )

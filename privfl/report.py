@@ -1,0 +1,165 @@
+"""report.md and its figures, rendered from results.json; runs are written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from privfl.results import atomic_write_json, atomic_write_text  # noqa: E402
+
+TRAINING_FIGURE = "training.png"
+
+
+def write_run(
+    out_dir: Path,
+    results: dict[str, Any],
+    figures: dict[str, Any],
+    notes: dict[str, list[str]] | None = None,
+) -> None:
+    """Write results.json, report.md and every figure into ``out_dir`` as one unit.
+
+    Everything is written into a staging folder beside ``out_dir`` first and then
+    swapped in, so an interrupted run leaves the previous outputs (or none), never a
+    half-written set.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        for name, fig in figures.items():
+            fig.savefig(stage / name, dpi=110, bbox_inches="tight")
+            plt.close(fig)
+        results = dict(results)
+        results["notes"] = notes or {}
+        atomic_write_json(stage / "results.json", results)
+        render_report(stage)
+        old = None
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            out_dir.rename(old)
+        stage.rename(out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def _fmt(v: Any, pct: bool = False) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.2%}" if pct else f"{v:.4g}"
+    return str(v)
+
+
+def _training_figure(rounds: list[dict[str, Any]], path: Path) -> bool:
+    if not rounds:
+        return False
+    r = [row["round"] for row in rounds]
+    eps = [row.get("epsilon") for row in rounds]
+    ncols = 3 if any(e is not None for e in eps) else 2
+    fig, axes = plt.subplots(1, ncols, figsize=(4.2 * ncols, 3.2))
+    axes[0].plot(r, [row["accuracy"] for row in rounds], marker="o", label="server test")
+    if any("party_accuracy" in row for row in rounds):
+        axes[0].plot(r, [row.get("party_accuracy") for row in rounds], marker=".",
+                     label="parties' local test")
+    axes[0].set(xlabel="round", ylabel="accuracy", title="Accuracy")
+    axes[0].legend()
+    axes[1].plot(r, [row["loss"] for row in rounds], marker="o", color="tab:red")
+    axes[1].set(xlabel="round", ylabel="cross-entropy", title="Loss")
+    if ncols == 3:
+        axes[2].plot(r, eps, marker="o", color="tab:green")
+        axes[2].set(xlabel="round", ylabel="ε", title="Privacy spent")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def render_report(out_dir: str | Path) -> Path:
+    """(Re)render ``report.md`` and the training figure from ``out_dir/results.json``."""
+    out_dir = Path(out_dir)
+    src = out_dir / "results.json"
+    if not src.is_file():
+        raise FileNotFoundError(f"{src} does not exist: not a privfl run folder")
+    res = json.loads(src.read_text())
+    cfg = res.get("config", {})
+    lines = [f"# privfl report — {res.get('scenario', '?')}", ""]
+    desc = cfg.get("scenario", {}).get("description")
+    if desc:
+        lines += [desc, ""]
+    data, defense = cfg.get("data", {}), cfg.get("defense", {})
+    lines += [
+        "| setting | value |",
+        "|---|---|",
+        f"| seed | {res.get('seed')} |",
+        f"| parties | {data.get('parties')} ({data.get('partition')}) |",
+        f"| dataset | {data.get('dataset')} (root: {data.get('root') or 'default'}) |",
+        f"| model | {cfg.get('model', {}).get('name')} |",
+        f"| rounds | {cfg.get('scenario', {}).get('rounds')} |",
+        f"| secure aggregation | {defense.get('secure_aggregation', 'none')} |",
+        f"| differential privacy | {defense.get('dp', {}).get('mode', 'none')} |",
+        f"| attack | {cfg.get('attack', {}).get('kind', 'none')} |",
+        "",
+        "## Outcome",
+        "",
+    ]
+    final = res.get("final", {})
+    lines.append(f"- final test accuracy: **{_fmt(final.get('accuracy'), pct=True)}**, "
+                 f"loss {_fmt(final.get('loss'))}")
+    if final.get("epsilon") is not None:
+        lines.append(f"- privacy: ε = {final['epsilon']:.3g}, δ = {final.get('delta')}")
+    if final.get("stopped_early"):
+        lines.append(f"- stopped early: {final['stopped_early']}")
+    timing = res.get("timing", {})
+    lines += [f"- wall time {_fmt(timing.get('total_seconds'))} s "
+              f"(start-up {_fmt(timing.get('startup_seconds'))} s)", ""]
+
+    rounds = res.get("rounds", [])
+    if _training_figure(rounds, out_dir / TRAINING_FIGURE):
+        lines += [f"![training]({TRAINING_FIGURE})", "", "| round | accuracy | loss | ε | seconds |",
+                  "|---|---|---|---|---|"]
+        lines += [
+            f"| {r['round']} | {_fmt(r['accuracy'], pct=True)} | {_fmt(r['loss'])} | "
+            f"{_fmt(r.get('epsilon'))} | {_fmt(r.get('seconds'))} |"
+            for r in rounds
+        ]
+        lines.append("")
+
+    attacks = res.get("attacks", [])
+    if attacks:
+        lines += ["## Attacks", "", "| attack | role | target | recovered | key metrics |",
+                  "|---|---|---|---|---|"]
+        for a in attacks:
+            m = a.get("metrics", {})
+            keys = [k for k in m if isinstance(m[k], int | float) and not isinstance(m[k], bool)]
+            shown = ", ".join(f"{k} {_fmt(m[k])}" for k in keys[:6])
+            lines.append(
+                f"| {a['name']} | {a['role']} | {a['target']} | {a['recovered']}/{a['total']} | "
+                f"{shown} |"
+            )
+        lines.append("")
+        notes = res.get("notes", {})
+        for a in attacks:
+            body = notes.get(f"{a['name']}:{a['target']}", a.get("notes", []))
+            figs = [f for f in a.get("figures", []) if (out_dir / f).is_file()]
+            if not body and not figs:
+                continue
+            lines += [f"### {a['name']} ({a['role']} → {a['target']})", ""]
+            lines += [f"- {n}" for n in body]
+            lines += ["", *[f"![{f}]({f})" for f in figs], ""]
+    dst = out_dir / "report.md"
+    atomic_write_text(dst, "\n".join(lines) + "\n")
+    return dst

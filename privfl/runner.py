@@ -1,0 +1,117 @@
+"""``run_scenario``: run one scenario on Flower's simulation engine, in this process.
+
+Flower 1.42's supported entry point is ``flwr run .`` (see README), which needs an app
+folder and a SuperLink. For a Python call that returns results we use
+``flwr.simulation.run_simulation`` — deprecated in 1.42, but the only in-process
+entry point that takes ServerApp/ClientApp objects. It lives here and nowhere else; its
+one known flaw (it ignores pyproject's run config) does not matter because the scenario
+travels inside the ServerApp object and the messages.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from privfl.config import Scenario, load_scenario, resolve_scenario_path
+
+DEFAULT_SCENARIO = "three_hospitals"
+
+
+def resolve(scenario: str | Path | Scenario | None, overrides: Iterable[str] = ()) -> Scenario:
+    """A validated scenario from a path, a shipped scenario's name, or a Scenario."""
+    overrides = list(overrides)
+    if isinstance(scenario, Scenario):
+        return scenario.replace(overrides) if overrides else scenario
+    return load_scenario(resolve_scenario_path(scenario or DEFAULT_SCENARIO), overrides)
+
+
+def backend_config(scenario: Scenario) -> dict[str, Any]:
+    """Flower simulation resources: CPUs per party, and a GPU share when one is used."""
+    import torch
+
+    s = scenario.scenario
+    wants_gpu = s.device.startswith("cuda") or (s.device == "auto" and torch.cuda.is_available())
+    gpus = s.gpus_per_party if s.gpus_per_party > 0 else (1.0 / scenario.data.parties)
+    return {
+        "client_resources": {
+            "num_cpus": s.cpus_per_party,
+            "num_gpus": gpus if wants_gpu else 0.0,
+        },
+        "init_args": {"logging_level": logging.ERROR, "log_to_driver": False},
+    }
+
+
+def run_scenario(
+    scenario: str | Path | Scenario | None,
+    out_dir: str | Path,
+    *,
+    overrides: Iterable[str] = (),
+    progress: bool | None = None,
+    verbose: bool = False,
+) -> dict[str, Any]:
+    """Run a scenario end to end and return its results (also in ``out_dir/results.json``).
+
+    Parameters
+    ----------
+    scenario
+        A scenario file, the name of a shipped scenario, or a :class:`Scenario`;
+        ``None`` runs the three-hospital default.
+    out_dir
+        Where results.json, report.md and figures are written (atomically).
+    overrides
+        ``section.key=value`` strings applied on top of the file.
+    progress
+        Show a per-round progress bar (default: when stderr is a terminal).
+    verbose
+        Keep Flower's and Ray's INFO logs.
+    """
+    from privfl.data import load_federation
+    from privfl.server import make_server_app, run_federation
+    from privfl.training import resolve_device
+
+    sc = resolve(scenario, overrides)
+    out = Path(out_dir).expanduser().resolve()
+    # Fail on missing data or devices here, before Ray starts.
+    load_federation(sc)
+    resolve_device(sc.scenario.device)
+
+    if sc.attack.kind == "membership-inference" and sc.attack.membership.target == "single":
+        return run_federation(None, sc, out, progress=progress)
+
+    outcome: list[Any] = []
+    server_app = make_server_app(sc, out, progress=progress, on_done=outcome.append)
+
+    from flwr.simulation import run_simulation
+
+    from privfl.clients.app import app as client_app
+
+    _quiet_flower(verbose)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=sc.data.parties,
+            backend_config=backend_config(sc),
+            verbose_logging=verbose,
+        )
+    if not outcome:
+        raise RuntimeError(
+            "the Flower simulation ended without running privfl's ServerApp; "
+            "rerun with verbose=True (privfl run -v) for Flower's log"
+        )
+    if isinstance(outcome[0], BaseException):
+        raise RuntimeError(f"scenario {sc.scenario.name!r} failed: {outcome[0]}") from outcome[0]
+    return json.loads((out / "results.json").read_text())
+
+
+def _quiet_flower(verbose: bool) -> None:
+    level = logging.INFO if verbose else logging.WARNING
+    logging.getLogger("flwr").setLevel(level)

@@ -1,0 +1,378 @@
+"""The privfl ServerApp: composes the strategy a scenario asks for and runs it.
+
+Composition (outermost first): the attack wrapper (it *is* the server, and sees what
+the server sees) ⊃ SecureAggregation ⊃ DPGlobalUpdate ⊃ FedAvg.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg, Strategy
+
+from privfl import __version__
+from privfl.config import Scenario, apply_overrides, load_scenario, resolve_scenario_path
+from privfl.data import load_federation
+from privfl.models import build_model
+from privfl.results import AttackReport
+from privfl.training import evaluate, resolve_device
+
+log = logging.getLogger("privfl")
+
+SCENARIO_KEY = "privfl.scenario"
+HELLO = "query.privfl_hello"
+
+
+def _aggregate_train_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Weighted mean of the loss; the largest epsilon any party reports."""
+    total = sum(float(r.metric_records["metrics"][weight_key]) for r in records) or 1.0
+    out = MetricRecord({weight_key: total})
+    keys = set().union(*(r.metric_records["metrics"].keys() for r in records)) - {weight_key}
+    for key in sorted(keys):
+        vals = [
+            (float(r.metric_records["metrics"][key]), float(r.metric_records["metrics"][weight_key]))
+            for r in records
+            if key in r.metric_records["metrics"]
+        ]
+        if key == "epsilon":
+            out[key] = max(v for v, _ in vals)
+        else:
+            out[key] = sum(v * w for v, w in vals) / total
+    return out
+
+
+class PrivflFedAvg(FedAvg):
+    """FedAvg over every party each round, tolerant of privfl's side-channel records.
+
+    Records keyed ``privfl.side.*`` (what a malicious participant exfiltrates) are kept
+    in ``side_channel[round]`` and stripped before Flower's reply validation.
+    """
+
+    def __init__(self, parties: int) -> None:
+        super().__init__(
+            min_train_nodes=parties,
+            min_evaluate_nodes=parties,
+            min_available_nodes=parties,
+            train_metrics_aggr_fn=_aggregate_train_metrics,
+        )
+        self.side_channel: dict[int, dict[str, Any]] = {}
+
+    def aggregate_train(
+        self, server_round: int, replies: Any
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        cleaned = []
+        for msg in replies:
+            if not msg.has_error():
+                side = {k: v for k, v in msg.content.items() if k.startswith("privfl.side.")}
+                if side:
+                    node = msg.metadata.src_node_id
+                    for k, v in side.items():
+                        self.side_channel.setdefault(server_round, {})[f"{node}:{k}"] = v
+                        del msg.content[k]
+            cleaned.append(msg)
+        return super().aggregate_train(server_round, cleaned)
+
+
+def strategy_chain(strategy: Strategy) -> list[Strategy]:
+    """The strategy and every strategy it wraps (through ``.inner``), outermost first."""
+    chain = [strategy]
+    while hasattr(chain[-1], "inner"):
+        chain.append(chain[-1].inner)
+    return chain
+
+
+def build_strategy(scenario: Scenario, party_of: Mapping[int, int]) -> Strategy:
+    """The server strategy a scenario asks for (see the module docstring for the order)."""
+    strategy: Strategy = PrivflFedAvg(scenario.data.parties)
+    dp = scenario.defense.dp
+    if dp.mode in ("global", "distributed"):
+        from privfl.strategies.dp_global import DPGlobalUpdate
+
+        strategy = DPGlobalUpdate(strategy, scenario=scenario, party_of=party_of)
+    if scenario.defense.secure_aggregation != "none":
+        from privfl.strategies.secure_aggregation import SecureAggregation
+
+        strategy = SecureAggregation(strategy, scenario=scenario, party_of=party_of)
+    if scenario.attack.kind == "gradient-inversion":
+        from privfl.strategies.curious_server import CuriousServer
+
+        strategy = CuriousServer(strategy, scenario=scenario, party_of=party_of)
+    elif scenario.attack.kind == "imprint" and scenario.attack.imprint.role == "malicious-server":
+        from privfl.strategies.imprint_server import ImprintServer
+
+        strategy = ImprintServer(strategy, scenario=scenario, party_of=party_of)
+    return strategy
+
+
+def discover_parties(grid: Grid, parties: int, timeout: float) -> dict[int, int]:
+    """Wait for every SuperNode and learn which party (partition) each node holds."""
+    deadline = time.monotonic() + timeout
+    while len(node_ids := sorted(grid.get_node_ids())) < parties:
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"only {len(node_ids)} of data.parties = {parties} SuperNodes connected "
+                f"within {timeout:.0f} s; start the federation with num-supernodes={parties}"
+            )
+        time.sleep(0.2)
+    if len(node_ids) > parties:
+        raise RuntimeError(
+            f"{len(node_ids)} SuperNodes are connected but the scenario has data.parties = "
+            f"{parties}; run the federation with num-supernodes={parties}"
+        )
+    msgs = [Message(RecordDict(), dst_node_id=n, message_type=HELLO) for n in node_ids]
+    party_of: dict[int, int] = {}
+    for reply in grid.send_and_receive(msgs, timeout=timeout):
+        if reply.has_error():
+            raise RuntimeError(f"node {reply.metadata.src_node_id} failed: {reply.error.reason}")
+        party_of[reply.metadata.src_node_id] = int(reply.content["hello"]["partition-id"])
+    if sorted(party_of.values()) != list(range(parties)):
+        raise RuntimeError(f"SuperNodes hold partitions {sorted(party_of.values())}, "
+                           f"expected 0..{parties - 1}")
+    return party_of
+
+
+class _RoundLog:
+    """Central evaluation after every round, timing and a progress display."""
+
+    def __init__(self, scenario: Scenario, model: torch.nn.Module, progress: bool) -> None:
+        self.scenario = scenario
+        self.model = model
+        self.fed = load_federation(scenario)
+        self.device = resolve_device(scenario.scenario.device)
+        self.rounds: list[dict[str, Any]] = []
+        self.initial: dict[str, float] = {}
+        self._t = time.perf_counter()
+        self._bar: Any = None
+        if progress:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+            self._bar = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[status]}"),
+                transient=False,
+            )
+            self._task = self._bar.add_task(
+                scenario.scenario.name, total=scenario.scenario.rounds, status=""
+            )
+            self._bar.start()
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        self.model.load_state_dict(arrays.to_torch_state_dict())
+        loss, acc = evaluate(self.model, self.fed.server_test, self.device)
+        now = time.perf_counter()
+        if server_round == 0:
+            self.initial = {"accuracy": acc, "loss": loss}
+        else:
+            self.rounds.append(
+                {"round": server_round, "accuracy": acc, "loss": loss, "seconds": now - self._t}
+            )
+            if self._bar is not None:
+                self._bar.update(
+                    self._task, advance=1, status=f"acc {acc:.2%}  loss {loss:.3f}"
+                )
+            else:
+                log.info("round %d: accuracy %.4f loss %.4f", server_round, acc, loss)
+        self._t = now
+        return MetricRecord({"accuracy": acc, "loss": loss})
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def run_federation(
+    grid: Grid | None, scenario: Scenario, out_dir: Path, *, progress: bool | None = None
+) -> dict[str, Any]:
+    """Run ``scenario`` on ``grid`` and write results.json + report.md into ``out_dir``."""
+    from privfl.report import write_run
+
+    t_start = time.perf_counter()
+    progress = sys.stderr.isatty() if progress is None else progress
+    fed = load_federation(scenario)
+    torch.manual_seed(scenario.scenario.seed)
+    reports: list[AttackReport] = []
+    rounds: list[dict[str, Any]] = []
+    final: dict[str, Any] = {}
+    startup = 0.0
+    mia = scenario.attack.kind == "membership-inference"
+
+    if mia and scenario.attack.membership.target == "single":
+        # The hospital-API target is one model trained in-house: no federation involved.
+        from privfl.attacks.membership import run_membership
+
+        reports = run_membership(scenario, device=resolve_device(scenario.scenario.device))
+        target_acc = reports[0].metrics.get("target_test_accuracy") if reports else None
+        final = {"accuracy": target_acc, "loss": None}
+    else:
+        if grid is None:
+            raise ValueError("a federated scenario needs a Flower grid")
+        party_of = discover_parties(grid, scenario.data.parties, scenario.scenario.timeout)
+        startup = time.perf_counter() - t_start
+        model = build_model(scenario, fed.num_classes)
+        strategy = build_strategy(scenario, party_of)
+        round_log = _RoundLog(scenario, build_model(scenario, fed.num_classes), progress)
+        config = ConfigRecord({SCENARIO_KEY: scenario.to_json()})
+        try:
+            result = strategy.start(
+                grid=grid,
+                initial_arrays=ArrayRecord(model.state_dict()),
+                num_rounds=scenario.scenario.rounds,
+                timeout=scenario.scenario.timeout,
+                train_config=config,
+                evaluate_config=ConfigRecord({SCENARIO_KEY: scenario.to_json()}),
+                evaluate_fn=round_log,
+            )
+        finally:
+            round_log.close()
+        rounds = round_log.rounds
+        _merge_client_metrics(rounds, result)
+        _merge_epsilon(rounds, strategy_chain(strategy))
+        if result.arrays is not None:
+            model.load_state_dict(result.arrays.to_torch_state_dict())
+        for s in strategy_chain(strategy):
+            if hasattr(s, "attack_reports"):
+                reports.extend(s.attack_reports())
+        reports.extend(_participant_reports(scenario, strategy_chain(strategy)))
+        if mia:
+            from privfl.attacks.membership import run_membership
+
+            reports.extend(
+                run_membership(
+                    scenario,
+                    target_model=model,
+                    federation=fed,
+                    device=resolve_device(scenario.scenario.device),
+                )
+            )
+        last = rounds[-1] if rounds else round_log.initial
+        final = {"accuracy": last.get("accuracy"), "loss": last.get("loss")}
+        if any("epsilon" in r for r in rounds):
+            final["epsilon"] = max(r["epsilon"] for r in rounds if "epsilon" in r)
+            final["delta"] = scenario.defense.dp.delta
+        exhausted = [s for s in strategy_chain(strategy) if getattr(s, "exhausted", False)]
+        if exhausted:
+            final["stopped_early"] = "privacy budget exhausted"
+
+    total = time.perf_counter() - t_start
+    results = {
+        "scenario": scenario.scenario.name,
+        "seed": scenario.scenario.seed,
+        "config": scenario.to_dict(),
+        "rounds": rounds,
+        "final": final,
+        "attacks": [r.to_json() for r in reports],
+        "timing": {
+            "total_seconds": total,
+            "startup_seconds": startup,
+            "per_round_seconds": [r["seconds"] for r in rounds],
+        },
+        "versions": _versions(),
+    }
+    figures = {name: fig for r in reports for name, fig in r.figures.items()}
+    write_run(out_dir, results, figures, notes={r.name + ":" + r.target: r.notes for r in reports})
+    return results
+
+
+def _merge_client_metrics(rounds: list[dict[str, Any]], result: Any) -> None:
+    for row in rounds:
+        ev = result.evaluate_metrics_clientapp.get(row["round"])
+        if ev is not None and "eval-acc" in ev:
+            row["party_accuracy"] = float(ev["eval-acc"])
+        tr = result.train_metrics_clientapp.get(row["round"])
+        if tr is not None:
+            if "train-loss" in tr:
+                row["train_loss"] = float(tr["train-loss"])
+            if "epsilon" in tr:
+                row["epsilon"] = float(tr["epsilon"])
+
+
+def _merge_epsilon(rounds: list[dict[str, Any]], chain: list[Strategy]) -> None:
+    for s in chain:
+        history = getattr(s, "epsilon_history", None)
+        if history:
+            for row in rounds:
+                if row["round"] in history:
+                    row["epsilon"] = float(history[row["round"]])
+
+
+def _participant_reports(scenario: Scenario, chain: list[Strategy]) -> list[AttackReport]:
+    if not (scenario.attack.kind == "imprint"
+            and scenario.attack.imprint.role == "malicious-participant"):
+        return []
+    from privfl.clients.malicious_participant import participant_report
+
+    side: dict[int, dict[str, Any]] = {}
+    for s in chain:
+        for rnd, records in getattr(s, "side_channel", {}).items():
+            side.setdefault(rnd, {}).update(records)
+    return [participant_report(side, scenario)]
+
+
+def _versions() -> dict[str, str]:
+    import flwr
+
+    return {"privfl": __version__, "flwr": flwr.__version__, "torch": torch.__version__}
+
+
+# --------------------------------------------------------------------------- ServerApp
+
+
+def scenario_from_run_config(run_config: Mapping[str, Any]) -> tuple[Scenario, Path]:
+    """The scenario and output folder named by ``flwr run``'s run config."""
+    overrides = [s for s in str(run_config.get("overrides", "")).split(";") if s.strip()]
+    path = resolve_scenario_path(str(run_config.get("scenario", "three_hospitals")))
+    scenario = load_scenario(path, overrides)
+    out = str(run_config.get("out-dir", "")).strip()
+    out_dir = Path(out).expanduser() if out else Path.home() / "privfl-runs" / scenario.scenario.name
+    return scenario, out_dir.resolve()
+
+
+def make_server_app(
+    scenario: Scenario | None = None,
+    out_dir: Path | None = None,
+    *,
+    progress: bool | None = None,
+    on_done: Callable[[dict[str, Any] | BaseException], None] | None = None,
+) -> ServerApp:
+    """A ServerApp for a fixed scenario (``privfl run``) or one read from the run config."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            if scenario is None:
+                sc, out = scenario_from_run_config(context.run_config)
+            else:
+                sc, out = scenario, Path(out_dir or ".")
+            results = run_federation(grid, sc, out, progress=progress)
+            log.warning("privfl: results written to %s", out)
+        except BaseException as exc:
+            if on_done is not None:
+                on_done(exc)
+            raise
+        if on_done is not None:
+            on_done(results)
+
+    return app
+
+
+server_app = make_server_app()
+
+__all__ = [
+    "apply_overrides",
+    "build_strategy",
+    "make_server_app",
+    "run_federation",
+    "server_app",
+    "strategy_chain",
+]

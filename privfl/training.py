@@ -1,0 +1,128 @@
+"""Local training and evaluation, with batches that evaluators can rebuild.
+
+A party's batches in a round are a pure function of (scenario seed, party, round), so
+an attack's evaluator can recover the ground truth a party trained on without the
+attacker ever being handed it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from privfl.config import Scenario
+from privfl.data import ImageSet, load_federation
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present; otherwise the named device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"scenario.device = {name!r} but no CUDA device is available")
+    return torch.device(name)
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from any tuple of parts (stable across processes and Python runs)."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def local_steps(n: int, scenario: Scenario) -> int:
+    """Optimiser steps a party with ``n`` training samples takes in one round."""
+    t = scenario.training
+    if t.local_steps > 0:
+        return t.local_steps
+    return t.local_epochs * max(1, -(-n // t.batch_size))
+
+
+def local_batches(n: int, scenario: Scenario, party: int, server_round: int) -> list[torch.Tensor]:
+    """Index batches (into the party's train set) for every local step of a round."""
+    t = scenario.training
+    if n < 1:
+        raise ValueError(f"party {party} has no training data")
+    gen = torch.Generator().manual_seed(derive_seed(scenario.scenario.seed, "batches", party, server_round))
+    steps = local_steps(n, scenario)
+    batches: list[torch.Tensor] = []
+    order = torch.randperm(n, generator=gen)
+    pos = 0
+    while len(batches) < steps:
+        if pos >= n:
+            order, pos = torch.randperm(n, generator=gen), 0
+        batch = order[pos : pos + t.batch_size]
+        pos += t.batch_size
+        batches.append(batch)
+    return batches
+
+
+def round_batch_data(scenario: Scenario, party: int, server_round: int) -> ImageSet:
+    """Every sample ``party`` trained on in ``server_round``, in batch order (ground truth
+    for evaluating attacks; duplicates appear once per use)."""
+    train = load_federation(scenario).parties[party].train
+    idx = torch.cat(local_batches(len(train), scenario, party, server_round))
+    return train.subset(idx)
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    num_examples: int
+    loss: float
+    steps: int
+
+
+def make_optimizer(model: nn.Module, scenario: Scenario) -> torch.optim.Optimizer:
+    t = scenario.training
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(
+            model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay
+        )
+    return torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+
+
+def train_local(
+    model: nn.Module,
+    data: ImageSet,
+    scenario: Scenario,
+    *,
+    party: int,
+    server_round: int,
+    device: torch.device,
+) -> TrainStats:
+    """Plain (non-private) local training for one round; returns the mean batch loss."""
+    model.to(device).train()
+    opt = make_optimizer(model, scenario)
+    loss_fn = nn.CrossEntropyLoss()
+    images, labels = data.images.to(device), data.labels.to(device)
+    torch.manual_seed(derive_seed(scenario.scenario.seed, "train", party, server_round))
+    total, steps = 0.0, 0
+    for batch in local_batches(len(data), scenario, party, server_round):
+        batch = batch.to(device)
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(images[batch]), labels[batch])
+        loss.backward()
+        opt.step()
+        total += float(loss.detach())
+        steps += 1
+    return TrainStats(num_examples=len(data), loss=total / max(steps, 1), steps=steps)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, data: ImageSet, device: torch.device, batch_size: int = 1024
+) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on ``data``."""
+    if len(data) == 0:
+        return float("nan"), float("nan")
+    model.to(device).eval()
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(data), batch_size):
+        x = data.images[start : start + batch_size].to(device)
+        y = data.labels[start : start + batch_size].to(device)
+        out = model(x)
+        loss_sum += float(nn.functional.cross_entropy(out, y, reduction="sum"))
+        correct += int((out.argmax(1) == y).sum())
+    return loss_sum / len(data), correct / len(data)
