@@ -208,6 +208,14 @@ class DPSection:
     mechanism: Literal["discrete-gaussian", "skellam"] = "skellam"
     # Stop the run cleanly once the budget is spent (global mode).
     stop_when_exhausted: bool = True
+    # Secret noise keyed from os.urandom; false = lab mode (keyed from scenario.seed, so
+    # the same scenario gives the same noise). Client mode: Opacus secure_mode.
+    secure_noise: bool = False
+    # distributed mode: largest accepted probability that a coordinate of the noisy sum
+    # wraps around the ring in a round (checked up front against defense.secagg).
+    max_wrap_probability: float = 1e-9
+    # client mode: Opacus per-sample gradient engine.
+    grad_sample_mode: Literal["hooks", "functorch", "ew", "ghost"] = "hooks"
 
     def validate(self, key: str) -> None:
         if self.mode == "none":
@@ -227,6 +235,23 @@ class DPSection:
             _fail(f"{key}.clip", f"must be > 0, got {self.clip}")
         if not 0 < self.party_sampling_rate <= 1:
             _fail(f"{key}.party_sampling_rate", f"must be in (0, 1], got {self.party_sampling_rate}")
+        if self.mode == "client" and self.epsilon > 0 and self.noise_multiplier > 0:
+            _fail(
+                f"{key}.noise_multiplier",
+                "mode='client' takes either a target epsilon (noise calibrated for the run) "
+                f"or a noise_multiplier, not both (got epsilon={self.epsilon}, "
+                f"noise_multiplier={self.noise_multiplier}); set one of them to 0",
+            )
+        if self.mode == "client" and self.party_sampling_rate != 1.0:
+            _fail(
+                f"{key}.party_sampling_rate",
+                "only used by modes 'global' and 'distributed'; leave it at 1.0 with 'client'",
+            )
+        if not 0 < self.max_wrap_probability < 1:
+            _fail(
+                f"{key}.max_wrap_probability",
+                f"must be in (0, 1), got {self.max_wrap_probability}",
+            )
 
 
 @dataclass(frozen=True)
@@ -297,6 +322,8 @@ class ImprintSection:
     participant: int = 0  # which party is malicious (role malicious-participant)
     public_samples: int = 1000
     recovered_psnr: float = 18.0
+    # Std of the block's probe columns: keeps bin gradients above the fixed-point step.
+    probe_scale: float = 1.0
 
     def validate(self, key: str) -> None:
         if self.bins < 0:
@@ -309,6 +336,8 @@ class ImprintSection:
             _fail(f"{key}.participant", f"must be >= 0, got {self.participant}")
         if self.public_samples < 2:
             _fail(f"{key}.public_samples", f"must be >= 2, got {self.public_samples}")
+        if self.probe_scale <= 0:
+            _fail(f"{key}.probe_scale", f"must be > 0, got {self.probe_scale}")
 
 
 @dataclass(frozen=True)
