@@ -1,0 +1,1 @@
+"""Attack algorithms: gradient inversion, imprint-layer extraction, membership inference."""

@@ -1,0 +1,1 @@
+"""Flower server strategies: secure aggregation, DP global update, curious and malicious servers."""
