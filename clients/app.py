@@ -52,7 +52,9 @@ def _setup(msg: Message, context: Context) -> tuple[Scenario, int, torch.nn.Modu
     scenario = scenario_of(msg)
     party = party_of(context)
     if party >= scenario.data.parties:
-        raise ValueError(f"partition-id {party} but the scenario has {scenario.data.parties} parties")
+        raise ValueError(
+            f"partition-id {party} but the scenario has {scenario.data.parties} parties"
+        )
     torch.set_num_threads(scenario.scenario.cpus_per_party)
     fed = load_federation(scenario)
     model = build_model(scenario, fed.num_classes)
@@ -64,9 +66,11 @@ def _train_mods() -> list:
     import importlib
 
     mods = []
-    for module, name in (("privfl.clients.secagg", "secagg_mod"),
-                         ("privfl.clients.malicious_participant", "participant_mod"),
-                         ("privfl.clients.dp_mods", "clip_update_mod")):
+    for module, name in (
+        ("privfl.clients.secagg", "secagg_mod"),
+        ("privfl.clients.malicious_participant", "participant_mod"),
+        ("privfl.clients.dp_mods", "clip_update_mod"),
+    ):
         try:
             mods.append(getattr(importlib.import_module(module), name))
         except (ImportError, AttributeError):  # INTEGRATION: parts still being written
@@ -96,8 +100,13 @@ def train(msg: Message, context: Context) -> Message:
         from privfl.clients.dp_sgd import dp_sgd_round
 
         num, loss, eps = dp_sgd_round(
-            model, data, scenario, party=party, server_round=server_round,
-            state=context.state, device=device,
+            model,
+            data,
+            scenario,
+            party=party,
+            server_round=server_round,
+            state=context.state,
+            device=device,
         )
         metrics = {"num-examples": num, "train-loss": loss, "epsilon": eps}
     else:

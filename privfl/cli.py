@@ -26,18 +26,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
     results = run_scenario(scenario, out, verbose=args.verbose)
     final = results.get("final", {})
     acc = final.get("accuracy")
-    print(f"{scenario.scenario.name}: final accuracy "
-          f"{'–' if acc is None else f'{acc:.2%}'}", end="")
+    print(
+        f"{scenario.scenario.name}: final accuracy {'–' if acc is None else f'{acc:.2%}'}", end=""
+    )
     if final.get("epsilon") is not None:
         print(f", ε = {final['epsilon']:.3g} (δ = {final['delta']})", end="")
     print()
     for a in results.get("attacks", []):
         m = a["metrics"]
-        extra = ", ".join(f"{k} {v:.3g}" for k, v in m.items()
-                          if isinstance(v, float) and k in ("psnr_mean", "auc", "ssim_mean",
-                                                             "tpr_at_1pct_fpr", "precision"))
-        print(f"  {a['name']} [{a['role']} → {a['target']}]: recovered "
-              f"{a['recovered']}/{a['total']}" + (f" ({extra})" if extra else ""))
+        extra = ", ".join(
+            f"{k} {v:.3g}"
+            for k, v in m.items()
+            if isinstance(v, float)
+            and k in ("psnr_mean", "auc", "ssim_mean", "tpr_at_1pct_fpr", "precision")
+        )
+        print(
+            f"  {a['name']} [{a['role']} → {a['target']}]: recovered "
+            f"{a['recovered']}/{a['total']}" + (f" ({extra})" if extra else "")
+        )
     print(f"results: {out / 'results.json'}\nreport:  {out / 'report.md'}")
     return 0
 
@@ -69,11 +75,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a scenario on Flower's simulation engine")
-    run.add_argument("scenario", nargs="?", default=None,
-                     help="scenario file or shipped name (default: three_hospitals)")
+    run.add_argument(
+        "scenario",
+        nargs="?",
+        default=None,
+        help="scenario file or shipped name (default: three_hospitals)",
+    )
     run.add_argument("--out", help="output folder (default: runs/<scenario name>)")
-    run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                     help="override a scenario value (repeatable)")
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a scenario value (repeatable)",
+    )
     run.add_argument("-v", "--verbose", action="store_true", help="show Flower's logs")
     run.set_defaults(func=_cmd_run)
 

@@ -50,7 +50,9 @@ class ScenarioSection:
         if self.rounds < 1:
             _fail(f"{key}.rounds", f"must be >= 1, got {self.rounds}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            _fail(f"{key}.device", f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+            _fail(
+                f"{key}.device", f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}"
+            )
         if not 0.0 <= self.gpus_per_party <= 1.0:
             _fail(f"{key}.gpus_per_party", f"must be in [0, 1], got {self.gpus_per_party}")
         if self.cpus_per_party < 1:
@@ -93,7 +95,9 @@ class DataSection:
         if self.dataset.startswith("emnist-"):
             split = self.dataset.removeprefix("emnist-")
             if split not in EMNIST_SPLITS:
-                _fail(f"{key}.dataset", f"unknown EMNIST split {split!r}; accepted: {EMNIST_SPLITS}")
+                _fail(
+                    f"{key}.dataset", f"unknown EMNIST split {split!r}; accepted: {EMNIST_SPLITS}"
+                )
         if self.parties < 1:
             _fail(f"{key}.parties", f"must be >= 1, got {self.parties}")
         if self.alpha <= 0:
@@ -101,9 +105,13 @@ class DataSection:
         if self.shards_per_party < 1:
             _fail(f"{key}.shards_per_party", f"must be >= 1, got {self.shards_per_party}")
         if self.samples_per_party < 0:
-            _fail(f"{key}.samples_per_party", f"must be >= 0 (0 = all), got {self.samples_per_party}")
+            _fail(
+                f"{key}.samples_per_party", f"must be >= 0 (0 = all), got {self.samples_per_party}"
+            )
         if not 0.0 <= self.party_test_fraction < 1.0:
-            _fail(f"{key}.party_test_fraction", f"must be in [0, 1), got {self.party_test_fraction}")
+            _fail(
+                f"{key}.party_test_fraction", f"must be in [0, 1), got {self.party_test_fraction}"
+            )
         if self.server_test_samples < 0:
             _fail(f"{key}.server_test_samples", f"must be >= 0, got {self.server_test_samples}")
 
@@ -140,7 +148,9 @@ class TrainingSection:
         if self.local_epochs < 1:
             _fail(f"{key}.local_epochs", f"must be >= 1, got {self.local_epochs}")
         if self.local_steps < 0:
-            _fail(f"{key}.local_steps", f"must be >= 0 (0 = use local_epochs), got {self.local_steps}")
+            _fail(
+                f"{key}.local_steps", f"must be >= 0 (0 = use local_epochs), got {self.local_steps}"
+            )
         if self.batch_size < 1:
             _fail(f"{key}.batch_size", f"must be >= 1, got {self.batch_size}")
         if self.lr <= 0:
@@ -234,7 +244,9 @@ class DPSection:
         if self.clip <= 0:
             _fail(f"{key}.clip", f"must be > 0, got {self.clip}")
         if not 0 < self.party_sampling_rate <= 1:
-            _fail(f"{key}.party_sampling_rate", f"must be in (0, 1], got {self.party_sampling_rate}")
+            _fail(
+                f"{key}.party_sampling_rate", f"must be in (0, 1], got {self.party_sampling_rate}"
+            )
         if self.mode == "client" and self.epsilon > 0 and self.noise_multiplier > 0:
             _fail(
                 f"{key}.noise_multiplier",
@@ -369,17 +381,31 @@ class MembershipSection:
         if self.qmia_epochs < 1:
             _fail(f"{key}.qmia_epochs", f"must be >= 1, got {self.qmia_epochs}")
         if "lira" in self.attacks and self.shadow_models < 2:
-            _fail(f"{key}.shadow_models", f"LiRA needs >= 2 shadow models, got {self.shadow_models}")
+            _fail(
+                f"{key}.shadow_models", f"LiRA needs >= 2 shadow models, got {self.shadow_models}"
+            )
         known = {"qmia", "loss", "lira"}
         bad = [a for a in self.attacks if a not in known]
         if bad or not self.attacks:
-            _fail(f"{key}.attacks", f"unknown or empty {bad or list(self.attacks)}; accepted: {sorted(known)}")
-        for name in ("members", "epochs", "eval_samples", "public_samples", "shadow_models",
-                     "quantile_levels"):
+            _fail(
+                f"{key}.attacks",
+                f"unknown or empty {bad or list(self.attacks)}; accepted: {sorted(known)}",
+            )
+        for name in (
+            "members",
+            "epochs",
+            "eval_samples",
+            "public_samples",
+            "shadow_models",
+            "quantile_levels",
+        ):
             if getattr(self, name) < 1:
                 _fail(f"{key}.{name}", f"must be >= 1, got {getattr(self, name)}")
         if self.eval_samples > self.members and self.target == "single":
-            _fail(f"{key}.eval_samples", f"must be <= members ({self.members}), got {self.eval_samples}")
+            _fail(
+                f"{key}.eval_samples",
+                f"must be <= members ({self.members}), got {self.eval_samples}",
+            )
 
 
 ATTACKS = ("none", "gradient-inversion", "imprint", "membership-inference")
@@ -418,11 +444,16 @@ class Scenario:
             if gi.target_party >= n:
                 _fail("attack.gradient_inversion.target_party", f"must be < data.parties ({n})")
             if gi.round > self.scenario.rounds:
-                _fail("attack.gradient_inversion.round", f"must be <= scenario.rounds ({self.scenario.rounds})")
+                _fail(
+                    "attack.gradient_inversion.round",
+                    f"must be <= scenario.rounds ({self.scenario.rounds})",
+                )
         im = self.attack.imprint
         if self.attack.kind == "imprint":
             if im.round > self.scenario.rounds:
-                _fail("attack.imprint.round", f"must be <= scenario.rounds ({self.scenario.rounds})")
+                _fail(
+                    "attack.imprint.round", f"must be <= scenario.rounds ({self.scenario.rounds})"
+                )
             if im.role == "malicious-participant":
                 if im.participant >= n:
                     _fail("attack.imprint.participant", f"must be < data.parties ({n})")

@@ -12,9 +12,9 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from privfl.results import atomic_write_json, atomic_write_text  # noqa: E402
+from privfl.results import atomic_write_json, atomic_write_text
 
 TRAINING_FIGURE = "training.png"
 
@@ -71,8 +71,12 @@ def _training_figure(rounds: list[dict[str, Any]], path: Path) -> bool:
     fig, axes = plt.subplots(1, ncols, figsize=(4.2 * ncols, 3.2))
     axes[0].plot(r, [row["accuracy"] for row in rounds], marker="o", label="server test")
     if any("party_accuracy" in row for row in rounds):
-        axes[0].plot(r, [row.get("party_accuracy") for row in rounds], marker=".",
-                     label="parties' local test")
+        axes[0].plot(
+            r,
+            [row.get("party_accuracy") for row in rounds],
+            marker=".",
+            label="parties' local test",
+        )
     axes[0].set(xlabel="round", ylabel="accuracy", title="Accuracy")
     axes[0].legend()
     axes[1].plot(r, [row["loss"] for row in rounds], marker="o", color="tab:red")
@@ -117,20 +121,29 @@ def render_report(out_dir: str | Path) -> Path:
         "",
     ]
     final = res.get("final", {})
-    lines.append(f"- final test accuracy: **{_fmt(final.get('accuracy'), pct=True)}**, "
-                 f"loss {_fmt(final.get('loss'))}")
+    lines.append(
+        f"- final test accuracy: **{_fmt(final.get('accuracy'), pct=True)}**, "
+        f"loss {_fmt(final.get('loss'))}"
+    )
     if final.get("epsilon") is not None:
         lines.append(f"- privacy: ε = {final['epsilon']:.3g}, δ = {final.get('delta')}")
     if final.get("stopped_early"):
         lines.append(f"- stopped early: {final['stopped_early']}")
     timing = res.get("timing", {})
-    lines += [f"- wall time {_fmt(timing.get('total_seconds'))} s "
-              f"(start-up {_fmt(timing.get('startup_seconds'))} s)", ""]
+    lines += [
+        f"- wall time {_fmt(timing.get('total_seconds'))} s "
+        f"(start-up {_fmt(timing.get('startup_seconds'))} s)",
+        "",
+    ]
 
     rounds = res.get("rounds", [])
     if _training_figure(rounds, out_dir / TRAINING_FIGURE):
-        lines += [f"![training]({TRAINING_FIGURE})", "", "| round | accuracy | loss | ε | seconds |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            f"![training]({TRAINING_FIGURE})",
+            "",
+            "| round | accuracy | loss | ε | seconds |",
+            "|---|---|---|---|---|",
+        ]
         lines += [
             f"| {r['round']} | {_fmt(r['accuracy'], pct=True)} | {_fmt(r['loss'])} | "
             f"{_fmt(r.get('epsilon'))} | {_fmt(r.get('seconds'))} |"
@@ -140,8 +153,12 @@ def render_report(out_dir: str | Path) -> Path:
 
     attacks = res.get("attacks", [])
     if attacks:
-        lines += ["## Attacks", "", "| attack | role | target | recovered | key metrics |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "## Attacks",
+            "",
+            "| attack | role | target | recovered | key metrics |",
+            "|---|---|---|---|---|",
+        ]
         for a in attacks:
             m = a.get("metrics", {})
             keys = [k for k in m if isinstance(m[k], int | float) and not isinstance(m[k], bool)]

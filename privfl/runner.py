@@ -113,5 +113,6 @@ def run_scenario(
 
 
 def _quiet_flower(verbose: bool) -> None:
-    level = logging.INFO if verbose else logging.WARNING
+    # run_simulation's deprecation notice is logged at WARNING; -v shows everything.
+    level = logging.INFO if verbose else logging.ERROR
     logging.getLogger("flwr").setLevel(level)

@@ -19,7 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from privfl import __version__
-from privfl.config import Scenario, apply_overrides, load_scenario, resolve_scenario_path
+from privfl.config import Scenario, load_scenario, resolve_scenario_path
 from privfl.data import load_federation
 from privfl.models import build_model
 from privfl.results import AttackReport
@@ -38,7 +38,10 @@ def _aggregate_train_metrics(records: list[RecordDict], weight_key: str) -> Metr
     keys = set().union(*(r.metric_records["metrics"].keys() for r in records)) - {weight_key}
     for key in sorted(keys):
         vals = [
-            (float(r.metric_records["metrics"][key]), float(r.metric_records["metrics"][weight_key]))
+            (
+                float(r.metric_records["metrics"][key]),
+                float(r.metric_records["metrics"][weight_key]),
+            )
             for r in records
             if key in r.metric_records["metrics"]
         ]
@@ -134,8 +137,9 @@ def discover_parties(grid: Grid, parties: int, timeout: float) -> dict[int, int]
             raise RuntimeError(f"node {reply.metadata.src_node_id} failed: {reply.error.reason}")
         party_of[reply.metadata.src_node_id] = int(reply.content["hello"]["partition-id"])
     if sorted(party_of.values()) != list(range(parties)):
-        raise RuntimeError(f"SuperNodes hold partitions {sorted(party_of.values())}, "
-                           f"expected 0..{parties - 1}")
+        raise RuntimeError(
+            f"SuperNodes hold partitions {sorted(party_of.values())}, expected 0..{parties - 1}"
+        )
     return party_of
 
 
@@ -177,9 +181,7 @@ class _RoundLog:
                 {"round": server_round, "accuracy": acc, "loss": loss, "seconds": now - self._t}
             )
             if self._bar is not None:
-                self._bar.update(
-                    self._task, advance=1, status=f"acc {acc:.2%}  loss {loss:.3f}"
-                )
+                self._bar.update(self._task, advance=1, status=f"acc {acc:.2%}  loss {loss:.3f}")
             else:
                 log.info("round %d: accuracy %.4f loss %.4f", server_round, acc, loss)
         self._t = now
@@ -306,8 +308,10 @@ def _merge_epsilon(rounds: list[dict[str, Any]], chain: list[Strategy]) -> None:
 
 
 def _participant_reports(scenario: Scenario, chain: list[Strategy]) -> list[AttackReport]:
-    if not (scenario.attack.kind == "imprint"
-            and scenario.attack.imprint.role == "malicious-participant"):
+    if not (
+        scenario.attack.kind == "imprint"
+        and scenario.attack.imprint.role == "malicious-participant"
+    ):
         return []
     from privfl.clients.malicious_participant import participant_report
 
@@ -333,7 +337,9 @@ def scenario_from_run_config(run_config: Mapping[str, Any]) -> tuple[Scenario, P
     path = resolve_scenario_path(str(run_config.get("scenario", "three_hospitals")))
     scenario = load_scenario(path, overrides)
     out = str(run_config.get("out-dir", "")).strip()
-    out_dir = Path(out).expanduser() if out else Path.home() / "privfl-runs" / scenario.scenario.name
+    out_dir = (
+        Path(out).expanduser() if out else Path.home() / "privfl-runs" / scenario.scenario.name
+    )
     return scenario, out_dir.resolve()
 
 
@@ -355,7 +361,8 @@ def make_server_app(
             else:
                 sc, out = scenario, Path(out_dir or ".")
             results = run_federation(grid, sc, out, progress=progress)
-            log.warning("privfl: results written to %s", out)
+            if scenario is None:  # under `flwr run`, say where the outputs went
+                print(f"privfl: results written to {out}", file=sys.stderr)
         except BaseException as exc:
             if on_done is not None:
                 on_done(exc)
@@ -369,7 +376,6 @@ def make_server_app(
 server_app = make_server_app()
 
 __all__ = [
-    "apply_overrides",
     "build_strategy",
     "make_server_app",
     "run_federation",

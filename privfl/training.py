@@ -45,7 +45,9 @@ def local_batches(n: int, scenario: Scenario, party: int, server_round: int) -> 
     t = scenario.training
     if n < 1:
         raise ValueError(f"party {party} has no training data")
-    gen = torch.Generator().manual_seed(derive_seed(scenario.scenario.seed, "batches", party, server_round))
+    gen = torch.Generator().manual_seed(
+        derive_seed(scenario.scenario.seed, "batches", party, server_round)
+    )
     steps = local_steps(n, scenario)
     batches: list[torch.Tensor] = []
     order = torch.randperm(n, generator=gen)

@@ -41,8 +41,10 @@ def test_roundtrip_json():
         ({"defense": {"dp": {"mode": "client"}}}, "defense.dp.epsilon"),
         ({"defense": {"dp": {"mode": "distributed", "epsilon": 1.0}}}, "defense.dp.mode"),
         ({"attack": {"kind": "sql-injection"}}, "attack.kind"),
-        ({"attack": {"kind": "gradient-inversion", "gradient_inversion": {"target_party": 5}}},
-         "attack.gradient_inversion.target_party"),
+        (
+            {"attack": {"kind": "gradient-inversion", "gradient_inversion": {"target_party": 5}}},
+            "attack.gradient_inversion.target_party",
+        ),
         ({"unknown_section": {}}, "unknown_section"),
         ({"data": 3}, "data"),
     ],

@@ -37,9 +37,21 @@ def test_flwr_run_dot_runs_a_scenario(tmp_path):
     shutil.copy(ROOT / "README.md", app / "README.md")
     shutil.copytree(ROOT / "scenarios", app / "scenarios")
     proc = subprocess.run(
-        [str(flwr), "run", str(app), "--stream", "--federation-config", "num-supernodes=3",
-         "--run-config", run_config],
-        env=env, capture_output=True, text=True, timeout=600, start_new_session=True,
+        [
+            str(flwr),
+            "run",
+            str(app),
+            "--stream",
+            "--federation-config",
+            "num-supernodes=3",
+            "--run-config",
+            run_config,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        start_new_session=True,
     )
     try:
         res = json.loads((out / "results.json").read_text())

@@ -7,21 +7,22 @@ from opacus.validators import ModuleValidator
 from privfl.cli import main as cli_main
 from privfl.config import Scenario
 from privfl.models import build_model, build_task_model
-from privfl.report import render_report, write_run
+from privfl.report import write_run
 from privfl.training import local_batches, round_batch_data, train_local
 
 
 @pytest.mark.parametrize("name", ["cnn", "mlp", "lenet"])
 def test_models_are_opacus_compatible_and_shape_right(name):
     model = build_task_model(name, 26)
-    assert ModuleValidator.validate(model, strict=False) == []
+    assert ModuleValidator.validate(model, strict=True) == []
     assert model(torch.rand(5, 1, 28, 28)).shape == (5, 26)
 
 
 def test_build_model_is_seeded():
     sc = Scenario.from_dict({"scenario": {"seed": 3}})
     a, b = build_model(sc, 10), build_model(sc, 10)
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    pairs = zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    assert all(torch.equal(x, y) for x, y in pairs)
 
 
 def test_local_batches_deterministic_and_cover_epoch():
@@ -29,7 +30,7 @@ def test_local_batches_deterministic_and_cover_epoch():
     b1 = local_batches(50, sc, party=1, server_round=2)
     assert [len(b) for b in b1] == [7] * 7 + [1]
     assert sorted(torch.cat(b1).tolist()) == list(range(50))
-    assert all(torch.equal(x, y) for x, y in zip(b1, local_batches(50, sc, 1, 2)))
+    assert all(torch.equal(x, y) for x, y in zip(b1, local_batches(50, sc, 1, 2), strict=True))
     assert not torch.equal(torch.cat(b1), torch.cat(local_batches(50, sc, 1, 3)))
     steps = Scenario.from_dict({"training": {"batch_size": 4, "local_steps": 3}})
     assert [len(b) for b in local_batches(50, steps, 0, 1)] == [4, 4, 4]
@@ -50,9 +51,14 @@ def test_train_local_same_seed_same_weights():
 
 def _fake_results():
     return {
-        "scenario": "x", "seed": 0, "config": {}, "final": {"accuracy": 0.5, "loss": 1.0},
+        "scenario": "x",
+        "seed": 0,
+        "config": {},
+        "final": {"accuracy": 0.5, "loss": 1.0},
         "rounds": [{"round": 1, "accuracy": 0.5, "loss": 1.0, "seconds": 1.0, "epsilon": 0.3}],
-        "attacks": [], "timing": {"total_seconds": 1.0}, "versions": {},
+        "attacks": [],
+        "timing": {"total_seconds": 1.0},
+        "versions": {},
     }
 
 

@@ -25,12 +25,16 @@ def main(argv: list[str]) -> int:
         ("start-up (Ray, actors, parties connect)", t["startup_seconds"]),
         ("rounds (sum)", sum(per_round)),
         ("round 1 (first training in each actor)", per_round[0] if per_round else float("nan")),
-        ("later rounds (median)",
-         statistics.median(per_round[1:]) if len(per_round) > 1 else float("nan")),
+        (
+            "later rounds (median)",
+            statistics.median(per_round[1:]) if len(per_round) > 1 else float("nan"),
+        ),
         ("teardown and reporting", t["total_seconds"] - t["startup_seconds"] - sum(per_round)),
     ]
-    print(f"privfl bench spine — {res['scenario']}, {len(per_round)} rounds, "
-          f"final accuracy {res['final']['accuracy']:.2%}")
+    print(
+        f"privfl bench spine — {res['scenario']}, {len(per_round)} rounds, "
+        f"final accuracy {res['final']['accuracy']:.2%}"
+    )
     print(f"{'phase':<42} {'seconds':>9}")
     for name, sec in rows:
         print(f"{name:<42} {sec:>9.2f}")
