@@ -1,0 +1,323 @@
+"""Client side of secure aggregation: a Flower mod plus stage handlers.
+
+Wiring (on the ClientApp the lead builds)::
+
+    app = ClientApp()
+
+    @app.train(mods=[secagg_mod, <other mods>])
+    def train(msg, context): ...
+
+    register_secure_aggregation(app)
+
+The mod lets the honest train handler run, turns its reply (full local weights and
+metrics) into the weighted update ``w * (local - global)`` plus the coordinates ``w``
+and ``w * train-loss``, encodes it in the ring (:mod:`privfl.fixedpoint`), optionally adds
+distributed-DP integer noise, and replies with the protocol payload only: the server
+never sees the weights, the number of examples or the loss of a single party. Party
+secrets live in ``context.state`` and persist across rounds.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from privfl.config import Scenario
+from privfl.fixedpoint import FixedPointCodec
+from privfl.secagg import wire
+from privfl.secagg.additive import AdditiveParty
+from privfl.secagg.masking import MaskingParty
+
+NoiseFn = Callable[..., np.ndarray]
+
+
+class SecAggClientError(RuntimeError):
+    """A party cannot take its secure-aggregation step; the message names the party."""
+
+
+def _config(msg: Message) -> ConfigRecord | None:
+    return msg.content.config_records.get("config") if msg.has_content() else None
+
+
+def _scenario(cfg: ConfigRecord) -> Scenario:
+    return Scenario.from_json(str(cfg["privfl.scenario"]))
+
+
+def _party(context: Context) -> int:
+    if "partition-id" not in context.node_config:
+        raise SecAggClientError(f"node {context.node_id}: node_config has no 'partition-id'")
+    return int(context.node_config["partition-id"])
+
+
+def _load(context: Context, party: int, codec: FixedPointCodec) -> tuple[Any, dict[str, Any]]:
+    rec = context.state.config_records.get(wire.STATE)
+    if rec is None:
+        raise SecAggClientError(f"party {party}: no secure-aggregation key setup happened")
+    st = json.loads(str(rec["json"]))
+    cls = MaskingParty if st["protocol"] == "masking" else AdditiveParty
+    return cls.from_state(st["party"], codec), st
+
+
+def _save(context: Context, proto: Any, st: dict[str, Any]) -> None:
+    st["party"] = proto.to_state()
+    context.state.config_records[wire.STATE] = ConfigRecord({"json": json.dumps(st)})
+
+
+def _flatten(arrays: ArrayRecord, keys: list[str]) -> np.ndarray:
+    return np.concatenate([arrays[k].numpy().astype(np.float64).ravel() for k in keys])
+
+
+def _default_noise() -> tuple[NoiseFn, Callable[..., None]]:
+    try:
+        from privfl.dp import check_distributed, distributed_noise
+    except ImportError as exc:  # privfl.dp is written in parallel
+        raise SecAggClientError(
+            "defense.dp.mode='distributed' needs privfl.dp.distributed_noise and "
+            f"privfl.dp.check_distributed ({exc})"
+        ) from exc
+    return distributed_noise, check_distributed
+
+
+def encode_update(
+    msg: Message,
+    reply: Message,
+    scenario: Scenario,
+    party: int,
+    parties: int,
+    *,
+    noise_fn: NoiseFn | None = None,
+) -> np.ndarray:
+    """The ring vector a party contributes: ``[w * clip(Δ), w, w * loss]`` (+ DP noise).
+
+    ``w`` is ``num-examples``, or 1 when ``defense.dp.mode`` is ``global`` or
+    ``distributed`` (the DP sensitivity is per party). Raises
+    :class:`~privfl.fixedpoint.EncodingError` (naming the party) on NaN/inf or a
+    shape mismatch, before anything is shared.
+    """
+    glob = msg.content.array_records.get("arrays")
+    local = reply.content.array_records.get("arrays") if reply.has_content() else None
+    metrics = reply.content.metric_records.get("metrics") if reply.has_content() else None
+    if glob is None or local is None or metrics is None:
+        raise SecAggClientError(f"party {party}: train reply lacks 'arrays' or 'metrics'")
+    keys = list(glob.keys())
+    if list(local.keys()) != keys:
+        raise SecAggClientError(
+            f"party {party}: local weights have keys {list(local.keys())}, "
+            f"the global model has {keys}"
+        )
+    for k in keys:
+        if tuple(local[k].shape) != tuple(glob[k].shape):
+            raise SecAggClientError(
+                f"party {party}: '{k}' has shape {tuple(local[k].shape)}, "
+                f"expected {tuple(glob[k].shape)}"
+            )
+    delta = _flatten(local, keys) - _flatten(glob, keys)
+    dp_mode = scenario.defense.dp.mode
+    weight = 1.0 if dp_mode in ("global", "distributed") else float(metrics["num-examples"])
+    loss = float(metrics.get("train-loss", 0.0))
+    codec = FixedPointCodec.from_section(scenario.defense.secagg)
+    body = codec.encode(delta, weight=weight, parties=parties, party=party)
+    extra = codec.encode(
+        np.array([1.0, loss]), weight=weight, parties=parties, party=party, clip=False
+    )
+    if dp_mode == "distributed":
+        noise_fn = noise_fn or _default_noise()[0]
+        server_round = int(msg.content["config"]["server-round"])
+        noise = noise_fn(
+            delta.size, scenario=scenario, party=party, server_round=server_round, scale=codec.scale
+        )
+        noise = np.asarray(noise)
+        if noise.shape != (delta.size,) or noise.dtype.kind != "i":
+            raise SecAggClientError(
+                f"party {party}: distributed noise must be {delta.size} integers, "
+                f"got {noise.dtype} {noise.shape}"
+            )
+        body = codec.add(body, codec.from_signed(noise))
+    return np.concatenate([body, extra])
+
+
+def make_secagg_mod(
+    noise_fn: NoiseFn | None = None,
+) -> Callable[[Message, Context, Callable[[Message, Context], Message]], Message]:
+    """A :func:`secagg_mod` with an injected distributed-DP noise function (tests)."""
+
+    def mod(
+        msg: Message, context: Context, call_next: Callable[[Message, Context], Message]
+    ) -> Message:
+        cfg = _config(msg)
+        if msg.metadata.message_type != "train" or cfg is None or "privfl.scenario" not in cfg:
+            return call_next(msg, context)
+        scenario = _scenario(cfg)
+        if scenario.defense.secure_aggregation == "none":
+            return call_next(msg, context)
+        party = _party(context)
+        codec = FixedPointCodec.from_section(scenario.defense.secagg)
+        proto, st = _load(context, party, codec)
+        if bytes(cfg[wire.PREFIX + "session"]) != bytes.fromhex(st["session"]):
+            raise SecAggClientError(f"party {party}: train message is for another key-setup epoch")
+        rnd = int(cfg["server-round"])
+        parties = [int(p) for p in cfg[wire.PREFIX + "parties"]]
+        if party not in parties:
+            raise SecAggClientError(f"party {party}: not among this round's parties {parties}")
+        if wire.PREFIX + "dir_parties" in cfg:  # first round of an epoch (additive)
+            st["directory"] = {
+                str(p): bytes(k).hex()
+                for p, k in zip(
+                    cfg[wire.PREFIX + "dir_parties"], cfg[wire.PREFIX + "dir_keys"], strict=True
+                )
+            }
+        if wire.PREFIX + "ks_to" in cfg:  # first round of an epoch (masking)
+            proto.receive_keyshares(wire.unpack_cts(cfg, wire.PREFIX + "ks_"))
+        reply = call_next(msg, context)
+        if reply.has_error():
+            return reply
+        vec = encode_update(msg, reply, scenario, party, len(parties), noise_fn=noise_fn)
+        content = RecordDict()
+        if isinstance(proto, MaskingParty):
+            y, cts = proto.mask(vec, rnd=rnd, parties=parties)
+            content[wire.VECTOR] = wire.vector_record(y)
+        else:
+            context.state.array_records[wire.CACHE] = wire.vector_record(vec)
+            directory = {int(p): bytes.fromhex(k) for p, k in st["directory"].items()}
+            cts = proto.share(vec, rnd=rnd, attempt=0, parties=parties, directory=directory)
+        if isinstance(proto, MaskingParty):
+            content[wire.PAYLOAD] = ConfigRecord({"round": rnd, **wire.pack_cts(cts)})
+        else:
+            content[wire.PAYLOAD] = ConfigRecord({"round": rnd, "attempt": 0})
+            content[wire.SHARES] = wire.pack_shares(cts)
+        for key, rec in reply.content.items():
+            if key.startswith(wire.SIDE_PREFIX):
+                content[key] = rec
+        _save(context, proto, st)
+        return Message(content, reply_to=msg)
+
+    return mod
+
+
+secagg_mod = make_secagg_mod()
+secagg_mod.__doc__ = (
+    """Flower mod for the default train handler (no-op unless secure aggregation is on)."""
+)
+
+
+def _stage_context(
+    msg: Message, context: Context
+) -> tuple[ConfigRecord, Scenario, int, FixedPointCodec]:
+    cfg = _config(msg)
+    if cfg is None or "privfl.scenario" not in cfg:
+        raise SecAggClientError(
+            f"node {context.node_id}: {msg.metadata.message_type} message without a scenario"
+        )
+    scenario = _scenario(cfg)
+    return cfg, scenario, _party(context), FixedPointCodec.from_section(scenario.defense.secagg)
+
+
+def handle_setup(
+    msg: Message, context: Context, *, check_fn: Callable[..., None] | None = None
+) -> Message:
+    """Key setup: ``advertise`` fresh keys, then (masking) ``keyshare`` the mask key."""
+    cfg, scenario, party, codec = _stage_context(msg, context)
+    stage = str(cfg[wire.PREFIX + "stage"])
+    session = bytes(cfg[wire.PREFIX + "session"])
+    protocol = scenario.defense.secure_aggregation
+    if stage == "advertise":
+        if scenario.defense.dp.mode == "distributed":
+            (check_fn or _default_noise()[1])(
+                scenario, dim=int(cfg[wire.PREFIX + "dim"]), parties=int(cfg[wire.PREFIX + "n"])
+            )
+        if protocol == "masking":
+            proto: Any = MaskingParty(party, codec, session)
+            chan, mask = proto.public_keys
+            out = ConfigRecord({"chan_pk": chan, "mask_pk": mask})
+        else:
+            proto = AdditiveParty(party, codec, session)
+            out = ConfigRecord({"chan_pk": proto.public_key})
+        context.state.array_records.pop(wire.CACHE, None)
+        _save(context, proto, {"protocol": protocol, "session": session.hex(), "directory": {}})
+        return Message(RecordDict({wire.PAYLOAD: out}), reply_to=msg)
+    if stage == "keyshare":
+        proto, st = _load(context, party, codec)
+        if st["session"] != session.hex() or not isinstance(proto, MaskingParty):
+            raise SecAggClientError(f"party {party}: keyshare for an epoch I did not advertise in")
+        ps = [int(p) for p in cfg[wire.PREFIX + "dir_parties"]]
+        directory = {
+            p: (bytes(c), bytes(m))
+            for p, c, m in zip(
+                ps, cfg[wire.PREFIX + "dir_keys"], cfg[wire.PREFIX + "dir_mask_keys"], strict=True
+            )
+        }
+        cts = proto.share_keys(
+            directory,
+            threshold=int(cfg[wire.PREFIX + "threshold"]),
+            neighbours=int(cfg[wire.PREFIX + "neighbours"]),
+        )
+        _save(context, proto, st)
+        return Message(RecordDict({wire.PAYLOAD: ConfigRecord(wire.pack_cts(cts))}), reply_to=msg)
+    raise SecAggClientError(f"party {party}: unknown setup stage {stage!r}")
+
+
+def handle_reshare(msg: Message, context: Context) -> Message:
+    """Additive retry: fresh shares of the cached vector among the surviving parties."""
+    cfg, _, party, codec = _stage_context(msg, context)
+    proto, st = _load(context, party, codec)
+    rnd, attempt = int(cfg["server-round"]), int(cfg[wire.PREFIX + "attempt"])
+    cache = context.state.array_records.get(wire.CACHE)
+    if cache is None:
+        raise SecAggClientError(f"party {party}: nothing cached to re-share in round {rnd}")
+    parties = [int(p) for p in cfg[wire.PREFIX + "parties"]]
+    directory = {int(p): bytes.fromhex(k) for p, k in st["directory"].items()}
+    cts = proto.share(
+        cache["v"].numpy(), rnd=rnd, attempt=attempt, parties=parties, directory=directory
+    )
+    _save(context, proto, st)
+    payload = ConfigRecord({"round": rnd, "attempt": attempt})
+    content = RecordDict({wire.PAYLOAD: payload, wire.SHARES: wire.pack_shares(cts)})
+    return Message(content, reply_to=msg)
+
+
+def handle_partial_sum(msg: Message, context: Context) -> Message:
+    """Additive: decrypt the routed shares, return their sum with the own share."""
+    cfg, _, party, codec = _stage_context(msg, context)
+    proto, st = _load(context, party, codec)
+    directory = {int(p): bytes.fromhex(k) for p, k in st["directory"].items()}
+    total = proto.partial_sum(
+        wire.unpack_shares(msg.content),
+        rnd=int(cfg["server-round"]),
+        attempt=int(cfg[wire.PREFIX + "attempt"]),
+        parties=[int(p) for p in cfg[wire.PREFIX + "parties"]],
+        directory=directory,
+        dim=int(cfg[wire.PREFIX + "dim"]),
+    )
+    _save(context, proto, st)
+    return Message(RecordDict({wire.VECTOR: wire.vector_record(total)}), reply_to=msg)
+
+
+def handle_unmask(msg: Message, context: Context) -> Message:
+    """Masking: reveal self-mask shares of survivors and mask-key shares of dropped parties."""
+    cfg, _, party, codec = _stage_context(msg, context)
+    proto, st = _load(context, party, codec)
+    rev = proto.unmask(
+        rnd=int(cfg["server-round"]),
+        survivors=[int(p) for p in cfg[wire.PREFIX + "survivors"]],
+        dropped=[int(p) for p in cfg.get(wire.PREFIX + "dropped", [])],
+        incoming=wire.unpack_cts(cfg, wire.PREFIX + "in_"),
+    )
+    _save(context, proto, st)
+    payload = ConfigRecord({**wire.pack_cts(rev["b"], "b_"), **wire.pack_cts(rev["sk"], "sk_")})
+    return Message(RecordDict({wire.PAYLOAD: payload}), reply_to=msg)
+
+
+def register_secure_aggregation(app: Any, *, check_fn: Callable[..., None] | None = None) -> None:
+    """Register the secure-aggregation stage handlers on a Flower ``ClientApp``."""
+
+    def setup(msg: Message, context: Context) -> Message:
+        return handle_setup(msg, context, check_fn=check_fn)
+
+    for msg_type, fn in zip(
+        wire.STAGE_TYPES, (setup, handle_reshare, handle_partial_sum, handle_unmask), strict=True
+    ):
+        app.train(msg_type.split(".", 1)[1])(fn)

@@ -1,0 +1,391 @@
+"""Pairwise + self masking with Shamir-shared recovery (SecAgg / SecAgg+ style).
+
+Key setup (once per epoch; a new epoch after any party's mask key was revealed):
+every party ``i`` advertises an X25519 channel key and an X25519 mask key
+``pk_i``, then Shamir-shares its mask private key ``sk_i`` (threshold ``t``) among its
+neighbourhood ``M(i) = N(i) + {i}`` (all parties, or a k-regular Harary graph as in
+SecAgg+), each share encrypted for its holder.
+
+Per round (two exchanges):
+
+1. *masked input*: party ``i`` draws a fresh 32-byte self-mask seed ``b_i`` and sends
+   ``y_i = x_i + PRG(b_i) + sum_{j in N(i)} sign(i, j) PRG(s_ij,r)`` (mod 2^k) with
+   ``s_ij,r = HKDF(X25519(sk_i, pk_j), session, round, {i, j})`` (fresh every round),
+   ``sign = +1`` if ``i < j`` else ``-1``, together with encrypted Shamir shares of
+   ``b_i`` for ``M(i)``. PRG is AES-256-CTR (:mod:`privfl.secagg.prg`).
+2. *unmask*: the server names the survivors ``S`` (sent ``y``) and the dropped ``D``.
+   Each responding party reveals, for its neighbours, its share of ``b_i`` if ``i`` in
+   ``S`` and its share of ``sk_d`` if ``d`` in ``D`` -- never both for one party. With
+   ``t`` shares per secret the server removes the self masks of ``S`` and the pairwise
+   masks between ``S`` and ``D``; pairwise masks inside ``S`` cancel.
+
+What the server learns: every ``y_i`` is uniform on the ring (the self mask alone
+makes it so) and independent of ``x_i``; after unmasking it learns ``sum_{i in S} x_i``
+and the mask keys of dropped parties (so they are re-keyed before they take part
+again). Parties refuse to unmask when fewer than ``t`` of their neighbourhood
+survived, so no aggregate of fewer than ``t`` inputs is revealed; fewer than ``t``
+unmask replies make the server raise :class:`MaskingError` rather than output a wrong
+sum. Security is against an honest-but-curious server colluding with fewer than ``t``
+parties; against a server that lies about ``S`` to different parties SecAgg's extra
+consistency round would be needed (not done here).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from privfl.fixedpoint import FixedPointCodec
+from privfl.secagg import prg, shamir
+from privfl.secagg.channel import SecureChannel, agree, private_bytes, public_bytes
+
+KEYSHARE_STAGE = "masking/keyshare"
+BSHARE_STAGE = "masking/bshare"
+
+
+class MaskingError(RuntimeError):
+    """The sum cannot be recovered (too few survivors or shares, inconsistent shares)."""
+
+
+def neighbourhoods(parties: Sequence[int], k: int) -> dict[int, list[int]]:
+    """Each party's neighbours (itself excluded).
+
+    ``k == 0`` or ``k >= len(parties) - 1``: everyone. Otherwise a k-regular Harary graph
+    on the sorted parties (offsets ``+-1 .. +-k/2`` around a ring); ``k`` must be even.
+    """
+    ps = sorted(parties)
+    n = len(ps)
+    if k == 0 or k >= n - 1:
+        return {p: [q for q in ps if q != p] for p in ps}
+    if k % 2:
+        raise ValueError(f"defense.secagg.neighbours must be even, got {k}")
+    out = {}
+    for idx, p in enumerate(ps):
+        nb = {ps[(idx + o) % n] for o in range(1, k // 2 + 1)}
+        nb |= {ps[(idx - o) % n] for o in range(1, k // 2 + 1)}
+        out[p] = sorted(nb)
+    return out
+
+
+def resolve_threshold(threshold: int, neighbourhood_size: int) -> int:
+    """Configured ``t`` or ``floor(2m/3) + 1`` for neighbourhoods of ``m`` (self included)."""
+    t = threshold if threshold > 0 else (2 * neighbourhood_size) // 3 + 1
+    if not 1 <= t <= neighbourhood_size:
+        raise ValueError(
+            f"defense.secagg.threshold: {t} must be in [1, {neighbourhood_size}] "
+            "(the neighbourhood size, self included)"
+        )
+    return t
+
+
+def pairwise_seed(sk: bytes, peer_pk: bytes, *, session: bytes, rnd: int, i: int, j: int) -> bytes:
+    """Seed of the round-``rnd`` mask between ``i`` and ``j`` (same for both)."""
+    lo, hi = sorted((i, j))
+    return agree(sk, peer_pk, salt=session, info=b"privfl-mask|" + struct.pack(">qII", rnd, lo, hi))
+
+
+def _x(party: int) -> int:
+    return party + 1  # Shamir point of a party (0 holds the secret)
+
+
+class MaskingParty:
+    """One party of the masking protocol (no networking; the caller relays bytes)."""
+
+    def __init__(
+        self,
+        party: int,
+        codec: FixedPointCodec,
+        session: bytes,
+        *,
+        channel: SecureChannel | None = None,
+        mask_key: bytes | None = None,
+    ) -> None:
+        self.party = party
+        self.codec = codec
+        self.session = session
+        self.channel = channel if channel is not None else SecureChannel(party, session)
+        self._mask_sk = mask_key or private_bytes(X25519PrivateKey.generate())
+        self.directory: dict[int, tuple[bytes, bytes]] = {}
+        self.neighbours: list[int] = []
+        self.threshold = 0
+        self.held_keyshares: dict[int, bytes] = {}
+        self._own_bshares: dict[int, tuple[bytes, list[int]]] = {}
+
+    @property
+    def public_keys(self) -> tuple[bytes, bytes]:
+        """``(channel key, mask key)`` to advertise."""
+        return self.channel.public_key, public_bytes(
+            X25519PrivateKey.from_private_bytes(self._mask_sk)
+        )
+
+    def share_keys(
+        self, directory: Mapping[int, tuple[bytes, bytes]], *, threshold: int, neighbours: int
+    ) -> dict[int, bytes]:
+        """Adopt the key directory; Shamir-share the mask key among the neighbourhood."""
+        if self.party not in directory:
+            raise ValueError(f"party {self.party}: not in the key directory")
+        if directory[self.party] != self.public_keys:
+            raise ValueError(f"party {self.party}: the directory holds someone else's keys for me")
+        self.directory = dict(directory)
+        self.neighbours = neighbourhoods(list(directory), neighbours)[self.party]
+        self.threshold = resolve_threshold(threshold, len(self.neighbours) + 1)
+        xs = [_x(p) for p in [self.party, *self.neighbours]]
+        shares = shamir.share_bytes(self._mask_sk, xs, self.threshold)
+        self.held_keyshares = {self.party: shares[_x(self.party)]}
+        return {
+            p: self.channel.seal(
+                p, self.directory[p][0], shares[_x(p)], rnd=0, stage=KEYSHARE_STAGE
+            )
+            for p in self.neighbours
+        }
+
+    def receive_keyshares(self, incoming: Mapping[int, bytes]) -> None:
+        """Decrypt and keep the mask-key shares neighbours sent."""
+        if set(incoming) != set(self.neighbours):
+            raise ValueError(
+                f"party {self.party}: expected key shares from {self.neighbours}, "
+                f"got {sorted(incoming)}"
+            )
+        for s, ct in incoming.items():
+            self.held_keyshares[s] = self.channel.open(
+                s, self.directory[s][0], ct, rnd=0, stage=KEYSHARE_STAGE
+            )
+
+    def mask(
+        self, encoded: np.ndarray, *, rnd: int, parties: Sequence[int] | None = None
+    ) -> tuple[np.ndarray, dict[int, bytes]]:
+        """Masked input ``y`` and encrypted shares of the fresh self-mask seed.
+
+        Only neighbours among this round's ``parties`` (default: all) take part, so
+        parties not selected this round are not treated as dropped.
+        """
+        if len(self.held_keyshares) != len(self.neighbours) + 1:
+            raise ValueError(f"party {self.party}: key setup incomplete, cannot mask")
+        active = [j for j in self.neighbours if parties is None or j in parties]
+        if len(active) + 1 < self.threshold:
+            raise MaskingError(
+                f"party {self.party}: only {len(active) + 1} of my neighbourhood take part "
+                f"in round {rnd}, threshold is {self.threshold}"
+            )
+        x = np.asarray(encoded, dtype=np.uint64)
+        b = os.urandom(prg.SEED_BYTES)
+        # Accumulate in place modulo 2^64 and reduce once: 2^k divides 2^64.
+        y = x.copy()
+        y += prg.expand(b, x.size)
+        for j in active:
+            seed = pairwise_seed(
+                self._mask_sk,
+                self.directory[j][1],
+                session=self.session,
+                rnd=rnd,
+                i=self.party,
+                j=j,
+            )
+            m = prg.expand(seed, x.size)
+            if self.party < j:
+                y += m
+            else:
+                y -= m
+        y &= self.codec.mask
+        shares = shamir.share_bytes(b, [_x(p) for p in [self.party, *active]], self.threshold)
+        self._own_bshares[rnd] = (shares[_x(self.party)], active)
+        cts = {
+            p: self.channel.seal(
+                p, self.directory[p][0], shares[_x(p)], rnd=rnd, stage=BSHARE_STAGE
+            )
+            for p in active
+        }
+        return y, cts
+
+    def unmask(
+        self,
+        *,
+        rnd: int,
+        survivors: Sequence[int],
+        dropped: Sequence[int],
+        incoming: Mapping[int, bytes],
+    ) -> dict[str, dict[int, bytes]]:
+        """Reveal shares: of ``b_i`` for surviving neighbours, of ``sk_d`` for dropped ones."""
+        S, D = set(survivors), set(dropped)
+        me = f"party {self.party}"
+        if S & D:
+            raise MaskingError(f"{me}: parties {sorted(S & D)} named both survivor and dropped")
+        if self.party not in S:
+            raise MaskingError(f"{me}: asked to unmask round {rnd} without being a survivor")
+        if rnd not in self._own_bshares:
+            raise MaskingError(f"{me}: I sent no masked input in round {rnd}")
+        own_share, active = self._own_bshares.pop(rnd)
+        hood = set(active) | {self.party}
+        if len(S & hood) < self.threshold:
+            raise MaskingError(
+                f"{me}: only {len(S & hood)} of my neighbourhood survived round {rnd}, "
+                f"threshold is {self.threshold}; refusing to unmask"
+            )
+        if not hood <= (S | D):
+            raise MaskingError(
+                f"{me}: neighbours {sorted(hood - S - D)} neither survived nor dropped"
+            )
+        expected = (S & hood) - {self.party}
+        if set(incoming) != expected:
+            raise MaskingError(
+                f"{me}: expected self-mask shares from {sorted(expected)}, got {sorted(incoming)}"
+            )
+        bshares = {self.party: own_share}
+        for s, ct in incoming.items():
+            bshares[s] = self.channel.open(s, self.directory[s][0], ct, rnd=rnd, stage=BSHARE_STAGE)
+        skshares = {d: self.held_keyshares[d] for d in sorted(D & hood)}
+        return {"b": bshares, "sk": skshares}
+
+    def to_state(self) -> dict[str, Any]:
+        """JSON-able state for ``context.state``."""
+        return {
+            "channel": self.channel.to_state(),
+            "mask_sk": self._mask_sk.hex(),
+            "directory": {str(p): [a.hex(), b.hex()] for p, (a, b) in self.directory.items()},
+            "neighbours": self.neighbours,
+            "threshold": self.threshold,
+            "held": {str(p): v.hex() for p, v in self.held_keyshares.items()},
+            "own_b": {str(r): [v.hex(), a] for r, (v, a) in self._own_bshares.items()},
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], codec: FixedPointCodec) -> MaskingParty:
+        """Inverse of :meth:`to_state`."""
+        ch = SecureChannel.from_state(state["channel"])
+        p = cls(ch.party, codec, ch.session, channel=ch, mask_key=bytes.fromhex(state["mask_sk"]))
+        p.directory = {
+            int(k): (bytes.fromhex(a), bytes.fromhex(b)) for k, (a, b) in state["directory"].items()
+        }
+        p.neighbours = list(state["neighbours"])
+        p.threshold = state["threshold"]
+        p.held_keyshares = {int(k): bytes.fromhex(v) for k, v in state["held"].items()}
+        p._own_bshares = {
+            int(k): (bytes.fromhex(v), list(a)) for k, (v, a) in state["own_b"].items()
+        }
+        return p
+
+
+class MaskingServer:
+    """The server's side: plan the unmask stage and remove the masks.
+
+    Parameters
+    ----------
+    codec : FixedPointCodec
+        The public codec.
+    session : bytes
+        The key-setup epoch's identifier.
+    directory : Mapping[int, tuple[bytes, bytes]]
+        ``party -> (channel key, mask key)`` of this epoch.
+    threshold, neighbours : int
+        As in ``defense.secagg`` (0 = automatic / all pairs).
+    """
+
+    def __init__(
+        self,
+        codec: FixedPointCodec,
+        session: bytes,
+        directory: Mapping[int, tuple[bytes, bytes]],
+        *,
+        threshold: int,
+        neighbours: int,
+    ) -> None:
+        self.codec = codec
+        self.session = session
+        self.directory = dict(directory)
+        self.graph = neighbourhoods(list(directory), neighbours)
+        size = len(next(iter(self.graph.values()))) + 1
+        self.threshold = resolve_threshold(threshold, size)
+        self.revealed: set[int] = set()
+
+    def plan_unmask(
+        self,
+        masked: Mapping[int, np.ndarray],
+        bshares: Mapping[int, Mapping[int, bytes]],
+        parties: Sequence[int],
+    ) -> tuple[list[int], list[int], dict[int, dict[int, bytes]]]:
+        """Survivors, dropped, and per survivor the self-mask share ciphertexts to forward."""
+        S = sorted(p for p in parties if p in masked and p in bshares)
+        D = sorted(set(parties) - set(S))
+        if len(S) < self.threshold:
+            raise MaskingError(
+                f"masking: only {len(S)} parties sent masked input (dropped: {D}); "
+                f"threshold is {self.threshold}, the sum cannot be recovered"
+            )
+        for s in S:
+            if set(bshares[s]) != set(self.graph[s]) & set(parties):
+                raise MaskingError(f"masking: party {s} sent self-mask shares to the wrong parties")
+        routed: dict[int, dict[int, bytes]] = {p: {} for p in S}
+        for s in S:
+            for r, ct in bshares[s].items():
+                if r in routed:
+                    routed[r][s] = ct
+        return S, D, routed
+
+    def _recover(self, what: str, owner: int, shares: dict[int, bytes]) -> bytes:
+        t = self.threshold
+        if len(shares) < t:
+            raise MaskingError(
+                f"masking: {len(shares)} shares of {what} of party {owner} arrived, "
+                f"threshold is {t}; the sum cannot be recovered"
+            )
+        pts = {_x(p): v for p, v in shares.items()}
+        try:
+            secret = shamir.reconstruct_bytes(pts, t)
+            # More than t shares: a second subset must agree, else a share is corrupt.
+            again = shamir.reconstruct_bytes(dict(sorted(pts.items())[-t:]), t)
+        except shamir.ShamirError as exc:
+            raise MaskingError(f"masking: bad shares of {what} of party {owner}: {exc}") from None
+        if again != secret:
+            raise MaskingError(f"masking: inconsistent shares of {what} of party {owner}")
+        return secret
+
+    def unmask(
+        self,
+        rnd: int,
+        masked: Mapping[int, np.ndarray],
+        survivors: Sequence[int],
+        dropped: Sequence[int],
+        reveals: Mapping[int, Mapping[str, Mapping[int, bytes]]],
+    ) -> np.ndarray:
+        """The sum of the survivors' encoded inputs (ring elements)."""
+        dim = np.asarray(masked[survivors[0]]).size
+        acc = np.zeros(dim, dtype=np.uint64)
+        for s in survivors:
+            y = np.asarray(masked[s])
+            if y.dtype != np.uint64 or y.shape != (dim,):
+                raise MaskingError(f"masking: masked input of party {s} is malformed")
+            acc = self.codec.add(acc, y)
+        if len(reveals) < self.threshold:
+            raise MaskingError(
+                f"masking: only {len(reveals)} parties answered the unmask stage "
+                f"(threshold {self.threshold}); the sum cannot be recovered"
+            )
+        for s in survivors:
+            shares = {r: rv["b"][s] for r, rv in reveals.items() if s in rv.get("b", {})}
+            b = self._recover("the self-mask seed", s, shares)
+            acc = self.codec.sub(acc, prg.expand(b, dim, self.codec.ring_bits))
+        for d in dropped:
+            nbs = [s for s in self.graph[d] if s in survivors]
+            if not nbs:
+                continue
+            shares = {r: rv["sk"][d] for r, rv in reveals.items() if d in rv.get("sk", {})}
+            sk = self._recover("the mask key", d, shares)
+            if public_bytes(X25519PrivateKey.from_private_bytes(sk)) != self.directory[d][1]:
+                raise MaskingError(f"masking: reconstructed mask key of party {d} is wrong")
+            self.revealed.add(d)
+            for s in nbs:
+                m = prg.expand(
+                    pairwise_seed(
+                        sk, self.directory[s][1], session=self.session, rnd=rnd, i=d, j=s
+                    ),
+                    dim,
+                    self.codec.ring_bits,
+                )
+                # Survivor s added +m if s < d, -m otherwise: undo it.
+                acc = self.codec.sub(acc, m) if s < d else self.codec.add(acc, m)
+        return acc

@@ -1,0 +1,75 @@
+"""Shamir secret sharing over the prime field GF(2^521 - 1).
+
+The Mersenne prime ``2^521 - 1`` is larger than any 32-byte secret (X25519 private
+keys, PRG seeds), so a secret is one field element. Coefficients come from
+:mod:`secrets`. Any ``t`` shares determine the secret; any ``t - 1`` are uniformly
+distributed and independent of it. Share ``x`` coordinates are party index + 1 (never
+0, where the secret sits).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping, Sequence
+
+PRIME = (1 << 521) - 1
+SHARE_BYTES = 66  # ceil(521 / 8)
+
+
+class ShamirError(ValueError):
+    """Too few or inconsistent shares."""
+
+
+def share(secret: int, xs: Sequence[int], threshold: int) -> dict[int, int]:
+    """Split ``secret`` into one share per ``x`` in ``xs``; ``threshold`` of them recover it."""
+    if not 0 <= secret < PRIME:
+        raise ShamirError("secret must be a field element in [0, 2^521 - 1)")
+    if len(set(xs)) != len(xs) or any(not 0 < x < PRIME for x in xs):
+        raise ShamirError(f"share points must be distinct and non-zero, got {list(xs)}")
+    if not 1 <= threshold <= len(xs):
+        raise ShamirError(f"threshold must be in [1, {len(xs)}], got {threshold}")
+    coeffs = [secret] + [secrets.randbelow(PRIME) for _ in range(threshold - 1)]
+    out = {}
+    for x in xs:
+        acc = 0
+        for c in reversed(coeffs):  # Horner
+            acc = (acc * x + c) % PRIME
+        out[x] = acc
+    return out
+
+
+def reconstruct(shares: Mapping[int, int], threshold: int) -> int:
+    """Secret from at least ``threshold`` shares ``{x: y}`` (Lagrange at 0)."""
+    if len(shares) < threshold:
+        raise ShamirError(f"need {threshold} shares to reconstruct, got {len(shares)}")
+    pts = sorted(shares.items())[:threshold]
+    xs = [x for x, _ in pts]
+    if len(set(xs)) != len(xs) or 0 in xs:
+        raise ShamirError(f"share points must be distinct and non-zero, got {xs}")
+    secret = 0
+    for i, (xi, yi) in enumerate(pts):
+        num, den = 1, 1
+        for j, xj in enumerate(xs):
+            if j != i:
+                num = num * (-xj) % PRIME
+                den = den * (xi - xj) % PRIME
+        secret = (secret + yi * num * pow(den, -1, PRIME)) % PRIME
+    return secret
+
+
+def share_bytes(secret: bytes, xs: Sequence[int], threshold: int) -> dict[int, bytes]:
+    """:func:`share` for a byte string of at most 64 bytes; shares as fixed-width bytes."""
+    if len(secret) > 64:
+        raise ShamirError(f"secret of {len(secret)} bytes does not fit the field")
+    # A leading 0x01 keeps leading zero bytes of the secret.
+    val = int.from_bytes(b"\x01" + secret, "big")
+    return {x: y.to_bytes(SHARE_BYTES, "big") for x, y in share(val, xs, threshold).items()}
+
+
+def reconstruct_bytes(shares: Mapping[int, bytes], threshold: int) -> bytes:
+    """Inverse of :func:`share_bytes`."""
+    val = reconstruct({x: int.from_bytes(y, "big") for x, y in shares.items()}, threshold)
+    raw = val.to_bytes((val.bit_length() + 7) // 8, "big")
+    if not raw or raw[0] != 1:
+        raise ShamirError("reconstructed value is not a valid encoded secret (bad shares?)")
+    return raw[1:]

@@ -1,0 +1,455 @@
+"""Server side of secure aggregation as a Flower strategy wrapper.
+
+``SecureAggregation(inner, scenario=..., party_of=...)`` runs the protocol's message
+stages through the Grid inside each round and hands ``inner.aggregate_train`` one
+synthetic reply carrying ``global + sum_i w_i Δ_i / sum_i w_i`` and the weighted mean
+train loss. Round trips per FL round: 2 (train + shares/masked input, then partial sums
+/ unmask); key setup adds 1 (additive) or 2 (masking) once per key epoch.
+
+The server's view is explicit: :attr:`SecureAggregation.server_view` holds deep copies
+of every payload received, and :func:`curious_read` decodes one payload the way a
+curious server would.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app.metadata import Metadata
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from privfl.config import Scenario
+from privfl.fixedpoint import FixedPointCodec
+from privfl.secagg import wire
+from privfl.secagg.additive import AdditiveServer, RoundAbortedError
+from privfl.secagg.masking import MaskingError, MaskingServer
+
+
+class SecureAggregationError(RuntimeError):
+    """A round could not be aggregated securely (never replaced by a wrong sum)."""
+
+
+def _template_layout(template: ArrayRecord) -> list[tuple[str, tuple[int, ...], Any]]:
+    return [(k, tuple(a.shape), a.numpy().dtype) for k, a in template.items()]
+
+
+def curious_read(
+    content: RecordDict, template: ArrayRecord, scenario: Scenario
+) -> dict[str, np.ndarray] | None:
+    """What a curious server reads from one party's stage payload.
+
+    Decodes the ring vector in ``content`` (masked input or partial sum) with the
+    public fixed-point codec and reshapes it to ``template``'s arrays. Returns None when
+    the payload carries no vector (only ciphertexts or keys).
+    """
+    vec = wire.read_vector(content)
+    if vec is None:
+        return None
+    layout = _template_layout(template)
+    need = sum(int(np.prod(s)) for _, s, _ in layout)
+    if vec.size < need:
+        return None
+    vals = FixedPointCodec.from_section(scenario.defense.secagg).decode(vec)
+    out, off = {}, 0
+    for k, shape, dtype in layout:
+        size = int(np.prod(shape))
+        out[k] = vals[off : off + size].reshape(shape).astype(dtype, copy=False)
+        off += size
+    return out
+
+
+class SecureAggregation(Strategy):
+    """Wrap ``inner`` so that it only ever sees the securely aggregated update.
+
+    Parameters
+    ----------
+    inner : Strategy
+        The strategy that aggregates (e.g. FedAvg or a DP wrapper around it).
+    scenario : Scenario
+        Gives the protocol and ``defense.secagg`` defaults.
+    party_of : Mapping[int, int]
+        Node id -> party index.
+    protocol, threshold, neighbours, max_retries : optional
+        Override ``defense.secure_aggregation`` / ``defense.secagg`` values.
+    timeout : float, optional
+        Seconds per stage exchange (default ``scenario.timeout``).
+    """
+
+    def __init__(
+        self,
+        inner: Strategy,
+        *,
+        scenario: Scenario,
+        party_of: Mapping[int, int],
+        protocol: str | None = None,
+        threshold: int | None = None,
+        neighbours: int | None = None,
+        max_retries: int | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        sec = scenario.defense.secagg
+        self.inner = inner
+        self.scenario = scenario
+        self.party_of = dict(party_of)
+        self.node_of = {p: n for n, p in self.party_of.items()}
+        if len(self.node_of) != len(self.party_of):
+            raise ValueError(f"party_of maps several nodes to one party: {dict(party_of)}")
+        self.protocol = protocol or scenario.defense.secure_aggregation
+        if self.protocol not in ("additive", "masking"):
+            raise ValueError(
+                f"protocol must be 'additive' or 'masking', got {self.protocol!r} "
+                "(defense.secure_aggregation)"
+            )
+        self.threshold = sec.threshold if threshold is None else threshold
+        self.neighbours = sec.neighbours if neighbours is None else neighbours
+        self.max_retries = sec.max_retries if max_retries is None else max_retries
+        self.timeout = scenario.scenario.timeout if timeout is None else timeout
+        self.codec = FixedPointCodec.from_section(sec)
+        self.server_view: dict[int, dict[int, dict[str, RecordDict]]] = {}
+        self.round_trips: dict[int, int] = {}
+        self.stage_seconds: dict[int, dict[str, float]] = {}
+        self._grid: Grid | None = None
+        self._global: ArrayRecord | None = None
+        self._parties: list[int] = []
+        self._epoch: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ helpers
+    def _exchange(
+        self,
+        server_round: int,
+        stage: str,
+        msg_type: str,
+        configs: Mapping[int, ConfigRecord],
+        extra: Mapping[int, Mapping[str, Any]] | None = None,
+    ) -> dict[int, RecordDict]:
+        """Send one message per party, return ``{party: content}`` of error-free replies."""
+        assert self._grid is not None, "configure_train must run before any stage"
+        t0 = time.perf_counter()
+        msgs = []
+        for party, cfg in configs.items():
+            cfg["privfl.scenario"] = self.scenario.to_json()
+            cfg["server-round"] = server_round
+            content = RecordDict({"config": cfg, **(extra or {}).get(party, {})})
+            msgs.append(
+                Message(
+                    content,
+                    dst_node_id=self.node_of[party],
+                    message_type=msg_type,
+                    group_id=str(server_round),
+                )
+            )
+        replies = self._grid.send_and_receive(msgs, timeout=self.timeout)
+        out = self._record(server_round, stage, replies)
+        self.round_trips[server_round] = self.round_trips.get(server_round, 0) + 1
+        self.stage_seconds.setdefault(server_round, {})[stage] = time.perf_counter() - t0
+        return out
+
+    def _record(
+        self, server_round: int, stage: str, replies: Iterable[Message]
+    ) -> dict[int, RecordDict]:
+        out = {}
+        view = self.server_view.setdefault(server_round, {})
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error() or not msg.has_content() or node not in self.party_of:
+                continue
+            view.setdefault(node, {})[stage] = wire.copy_content(msg.content)
+            out[self.party_of[node]] = msg.content
+        return out
+
+    def _setup(self, server_round: int, parties: list[int]) -> None:
+        """Fresh keys for ``parties``; the epoch holds those that completed setup."""
+        assert self._global is not None
+        dim = sum(int(np.prod(a.shape)) for a in self._global.values())
+        while True:
+            session = os.urandom(16)
+            cfg = {
+                wire.PREFIX + "stage": "advertise",
+                wire.PREFIX + "session": session,
+                wire.PREFIX + "dim": dim,
+                wire.PREFIX + "n": len(parties),
+            }
+            got = self._exchange(
+                server_round,
+                "setup/advertise",
+                wire.SETUP,
+                {p: ConfigRecord(dict(cfg)) for p in parties},
+            )
+            keys = {}
+            for p, c in got.items():
+                rec = c.config_records.get(wire.PAYLOAD)
+                if rec is not None and "chan_pk" in rec:
+                    keys[p] = (bytes(rec["chan_pk"]), bytes(rec.get("mask_pk", b"")))
+            ps = sorted(keys)
+            if len(ps) < 2:
+                raise SecureAggregationError(
+                    f"round {server_round}: only parties {ps} completed key setup; need 2"
+                )
+            epoch = {"session": session, "keys": keys, "parties": ps, "fresh": True}
+            if self.protocol == "additive":
+                self._epoch = epoch
+                return
+            dir_cfg = {
+                wire.PREFIX + "stage": "keyshare",
+                wire.PREFIX + "session": session,
+                wire.PREFIX + "dir_parties": ps,
+                wire.PREFIX + "dir_keys": [keys[p][0] for p in ps],
+                wire.PREFIX + "dir_mask_keys": [keys[p][1] for p in ps],
+                wire.PREFIX + "threshold": self.threshold,
+                wire.PREFIX + "neighbours": self.neighbours,
+            }
+            got = self._exchange(
+                server_round,
+                "setup/keyshare",
+                wire.SETUP,
+                {p: ConfigRecord(dict(dir_cfg)) for p in ps},
+            )
+            try:
+                sent = {p: wire.unpack_cts(got[p][wire.PAYLOAD]) for p in ps if p in got}
+            except (KeyError, ValueError):
+                sent = {}
+            if set(sent) == set(ps):
+                server = MaskingServer(
+                    self.codec,
+                    session,
+                    {p: keys[p] for p in ps},
+                    threshold=self.threshold,
+                    neighbours=self.neighbours,
+                )
+                inbox: dict[int, dict[int, bytes]] = {p: {} for p in ps}
+                for s, cts in sent.items():
+                    for r, ct in cts.items():
+                        inbox[r][s] = ct
+                epoch.update(server=server, inbox=inbox)
+                self._epoch = epoch
+                return
+            parties = sorted(sent)  # someone failed mid-setup: start over without it
+
+    # ------------------------------------------------------------------ Strategy API
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Inner's train messages plus what parties need; key setup when due."""
+        self._grid, self._global = grid, arrays
+        msgs = list(self.inner.configure_train(server_round, arrays, config, grid))
+        unknown = [
+            m.metadata.dst_node_id for m in msgs if m.metadata.dst_node_id not in self.party_of
+        ]
+        if unknown:
+            raise SecureAggregationError(
+                f"round {server_round}: nodes {unknown} have no party index"
+            )
+        parties = sorted(self.party_of[m.metadata.dst_node_id] for m in msgs)
+        ep = self._epoch
+        if ep is None or not set(parties) <= set(ep["parties"]):
+            self._setup(server_round, parties)
+            ep = self._epoch
+        assert ep is not None
+        self._parties = [p for p in parties if p in ep["parties"]]
+        out = []
+        for m in msgs:
+            party = self.party_of[m.metadata.dst_node_id]
+            if party not in self._parties:
+                continue
+            cfg = ConfigRecord(dict(m.content.config_records.get("config", ConfigRecord())))
+            cfg.setdefault("privfl.scenario", self.scenario.to_json())
+            cfg["server-round"] = server_round
+            cfg[wire.PREFIX + "session"] = ep["session"]
+            cfg[wire.PREFIX + "parties"] = self._parties
+            if ep["fresh"] and self.protocol == "additive":
+                cfg[wire.PREFIX + "dir_parties"] = ep["parties"]
+                cfg[wire.PREFIX + "dir_keys"] = [ep["keys"][p][0] for p in ep["parties"]]
+            if ep["fresh"] and self.protocol == "masking":
+                cfg.update(wire.pack_cts(ep["inbox"][party], wire.PREFIX + "ks_"))
+            content = RecordDict({k: v for k, v in m.content.items() if k != "config"})
+            content["config"] = cfg
+            out.append(
+                Message(
+                    content,
+                    dst_node_id=m.metadata.dst_node_id,
+                    message_type=m.metadata.message_type,
+                    group_id=m.metadata.group_id or str(server_round),
+                )
+            )
+        ep["fresh"] = False
+        self.round_trips[server_round] = self.round_trips.get(server_round, 0) + 1
+        return out
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Finish the protocol, decode the sum, hand ``inner`` one synthetic reply."""
+        replies = list(replies)
+        got = self._record(server_round, "train", replies)
+        side = {}
+        for msg in replies:
+            if msg.has_content():
+                for k, rec in msg.content.items():
+                    if k.startswith(wire.SIDE_PREFIX):
+                        rest = k[len(wire.SIDE_PREFIX) :]
+                        side[f"{wire.SIDE_PREFIX}{msg.metadata.src_node_id}.{rest}"] = rec
+        assert self._global is not None
+        dim = sum(int(np.prod(a.shape)) for a in self._global.values()) + wire.EXTRA_COORDS
+        if self.protocol == "additive":
+            total, included = self._finish_additive(server_round, got, dim)
+        else:
+            total, included = self._finish_masking(server_round, got, dim)
+        vals = self.codec.decode(total)
+        weight, wloss = vals[-2], vals[-1]
+        if not weight > 0:
+            raise SecureAggregationError(
+                f"round {server_round}: decoded total weight is {weight}; nothing to average"
+            )
+        arrays, off = ArrayRecord(), 0
+        for k, a in self._global.items():
+            g = a.numpy()
+            size = int(np.prod(g.shape))
+            upd = vals[off : off + size].reshape(g.shape) / weight
+            arrays[k] = Array((g.astype(np.float64) + upd).astype(g.dtype))
+            off += size
+        n_w = round(weight) if abs(weight - round(weight)) < 1e-3 else float(weight)
+        content = RecordDict(
+            {
+                "arrays": arrays,
+                "metrics": MetricRecord({"num-examples": n_w, "train-loss": float(wloss / weight)}),
+                **side,
+            }
+        )
+        self.included = {server_round: included}
+        return self.inner.aggregate_train(
+            server_round, [self._synthetic(server_round, content, replies)]
+        )
+
+    def _synthetic(self, server_round: int, content: RecordDict, replies: list[Message]) -> Message:
+        base = next((m for m in replies if m.has_content()), None)
+        meta = Metadata(
+            run_id=base.metadata.run_id if base else 0,
+            message_id="",
+            src_node_id=0,  # the aggregate comes from no single node
+            dst_node_id=base.metadata.dst_node_id if base else 0,
+            reply_to_message_id="",
+            group_id=str(server_round),
+            created_at=time.time(),
+            ttl=self.timeout,
+            message_type="train",
+        )
+        return Message(content, metadata=meta)
+
+    def _finish_additive(
+        self, server_round: int, got: Mapping[int, RecordDict], dim: int
+    ) -> tuple[np.ndarray, list[int]]:
+        server = AdditiveServer(self.codec)
+        parties = list(self._parties)
+        shares = self._parse_shares(got, parties)
+        attempt = 0
+        while True:
+            try:
+                routed = server.route(shares, parties)
+                cfgs = {
+                    p: ConfigRecord(
+                        {
+                            wire.PREFIX + "attempt": attempt,
+                            wire.PREFIX + "parties": parties,
+                            wire.PREFIX + "dim": dim,
+                        }
+                    )
+                    for p in parties
+                }
+                extra = {p: {wire.SHARES: wire.pack_shares(routed[p])} for p in parties}
+                got = self._exchange(server_round, f"sum#{attempt}", wire.PARTIAL_SUM, cfgs, extra)
+                partials = {p: v for p, c in got.items() if (v := wire.read_vector(c)) is not None}
+                return server.combine(partials, parties, dim), parties
+            except RoundAbortedError as exc:
+                attempt += 1
+                parties = [p for p in parties if p not in exc.missing]
+                if attempt > self.max_retries or len(parties) < 2:
+                    raise SecureAggregationError(
+                        f"round {server_round}: additive secure aggregation aborted "
+                        f"{attempt} time(s) ({exc}); {len(parties)} parties left, "
+                        f"max_retries={self.max_retries}"
+                    ) from exc
+                cfgs = {
+                    p: ConfigRecord(
+                        {wire.PREFIX + "attempt": attempt, wire.PREFIX + "parties": parties}
+                    )
+                    for p in parties
+                }
+                got = self._exchange(server_round, f"reshare#{attempt}", wire.RESHARE, cfgs)
+                shares = self._parse_shares(got, parties)
+
+    @staticmethod
+    def _parse_shares(
+        got: Mapping[int, RecordDict], parties: list[int]
+    ) -> dict[int, dict[int, bytes]]:
+        # A party whose shares are absent counts as missing: the attempt aborts.
+        return {p: wire.unpack_shares(got[p]) for p in parties if p in got}
+
+    def _finish_masking(
+        self, server_round: int, got: Mapping[int, RecordDict], dim: int
+    ) -> tuple[np.ndarray, list[int]]:
+        ep = self._epoch
+        assert ep is not None
+        server: MaskingServer = ep["server"]
+        masked, bsh = {}, {}
+        for p in self._parties:
+            if p not in got:
+                continue
+            y = wire.read_vector(got[p])
+            rec = got[p].config_records.get(wire.PAYLOAD)
+            try:
+                cts = wire.unpack_cts(rec) if rec is not None else None
+            except ValueError:
+                cts = None
+            if y is not None and y.shape == (dim,) and cts is not None:
+                masked[p], bsh[p] = y, cts
+        try:
+            S, D, routed = server.plan_unmask(masked, bsh, self._parties)
+        except MaskingError as exc:
+            raise SecureAggregationError(f"round {server_round}: {exc}") from exc
+        cfgs = {
+            p: ConfigRecord(
+                {
+                    wire.PREFIX + "survivors": S,
+                    wire.PREFIX + "dropped": D,
+                    **wire.pack_cts(routed[p], wire.PREFIX + "in_"),
+                }
+            )
+            for p in S
+        }
+        got = self._exchange(server_round, "unmask", wire.UNMASK, cfgs)
+        reveals = {}
+        for p, c in got.items():
+            rec = c.config_records.get(wire.PAYLOAD)
+            try:
+                reveals[p] = {"b": wire.unpack_cts(rec, "b_"), "sk": wire.unpack_cts(rec, "sk_")}
+            except (ValueError, AttributeError):
+                continue
+        try:
+            total = server.unmask(server_round, masked, S, D, reveals)
+        except MaskingError as exc:
+            raise SecureAggregationError(f"round {server_round}: {exc}") from exc
+        if server.revealed:
+            self._epoch = None  # dropped parties' mask keys are known now: re-key
+        return total, S
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Delegated to ``inner``."""
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Delegated to ``inner``."""
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        """Delegated to ``inner``."""
+        self.inner.summary()

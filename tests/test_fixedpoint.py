@@ -1,0 +1,86 @@
+"""Fixed-point codec: exactness bound, unbiasedness, headroom and input checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from privfl.config import SecAggSection
+from privfl.fixedpoint import EncodingError, FixedPointCodec
+
+
+def _sum(codec, encoded):
+    acc = np.zeros_like(encoded[0])
+    for e in encoded:
+        acc = codec.add(acc, e)
+    return acc
+
+
+@pytest.mark.parametrize("n", [2, 3, 10, 50])
+def test_sum_within_documented_bound(n):
+    codec = FixedPointCodec(clip_range=4.0, frac_bits=20, ring_bits=62)
+    rng = np.random.default_rng(n)
+    xs = [rng.normal(0, 2, 1000) for _ in range(n)]
+    ws = rng.integers(1, 5000, n).astype(float)
+    enc = [codec.encode(x, weight=w, parties=n) for x, w in zip(xs, ws, strict=True)]
+    got = codec.decode(_sum(codec, enc))
+    want = sum(w * np.clip(x, -4, 4) for x, w in zip(xs, ws, strict=True))
+    assert np.max(np.abs(got - want)) < n * 2.0**-20 * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("ring_bits", [32, 62, 64])
+def test_extreme_values_clip_and_do_not_wrap(ring_bits):
+    codec = FixedPointCodec(clip_range=4.0, frac_bits=12, ring_bits=ring_bits)
+    n = 50
+    x = np.array([4.0, -4.0, 1e30, -1e30, 0.0, 2.0**-40, -(2.0**-40), 3.9999999])
+    enc = [codec.encode(x, parties=n) for _ in range(n)]
+    got = codec.decode(_sum(codec, enc))
+    want = n * np.clip(x, -4, 4)
+    assert np.max(np.abs(got - want)) < n * 2.0**-12
+
+
+def test_stochastic_rounding_is_unbiased():
+    codec = FixedPointCodec(clip_range=1.0, frac_bits=2, ring_bits=32)
+    x = np.full(200_000, 0.1)  # 0.4 ring units: always rounded, 40% up
+    dec = codec.decode(codec.encode(x, parties=1, rng=np.random.default_rng(0)))
+    assert set(np.unique(dec)) == {0.0, 0.25}
+    assert abs(dec.mean() - 0.1) < 0.002
+
+
+def test_rejects_nan_inf_and_wrong_length_naming_party():
+    codec = FixedPointCodec()
+    with pytest.raises(EncodingError, match=r"party 7: .*non-finite.*coordinate 2"):
+        codec.encode(np.array([0.0, 1.0, np.nan]), parties=3, party=7)
+    with pytest.raises(EncodingError, match=r"party 1: .*non-finite"):
+        codec.encode(np.array([np.inf]), parties=3, party=1)
+    with pytest.raises(EncodingError, match=r"party 2: update has 3 coordinates, expected 4"):
+        codec.encode(np.zeros(3), parties=3, party=2, expected_dim=4)
+
+
+def test_headroom_refused():
+    codec = FixedPointCodec(clip_range=4.0, frac_bits=20, ring_bits=32)
+    with pytest.raises(EncodingError, match=r"party 0: no headroom"):
+        codec.encode(np.full(3, 4.0), weight=1000.0, parties=10, party=0)
+
+
+def test_codec_parameter_checks():
+    with pytest.raises(EncodingError, match="ring_bits"):
+        FixedPointCodec(ring_bits=70)
+    with pytest.raises(EncodingError, match="frac_bits"):
+        FixedPointCodec(frac_bits=40, ring_bits=32)
+    assert FixedPointCodec.from_section(SecAggSection(frac_bits=16)).frac_bits == 16
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.floats(-1e6, 1e6, allow_nan=False), min_size=1, max_size=40),
+    st.integers(2, 60),
+)
+def test_signed_roundtrip_property(vals, n):
+    codec = FixedPointCodec(clip_range=8.0, frac_bits=16, ring_bits=48)
+    x = np.array(vals)
+    enc = codec.encode(x, parties=n)
+    assert np.all(np.abs(codec.decode(enc) - np.clip(x, -8, 8)) < 2.0**-16)
+    assert np.all(enc < np.uint64(1 << 48))

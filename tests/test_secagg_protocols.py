@@ -1,0 +1,263 @@
+"""Additive and masking protocols as pure state machines (no Flower)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from privfl.fixedpoint import FixedPointCodec
+from privfl.secagg import (
+    AdditiveParty,
+    AdditiveServer,
+    ChannelError,
+    MaskingError,
+    MaskingParty,
+    MaskingServer,
+    RoundAbortedError,
+    neighbourhoods,
+)
+
+CODEC = FixedPointCodec(clip_range=4.0, frac_bits=20, ring_bits=62)
+SESSION = b"session-0123456789"
+
+
+def _inputs(n, dim, seed=0, extreme=False):
+    rng = np.random.default_rng(seed)
+    xs = [rng.normal(0, 1, dim) for _ in range(n)]
+    if extreme:
+        for x in xs:
+            x[:4] = [4.0, -4.0, 1e9, -1e9]
+    ws = rng.integers(1, 600, n).astype(float)
+    return xs, ws
+
+
+def _plain(xs, ws):
+    return sum(w * np.clip(x, -4, 4) for x, w in zip(xs, ws, strict=True))
+
+
+# ----------------------------------------------------------------------- additive
+
+
+def _additive_round(parties, enc, rnd=1, attempt=0, drop_share=(), drop_sum=()):
+    ids = sorted(parties)
+    directory = {p: parties[p].public_key for p in ids}
+    server = AdditiveServer(CODEC)
+    shares = {
+        p: parties[p].share(enc[p], rnd=rnd, attempt=attempt, parties=ids, directory=directory)
+        for p in ids
+        if p not in drop_share
+    }
+    routed = server.route(shares, ids)
+    dim = enc[ids[0]].size
+    partials = {
+        p: parties[p].partial_sum(
+            routed[p], rnd=rnd, attempt=attempt, parties=ids, directory=directory, dim=dim
+        )
+        for p in ids
+        if p not in drop_sum
+    }
+    return server.combine(partials, ids, dim), partials
+
+
+@pytest.mark.parametrize("n", [2, 3, 10, 50])
+def test_additive_sum_matches_plain(n):
+    dim = 64 if n == 50 else 500
+    xs, ws = _inputs(n, dim, seed=n, extreme=True)
+    enc = {i: CODEC.encode(xs[i], weight=ws[i], parties=n) for i in range(n)}
+    parties = {i: AdditiveParty(i, CODEC, SESSION) for i in range(n)}
+    total, _ = _additive_round(parties, enc)
+    assert np.max(np.abs(CODEC.decode(total) - _plain(xs, ws))) < n * 2.0**-20 * 1.001
+
+
+@pytest.mark.parametrize("stage", ["share", "sum"])
+def test_additive_drop_aborts_then_retry_without_it_is_exact(stage):
+    n, dim = 5, 200
+    xs, ws = _inputs(n, dim, seed=3)
+    enc = {i: CODEC.encode(xs[i], weight=ws[i], parties=n) for i in range(n)}
+    parties = {i: AdditiveParty(i, CODEC, SESSION) for i in range(n)}
+    kw = {"drop_share": {2}} if stage == "share" else {"drop_sum": {2}}
+    with pytest.raises(RoundAbortedError, match=r"parties \[2\]") as info:
+        _additive_round(parties, enc, **kw)
+    assert info.value.missing == {2}
+    survivors = {i: p for i, p in parties.items() if i != 2}
+    total, _ = _additive_round(survivors, enc, attempt=1)
+    want = _plain([xs[i] for i in survivors], [ws[i] for i in survivors])
+    assert np.max(np.abs(CODEC.decode(total) - want)) < n * 2.0**-20
+
+
+def test_additive_recipient_detects_tampered_and_replayed_share():
+    n, dim = 3, 16
+    parties = {i: AdditiveParty(i, CODEC, SESSION) for i in range(n)}
+    directory = {p: parties[p].public_key for p in parties}
+    enc = {i: CODEC.encode(np.ones(dim), parties=n) for i in range(n)}
+    shares = {
+        p: parties[p].share(enc[p], rnd=1, attempt=0, parties=[0, 1, 2], directory=directory)
+        for p in parties
+    }
+    routed = AdditiveServer(CODEC).route(shares, [0, 1, 2])
+    bad = dict(routed[1])
+    bad[0] = bad[0][:-1] + bytes([bad[0][-1] ^ 0x80])
+    with pytest.raises(ChannelError, match=r"party 1: ciphertext from party 0.*authentication"):
+        parties[1].partial_sum(
+            bad, rnd=1, attempt=0, parties=[0, 1, 2], directory=directory, dim=dim
+        )
+    # Replay: round 1's share served again in round 2 is refused.
+    parties[0].share(enc[0], rnd=2, attempt=0, parties=[0, 1, 2], directory=directory)
+    parties[1].share(enc[1], rnd=2, attempt=0, parties=[0, 1, 2], directory=directory)
+    parties[2].share(enc[2], rnd=2, attempt=0, parties=[0, 1, 2], directory=directory)
+    with pytest.raises(ChannelError, match="authentication"):
+        parties[2].partial_sum(
+            routed[2], rnd=2, attempt=0, parties=[0, 1, 2], directory=directory, dim=dim
+        )
+
+
+def test_additive_state_roundtrip():
+    p = AdditiveParty(0, CODEC, SESSION)
+    q = AdditiveParty(1, CODEC, SESSION)
+    directory = {0: p.public_key, 1: q.public_key}
+    x0, x1 = CODEC.encode(np.ones(8), parties=2), CODEC.encode(np.full(8, 2.0), parties=2)
+    s0 = p.share(x0, rnd=1, attempt=0, parties=[0, 1], directory=directory)
+    s1 = q.share(x1, rnd=1, attempt=0, parties=[0, 1], directory=directory)
+    p = AdditiveParty.from_state(p.to_state(), CODEC)
+    q = AdditiveParty.from_state(q.to_state(), CODEC)
+    a = p.partial_sum({1: s1[0]}, rnd=1, attempt=0, parties=[0, 1], directory=directory, dim=8)
+    b = q.partial_sum({0: s0[1]}, rnd=1, attempt=0, parties=[0, 1], directory=directory, dim=8)
+    assert np.allclose(CODEC.decode(CODEC.add(a, b)), 3.0)
+
+
+# ----------------------------------------------------------------------- masking
+
+
+def _masking_setup(n, threshold=0, k=0):
+    parties = {i: MaskingParty(i, CODEC, SESSION) for i in range(n)}
+    directory = {i: p.public_keys for i, p in parties.items()}
+    sent = {
+        i: p.share_keys(directory, threshold=threshold, neighbours=k) for i, p in parties.items()
+    }
+    for i, p in parties.items():
+        p.receive_keyshares({s: sent[s][i] for s in sent if i in sent[s]})
+    server = MaskingServer(CODEC, SESSION, directory, threshold=threshold, neighbours=k)
+    return parties, server
+
+
+def _masking_round(parties, server, enc, rnd=1, drop_input=(), drop_unmask=()):
+    ids = sorted(parties)
+    masked, bsh = {}, {}
+    for i in ids:
+        if i in drop_input:
+            continue
+        masked[i], bsh[i] = parties[i].mask(enc[i], rnd=rnd)
+    S, D, routed = server.plan_unmask(masked, bsh, ids)
+    reveals = {
+        i: parties[i].unmask(rnd=rnd, survivors=S, dropped=D, incoming=routed[i])
+        for i in S
+        if i not in drop_unmask
+    }
+    return server.unmask(rnd, masked, S, D, reveals), S, masked
+
+
+@pytest.mark.parametrize(("n", "k"), [(2, 0), (3, 0), (10, 0), (10, 4), (50, 8)])
+def test_masking_sum_matches_plain(n, k):
+    dim = 64 if n == 50 else 400
+    xs, ws = _inputs(n, dim, seed=n, extreme=True)
+    enc = {i: CODEC.encode(xs[i], weight=ws[i], parties=n) for i in range(n)}
+    parties, server = _masking_setup(n, k=k)
+    total, S, _ = _masking_round(parties, server, enc)
+    assert list(range(n)) == S
+    assert np.max(np.abs(CODEC.decode(total) - _plain(xs, ws))) < n * 2.0**-20 * 1.001
+
+
+def test_masking_survives_up_to_n_minus_t_drops_mid_round():
+    n, t, dim = 7, 4, 300
+    xs, ws = _inputs(n, dim, seed=1)
+    enc = {i: CODEC.encode(xs[i], weight=ws[i], parties=n) for i in range(n)}
+    parties, server = _masking_setup(n, threshold=t)
+    # Two drop before sending input, one more after sending it (n - t = 3 in all).
+    total, S, _ = _masking_round(parties, server, enc, drop_input={1, 5}, drop_unmask={3})
+    assert S == [0, 2, 3, 4, 6]
+    want = _plain([xs[i] for i in S], [ws[i] for i in S])
+    assert np.max(np.abs(CODEC.decode(total) - want)) < n * 2.0**-20
+    assert server.revealed == {1, 5}
+    # Next round with the same keys (1 and 5 still away) also recovers.
+    total2, S2, _ = _masking_round(parties, server, enc, rnd=2, drop_input={1, 5})
+    assert S2 == [0, 2, 3, 4, 6]
+    want2 = _plain([xs[i] for i in S2], [ws[i] for i in S2])
+    assert np.max(np.abs(CODEC.decode(total2) - want2)) < n * 2.0**-20
+
+
+def test_masking_refuses_below_threshold():
+    n, t, dim = 6, 4, 50
+    xs, ws = _inputs(n, dim)
+    enc = {i: CODEC.encode(xs[i], weight=ws[i], parties=n) for i in range(n)}
+    parties, server = _masking_setup(n, threshold=t)
+    with pytest.raises(MaskingError, match=r"only 3 parties sent masked input.*threshold is 4"):
+        _masking_round(parties, server, enc, drop_input={0, 1, 2})
+    parties, server = _masking_setup(n, threshold=t)
+    with pytest.raises(MaskingError, match=r"only 3 parties answered the unmask.*threshold 4"):
+        _masking_round(parties, server, enc, rnd=1, drop_unmask={0, 1, 2})
+
+
+def test_masking_party_refuses_to_unmask_small_survivor_set():
+    parties, _ = _masking_setup(5, threshold=4)
+    enc = CODEC.encode(np.zeros(8), parties=5)
+    parties[0].mask(enc, rnd=1)
+    with pytest.raises(MaskingError, match=r"party 0: only 3 of my neighbourhood.*refusing"):
+        parties[0].unmask(rnd=1, survivors=[0, 1, 2], dropped=[3, 4], incoming={})
+
+
+def test_masking_detects_corrupted_share():
+    n, dim = 5, 20
+    xs, ws = _inputs(n, dim)
+    enc = {i: CODEC.encode(xs[i], weight=ws[i], parties=n) for i in range(n)}
+    parties, server = _masking_setup(n, threshold=3)
+    masked, bsh = {}, {}
+    for i in range(n):
+        masked[i], bsh[i] = parties[i].mask(enc[i], rnd=1)
+    S, D, routed = server.plan_unmask(masked, bsh, list(range(n)))
+    reveals = {i: parties[i].unmask(rnd=1, survivors=S, dropped=D, incoming=routed[i]) for i in S}
+    reveals[4]["b"][0] = bytes(len(reveals[4]["b"][0]) - 1) + b"\x01"
+    with pytest.raises(
+        MaskingError, match=r"(inconsistent|bad) shares of the self-mask seed of party 0"
+    ):
+        server.unmask(1, masked, S, D, reveals)
+
+
+def test_neighbour_graph_is_k_regular_and_symmetric():
+    g = neighbourhoods(list(range(11)), 4)
+    assert all(len(v) == 4 for v in g.values())
+    assert all(i in g[j] for i in g for j in g[i])
+    with pytest.raises(ValueError, match="even"):
+        neighbourhoods(list(range(11)), 3)
+
+
+# -------------------------------------------------- what the server sees is uniform
+
+
+def _uniform_and_uncorrelated(view, x_signed):
+    top = (view >> np.uint64(CODEC.ring_bits - 4)).astype(int)
+    p_uniform = stats.chisquare(np.bincount(top, minlength=16)).pvalue
+    r = np.corrcoef(CODEC.to_signed(view).astype(float), x_signed.astype(float))[0, 1]
+    return p_uniform, abs(r)
+
+
+@pytest.mark.parametrize("protocol", ["additive", "masking"])
+def test_server_view_uniform_and_uncorrelated(protocol):
+    n, dim = 3, 40_000
+    rng = np.random.default_rng(11)
+    xs = [rng.normal(0, 1, dim) for _ in range(n)]
+    enc = {i: CODEC.encode(xs[i], parties=n) for i in range(n)}
+    if protocol == "additive":
+        parties = {i: AdditiveParty(i, CODEC, SESSION) for i in range(n)}
+        _, views = _additive_round(parties, enc)
+    else:
+        parties, server = _masking_setup(n)
+        _, _, views = _masking_round(parties, server, enc)
+    bound = 5 / np.sqrt(dim)
+    for i in range(n):
+        p, r = _uniform_and_uncorrelated(views[i], CODEC.to_signed(enc[i]))
+        assert p > 1e-6, (i, p)
+        assert r < bound, (i, r)
+    # The same test rejects an unprotected update: it has power.
+    p, r = _uniform_and_uncorrelated(enc[0], CODEC.to_signed(enc[0]))
+    assert p < 1e-6 and r > 0.99
