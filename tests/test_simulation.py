@@ -1,4 +1,4 @@
-"""One real Flower simulation (Ray) of the default scenario, end to end."""
+"""Real Flower simulations (Ray) of the default scenario, end to end."""
 
 import json
 
@@ -6,16 +6,24 @@ import pytest
 
 from privfl import run_scenario
 
+SMALL = ["scenario.rounds=2", "data.samples_per_party=1000"]
 
-@pytest.mark.slow
-def test_three_parties_two_rounds_accuracy_rises(tmp_path):
-    out = tmp_path / "run"
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("plain") / "run"
     res = run_scenario(
         "three_hospitals",
         out,
-        overrides=["scenario.rounds=2", "data.samples_per_party=1000"],
+        overrides=[*SMALL, "defense.secure_aggregation=none"],
         progress=False,
     )
+    return out, res
+
+
+@pytest.mark.slow
+def test_three_parties_two_rounds_accuracy_rises(plain_run):
+    out, res = plain_run
     rounds = res["rounds"]
     assert [r["round"] for r in rounds] == [1, 2]
     assert rounds[1]["accuracy"] > rounds[0]["accuracy"] > 0.3
@@ -32,4 +40,17 @@ def test_three_parties_two_rounds_accuracy_rises(tmp_path):
     report = (out / "report.md").read_text()
     assert "three_hospitals" in report and "training.png" in report
     assert (out / "training.png").stat().st_size > 1000
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "staging left behind"
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")], "staging left"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("protocol", ["additive", "masking"])
+def test_secure_aggregation_matches_plain_fedavg(plain_run, protocol, tmp_path):
+    _, plain = plain_run
+    res = run_scenario(
+        "three_hospitals",
+        tmp_path / protocol,
+        overrides=[*SMALL, f"defense.secure_aggregation={protocol}"],
+        progress=False,
+    )
+    assert abs(res["final"]["accuracy"] - plain["final"]["accuracy"]) <= 0.01
