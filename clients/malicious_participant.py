@@ -1,0 +1,216 @@
+"""A malicious participant: a party whose rigged model the federation adopted.
+
+It sees only what every party sees — the global model each round — plus its own update.
+Between two consecutive global models the change is the FedAvg of every party's update,
+``G_{r+1} - G_r = Σ_p w_p Δ_p``; it subtracts its own ``w_own Δ_own`` and reads the other
+parties' samples off the imprint block (:mod:`privfl.attacks.imprint`).
+
+Assumption on the weights: FedAvg weights are ``num_examples / Σ num_examples``; the
+participant does not see the others' counts, so it uses ``1 / parties`` (equal-size
+parties, as in the scenarios with ``data.samples_per_party`` set). A wrong weight leaves
+a fraction of its own samples in the bins, where they show as collisions or as extra
+images, never as a silent error in the others'.
+
+Wiring: :func:`participant_mod` goes on the ClientApp's train handler *inside* the
+secure-aggregation mod (it needs the plaintext update) — ``@app.train(mods=[secagg_mod,
+participant_mod, clip_update_mod])``. It is a no-op on every honest party.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType
+from flwr.clientapp.typing import ClientAppCallable
+from privfl.attacks.imprint import (
+    BIAS_KEY,
+    WEIGHT_KEY,
+    ImprintInfo,
+    ImprintReconstruction,
+    aggregate_noise_std,
+    evaluate_imprint,
+    expected_fraction,
+    imprint_bins_of,
+    reconstruct_from_update,
+)
+
+from privfl.config import Scenario
+from privfl.results import AttackReport
+
+SIDE_KEY = "privfl.side.imprint"
+_BEFORE_KEY = "privfl.imprint.global-before"
+_OWN_KEY = "privfl.imprint.own-update"
+_KEYS = (WEIGHT_KEY, BIAS_KEY)
+
+
+def participant_reconstruct(
+    global_before: Mapping[str, torch.Tensor],
+    global_after: Mapping[str, torch.Tensor],
+    own_update: Mapping[str, torch.Tensor],
+    n_parties: int,
+    own_weight_fraction: float | None,
+    block_info: ImprintInfo,
+    *,
+    noise_std: float = 0.0,
+) -> ImprintReconstruction:
+    """The other parties' samples, from two consecutive global models and one's own update.
+
+    Parameters
+    ----------
+    global_before, global_after : Mapping[str, Tensor]
+        Global state dicts of rounds ``r`` and ``r + 1`` (at least the imprint keys).
+    own_update : Mapping[str, Tensor]
+        The participant's local weights after round ``r`` minus ``global_before``.
+    n_parties : int
+        Parties in the aggregate (used for the weight when ``own_weight_fraction`` is None).
+    own_weight_fraction : float or None
+        The participant's FedAvg weight; ``None`` assumes equal-size parties, ``1/n``.
+    block_info : ImprintInfo
+        Layout of the imprint block.
+    noise_std : float
+        Rounding noise per coordinate of the global models (see
+        :func:`privfl.attacks.imprint.aggregate_noise_std`).
+
+    Returns
+    -------
+    ImprintReconstruction
+        Samples of the other parties found alone in a bin.
+    """
+    if n_parties < 2:
+        raise ValueError(f"n_parties: a participant needs others to attack, got {n_parties}")
+    w = 1.0 / n_parties if own_weight_fraction is None else float(own_weight_fraction)
+    if not 0 < w < 1:
+        raise ValueError(f"own_weight_fraction: must be in (0, 1), got {w}")
+    keys = (block_info.weight_key, block_info.bias_key)
+    others = {
+        k: global_after[k].double() - global_before[k].double() - w * own_update[k].double()
+        for k in keys
+    }
+    return reconstruct_from_update(others, block_info, noise_std=noise_std)
+
+
+def _imprint_arrays(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(record[k].numpy().copy()) for k in _KEYS}
+
+
+def participant_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower mod of the malicious party (``attack.imprint.participant``); passes through
+    everywhere else.
+
+    Round ``r = attack.imprint.round``: keeps the global model it received and its own
+    update (imprint keys only) in ``context.state``. Round ``r + 1``: reconstructs from
+    the new global model and attaches the images to its train reply as the ConfigRecord
+    ``privfl.side.imprint`` (``images`` float32 bytes, ``shape``, ``round``, ``bins``,
+    ``collisions``, ``occupied``, ``seconds``).
+    """
+    if msg.metadata.message_type != MessageType.TRAIN or "arrays" not in msg.content:
+        return call_next(msg, context)
+    from privfl.clients.app import party_of, scenario_of
+
+    scenario = scenario_of(msg)
+    im = scenario.attack.imprint
+    if (
+        scenario.attack.kind != "imprint"
+        or im.role != "malicious-participant"
+        or party_of(context) != im.participant
+    ):
+        return call_next(msg, context)
+    server_round = int(msg.content["config"]["server-round"])
+    side = None
+    if server_round == im.round + 1 and _BEFORE_KEY in context.state:
+        recon = participant_reconstruct(
+            _imprint_arrays(context.state[_BEFORE_KEY]),
+            _imprint_arrays(msg.content["arrays"]),
+            _imprint_arrays(context.state[_OWN_KEY]),
+            scenario.data.parties,
+            None,
+            ImprintInfo.from_state(_imprint_arrays(msg.content["arrays"])),
+            noise_std=aggregate_noise_std(scenario),
+        )
+        side = _side_record(recon, im.round)
+    reply = call_next(msg, context)
+    if server_round == im.round and not reply.has_error():
+        before = _imprint_arrays(msg.content["arrays"])
+        after = _imprint_arrays(reply.content["arrays"])
+        context.state[_BEFORE_KEY] = ArrayRecord(before)
+        context.state[_OWN_KEY] = ArrayRecord({k: after[k] - before[k] for k in _KEYS})
+    if side is not None and not reply.has_error():
+        reply.content[SIDE_KEY] = side
+    return reply
+
+
+def _side_record(recon: ImprintReconstruction, attack_round: int) -> ConfigRecord:
+    images = recon.images.detach().cpu().float().numpy()
+    return ConfigRecord(
+        {
+            "images": images.tobytes(),
+            "shape": [int(s) for s in images.shape],
+            "round": attack_round,
+            "bins": len(recon.bins_used) + recon.collisions,
+            "collisions": recon.collisions,
+            "occupied": recon.occupied,
+            "seconds": float(recon.seconds),
+        }
+    )
+
+
+def _find_side(side_records: Mapping[Any, Any]) -> ConfigRecord | None:
+    """The imprint record among ``{round: {"node:key": record}}`` (or a flat mapping)."""
+    for key, value in side_records.items():
+        # FedAvg keys it "<node>:<name>"; secure aggregation renames it
+        # "privfl.side.<node>.imprint" on the way.
+        name = key.split(":")[-1] if isinstance(key, str) else ""
+        if name.startswith("privfl.side.") and name.endswith(".imprint"):
+            return value
+        if isinstance(value, Mapping) and not isinstance(value, ConfigRecord):
+            found = _find_side(value)
+            if found is not None:
+                return found
+    return None
+
+
+def participant_report(side_records: Mapping[Any, Any], scenario: Scenario) -> AttackReport:
+    """Evaluate what the malicious participant exfiltrated against the other parties'
+    true batches of the attack round.
+
+    Parameters
+    ----------
+    side_records : Mapping
+        ``{round: {"<node>:privfl.side.imprint": ConfigRecord}}`` as the server's
+        FedAvg collects them (a flat ``{"...privfl.side.imprint": record}`` works too).
+    scenario : Scenario
+        The run's scenario; the ground truth is rebuilt with
+        ``privfl.training.round_batch_data`` — the evaluator's knowledge, not the attacker's.
+    """
+    from privfl.training import round_batch_data
+
+    im = scenario.attack.imprint
+    others = [p for p in range(scenario.data.parties) if p != im.participant]
+    truth = [round_batch_data(scenario, p, im.round) for p in others]
+    truth_images = torch.cat([t.images for t in truth])
+    record = _find_side(side_records)
+    notes: list[str] = []
+    if record is None:
+        images = truth_images[:0]
+        seconds, collisions = float("nan"), 0
+        notes.append("no side-channel record arrived: the participant reported nothing")
+    else:
+        shape = [int(s) for s in record["shape"]]
+        raw = np.frombuffer(record["images"], dtype=np.float32).reshape(shape)
+        images = torch.from_numpy(raw.copy())
+        seconds, collisions = float(record["seconds"]), int(record["collisions"])
+    bins = imprint_bins_of(scenario)
+    return evaluate_imprint(
+        images,
+        truth_images,
+        scenario=scenario,
+        role="malicious-participant",
+        bins=bins,
+        expected=expected_fraction(len(truth_images), bins),
+        seconds=seconds,
+        collisions=collisions,
+        notes=notes,
+    )
