@@ -307,6 +307,9 @@ class GradientInversionSection:
     # "average": invert the update as one averaged step; "simulate": unroll the local steps.
     multi_step: Literal["average", "simulate"] = "average"
     recovered_psnr: float = 18.0
+    # dlg with unknown labels: "analytic" recovers them from the last-layer bias gradient
+    # first and holds them fixed; "joint" optimises soft labels with the images (original DLG).
+    label_recovery: Literal["analytic", "joint"] = "analytic"
 
     def validate(self, key: str) -> None:
         if self.target_party < 0:
@@ -319,6 +322,10 @@ class GradientInversionSection:
             _fail(f"{key}.restarts", f"must be >= 1, got {self.restarts}")
         if self.lr <= 0:
             _fail(f"{key}.lr", f"must be > 0, got {self.lr}")
+        if self.tv_weight < 0:
+            _fail(f"{key}.tv_weight", f"must be >= 0, got {self.tv_weight}")
+        if not 0 < self.recovered_psnr < 100:
+            _fail(f"{key}.recovered_psnr", f"must be in (0, 100) dB, got {self.recovered_psnr}")
 
 
 @dataclass(frozen=True)

@@ -31,10 +31,13 @@ SCENARIO_KEY = "privfl.scenario"
 HELLO = "query.privfl_hello"
 
 
-def _aggregate_train_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Weighted mean of the loss; the largest epsilon any party reports."""
-    total = sum(float(r.metric_records["metrics"][weight_key]) for r in records) or 1.0
+def _aggregate_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Weighted means (parties without examples carry no weight); the largest epsilon."""
+    records = [r for r in records if float(r.metric_records["metrics"][weight_key]) > 0]
+    total = sum(float(r.metric_records["metrics"][weight_key]) for r in records)
     out = MetricRecord({weight_key: total})
+    if not records:
+        return out
     keys = set().union(*(r.metric_records["metrics"].keys() for r in records)) - {weight_key}
     for key in sorted(keys):
         vals = [
@@ -64,7 +67,8 @@ class PrivflFedAvg(FedAvg):
             min_train_nodes=parties,
             min_evaluate_nodes=parties,
             min_available_nodes=parties,
-            train_metrics_aggr_fn=_aggregate_train_metrics,
+            train_metrics_aggr_fn=_aggregate_metrics,
+            evaluate_metrics_aggr_fn=_aggregate_metrics,
         )
         self.side_channel: dict[int, dict[str, Any]] = {}
 
