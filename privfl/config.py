@@ -171,8 +171,9 @@ class SecAggSection:
     frac_bits: int = 20
     # Ring Z_{2^ring_bits}; the encoder checks the headroom for n parties.
     ring_bits: int = 62
-    # Masking: Shamir threshold t (0 = floor(2n/3) + 1) and neighbours per party
-    # (0 = all pairs; otherwise a k-regular graph).
+    # Masking: Shamir threshold t (0 = floor(2m/3) + 1 for neighbourhoods of m, self
+    # included) and neighbours per party (0 = all pairs; otherwise an even k < parties:
+    # a k-regular Harary graph, offsets +-1 .. +-k/2 around a ring of the parties).
     threshold: int = 0
     neighbours: int = 0
     # Additive: how many times a round is retried without the dropped parties.
@@ -185,12 +186,74 @@ class SecAggSection:
             _fail(f"{key}.frac_bits", f"must be in [1, 40], got {self.frac_bits}")
         if not 16 <= self.ring_bits <= 64:
             _fail(f"{key}.ring_bits", f"must be in [16, 64], got {self.ring_bits}")
+        if self.frac_bits > self.ring_bits - 2:
+            _fail(
+                f"{key}.frac_bits",
+                f"must be <= ring_bits - 2 = {self.ring_bits - 2} (a sign bit and one "
+                f"integer bit), got {self.frac_bits}",
+            )
         if self.threshold < 0:
             _fail(f"{key}.threshold", f"must be >= 0 (0 = automatic), got {self.threshold}")
         if self.neighbours < 0:
             _fail(f"{key}.neighbours", f"must be >= 0 (0 = all pairs), got {self.neighbours}")
+        if self.neighbours % 2:
+            _fail(
+                f"{key}.neighbours",
+                f"must be even (the k-regular graph takes k/2 neighbours on each side), "
+                f"or 0 for all pairs; got {self.neighbours}",
+            )
         if self.max_retries < 0:
             _fail(f"{key}.max_retries", f"must be >= 0, got {self.max_retries}")
+        self.check_headroom(key, parties=1, max_weight=1.0)
+
+    def neighbourhood_size(self, parties: int) -> int:
+        """Parties in one masking neighbourhood, self included."""
+        k = self.neighbours
+        return parties if k == 0 or k >= parties - 1 else k + 1
+
+    def check_headroom(self, key: str, *, parties: int, max_weight: float) -> None:
+        """Fail unless ``parties`` clipped updates of weight ``max_weight`` sum without wrapping.
+
+        The bound of :meth:`privfl.fixedpoint.FixedPointCodec.check_headroom`:
+        ``parties * (clip_range * max_weight * 2^frac_bits + 1) < 2^(ring_bits - 1)``.
+        """
+        need = parties * (self.clip_range * max_weight * 2.0**self.frac_bits + 1.0)
+        if need >= 2.0 ** (self.ring_bits - 1):
+            bits = int(need).bit_length() + 1
+            _fail(
+                f"{key}.ring_bits",
+                f"{self.ring_bits} bits leave no headroom for {parties} parties x clip_range "
+                f"{self.clip_range:g} x weight {max_weight:g} at frac_bits={self.frac_bits}; "
+                f"raise ring_bits to >= {bits} or lower frac_bits or clip_range",
+            )
+
+    def validate_for(self, key: str, scenario: Scenario) -> None:
+        """Checks that need the rest of the scenario (party count, weights, protocol)."""
+        protocol = scenario.defense.secure_aggregation
+        if protocol == "none":
+            return
+        n = scenario.data.parties
+        if protocol == "masking":
+            if self.neighbours and self.neighbours >= n:
+                _fail(
+                    f"{key}.neighbours",
+                    f"must be < data.parties ({n}) for a k-regular graph (0 = all pairs), "
+                    f"got {self.neighbours}",
+                )
+            m = self.neighbourhood_size(n)
+            if self.threshold > m:
+                _fail(
+                    f"{key}.threshold",
+                    f"must be <= the neighbourhood size {m} (neighbours + 1 = "
+                    f"{'data.parties' if m == n else f'{self.neighbours} + 1'}), "
+                    f"got {self.threshold}",
+                )
+        # Parties weigh their update by their number of examples, except under DP
+        # (weight 1); without samples_per_party that number is only known at run time,
+        # where the encoder checks it again.
+        unit = scenario.defense.dp.mode in ("global", "distributed")
+        spp = scenario.data.samples_per_party
+        self.check_headroom(key, parties=n, max_weight=1.0 if unit or not spp else float(spp))
 
 
 @dataclass(frozen=True)
@@ -480,8 +543,7 @@ class Scenario:
         sa = self.defense.secure_aggregation
         if sa != "none" and n < 2:
             _fail("defense.secure_aggregation", f"needs at least 2 parties, data.parties is {n}")
-        if sa == "masking" and self.defense.secagg.threshold > n:
-            _fail("defense.secagg.threshold", f"must be <= data.parties ({n})")
+        self.defense.secagg.validate_for("defense.secagg", self)
         if self.data.samples_per_party and self.training.batch_size > self.data.samples_per_party:
             _fail(
                 "training.batch_size",

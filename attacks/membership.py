@@ -1,0 +1,871 @@
+"""Query-only membership inference: quantile regression (QMIA), LOSS and offline LiRA.
+
+Threat model: the attacker can send images to the target and read its outputs (logits),
+nothing else — :class:`QueryAPI` is the whole of its view. It also holds public data from
+the same distribution that it knows was not trained on.
+
+Attacks (all scores: higher = "member"):
+
+- :class:`QuantileMIA` (Bertran et al., NeurIPS 2023): a regressor trained on public
+  non-members predicts, for each (image, label), quantiles of the target's hinge score at
+  many levels near 1. A record whose score exceeds its predicted ``1 - α`` quantile is
+  flagged at FPR ``α``; no shadow model is trained.
+- :func:`loss_attack` (Yeom et al. 2018): the negated cross-entropy, one global threshold
+  calibrated on the public scores.
+- :class:`OfflineLiRA` (Carlini et al. 2022): shadow models trained on public subsets give
+  each target record a Gaussian of OUT scores; the one-sided z-score is the statistic.
+
+:func:`run_membership` trains (or is handed) the target, runs the attacks named in
+``attack.membership.attacks`` and returns one :class:`AttackReport` per attack.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import torch
+from scipy import stats
+from torch import nn
+
+from privfl.config import Scenario
+from privfl.metrics import roc
+from privfl.results import AttackReport
+
+__all__ = [
+    "LabelledImages",
+    "OfflineLiRA",
+    "QuantileMIA",
+    "QueryAPI",
+    "hinge_score",
+    "lira_offline_scores",
+    "loss_attack",
+    "run_membership",
+    "train_classifier",
+]
+
+
+class LabelledImages(Protocol):
+    """Anything with ``images`` (N, ...) and ``labels`` (N,) tensors (e.g. ``ImageSet``)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+
+# --------------------------------------------------------------------------- the view
+
+
+class QueryAPI:
+    """The attacker's view of a model: images in, logits out, nothing else.
+
+    The model is copied when the API is built (later training does not leak through) and
+    kept only inside a closure; the object has no attribute holding the model, its
+    parameters, gradients or training data. Answers are detached float64 numpy arrays.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model to serve; it is deep-copied and put in eval mode.
+    device : torch.device or str
+        Where the copy runs.
+    batch_size : int
+        Images per forward pass.
+    """
+
+    __slots__ = ("_answer", "queries")
+
+    def __init__(
+        self, model: nn.Module, device: torch.device | str = "cpu", batch_size: int = 1024
+    ) -> None:
+        served = copy.deepcopy(model).to(device).eval()
+        for p in served.parameters():
+            p.requires_grad_(False)
+
+        @torch.no_grad()
+        def answer(images: torch.Tensor) -> np.ndarray:
+            outs = [
+                served(images[i : i + batch_size].to(device)).double().cpu()
+                for i in range(0, images.shape[0], batch_size)
+            ]
+            return torch.cat(outs).numpy() if outs else np.zeros((0, 0))
+
+        self._answer = answer
+        self.queries = 0
+
+    def query(self, images: torch.Tensor | np.ndarray) -> np.ndarray:
+        """The model's logits on ``images`` as a (N, num_classes) float64 array."""
+        x = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images)
+        x = x.detach().to(torch.float32)
+        self.queries += int(x.shape[0])
+        return self._answer(x)
+
+    def __repr__(self) -> str:
+        return f"QueryAPI(queries={self.queries})"
+
+
+# --------------------------------------------------------------------------- scores
+
+
+def hinge_score(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Correct-class logit minus the largest other logit, per row.
+
+    Parameters
+    ----------
+    logits : np.ndarray
+        (N, C) model outputs, C >= 2.
+    labels : np.ndarray
+        (N,) integer labels.
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.int64).ravel()
+    if z.ndim != 2 or z.shape[1] < 2 or z.shape[0] != y.size:
+        raise ValueError(f"hinge_score: logits (N, C>=2) and labels (N,), got {z.shape}, {y.shape}")
+    rows = np.arange(y.size)
+    correct = z[rows, y]
+    others = z.copy()
+    others[rows, y] = -np.inf
+    return correct - others.max(axis=1)
+
+
+def loss_attack(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """LOSS attack statistic: the negated cross-entropy (higher = more likely a member)."""
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.int64).ravel()
+    if z.ndim != 2 or z.shape[0] != y.size:
+        raise ValueError(f"loss_attack: logits (N, C) and labels (N,), got {z.shape}, {y.shape}")
+    log_p = z - np.logaddexp.reduce(z, axis=1, keepdims=True)
+    return log_p[np.arange(y.size), y]
+
+
+# --------------------------------------------------------------------------- QMIA
+
+
+class _ImageRegressor(nn.Module):
+    """Small CNN mapping a 28×28 image to ``outputs`` numbers per class."""
+
+    def __init__(self, num_classes: int, outputs: int, hidden: int) -> None:
+        super().__init__()
+        self.num_classes, self.outputs = num_classes, outputs
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(32 * 7 * 7, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, num_classes * outputs),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x).view(-1, self.num_classes, self.outputs)
+
+
+class _VectorRegressor(nn.Module):
+    """MLP for flat feature vectors (synthetic studies, tabular data)."""
+
+    def __init__(self, in_features: int, num_classes: int, outputs: int, hidden: int) -> None:
+        super().__init__()
+        self.num_classes, self.outputs = num_classes, outputs
+        self.body = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(in_features, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, num_classes * outputs),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x).view(-1, self.num_classes, self.outputs)
+
+
+def quantile_alphas(levels: int, alpha_min: float = 1e-3, alpha_max: float = 0.5) -> np.ndarray:
+    """Tail probabilities ``α`` (quantile level ``1 - α``), log-spaced: dense near level 1."""
+    if levels < 2:
+        raise ValueError(f"levels: QMIA needs >= 2 quantile levels, got {levels}")
+    if not 0 < alpha_min < alpha_max < 1:
+        raise ValueError(
+            f"alphas: need 0 < alpha_min < alpha_max < 1, got {alpha_min}, {alpha_max}"
+        )
+    return np.geomspace(alpha_max, alpha_min, levels)
+
+
+class QuantileMIA:
+    """Quantile-regression membership inference (Bertran et al., NeurIPS 2023).
+
+    Trained only on public non-members: for each (input, label) it predicts the target's
+    score quantiles at levels ``1 - α_k`` with ``α_k`` log-spaced from 0.5 down to
+    ``alpha_min``. Quantiles are monotone by construction (a base plus softplus
+    increments). ``head="gaussian"`` instead predicts a mean and a standard deviation and
+    trains on the Gaussian likelihood; its quantiles are ``μ + σ Φ⁻¹(1 - α)``.
+
+    Parameters
+    ----------
+    num_classes : int
+        Labels index the regressor's per-class outputs.
+    levels : int
+        Number of quantile levels (pinball head).
+    alpha_min : float
+        Smallest tail probability modelled; smaller FPRs are reached by extrapolation.
+    head : {"pinball", "gaussian"}
+    epochs, lr, batch_size, hidden, weight_decay
+        Regressor training; the epoch with the best loss on a 10% validation split of
+        the public data is kept.
+    seed : int
+        Seeds initialisation, the validation split and batch order.
+    device : torch.device or str
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        levels: int = 32,
+        alpha_min: float = 1e-3,
+        head: Literal["pinball", "gaussian"] = "pinball",
+        epochs: int = 30,
+        lr: float = 1e-3,
+        batch_size: int = 128,
+        hidden: int = 128,
+        weight_decay: float = 1e-4,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if head not in ("pinball", "gaussian"):
+            raise ValueError(f"head: must be 'pinball' or 'gaussian', got {head!r}")
+        if epochs < 1:
+            raise ValueError(f"epochs: must be >= 1, got {epochs}")
+        self.num_classes = num_classes
+        self.alphas = quantile_alphas(levels, alpha_min)
+        self.head = head
+        self.epochs, self.lr, self.batch_size = epochs, lr, batch_size
+        self.hidden, self.weight_decay = hidden, weight_decay
+        self.seed = seed
+        self.device = torch.device(device)
+        self._net: nn.Module | None = None
+        self._shift = 0.0
+        self._scale = 1.0
+        self._val_scores: np.ndarray | None = None
+
+    # ---------------------------------------------------------------- training
+    def _build(self, inputs: torch.Tensor) -> nn.Module:
+        torch.manual_seed(self.seed)
+        outputs = 2 if self.head == "gaussian" else self.alphas.size
+        if inputs.ndim == 4 and tuple(inputs.shape[1:]) == (1, 28, 28):
+            return _ImageRegressor(self.num_classes, outputs, self.hidden)
+        return _VectorRegressor(
+            int(np.prod(inputs.shape[1:])), self.num_classes, outputs, self.hidden
+        )
+
+    def _raw(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = net(x)[torch.arange(y.shape[0], device=y.device), y]
+        if self.head == "gaussian":
+            return out
+        # Monotone in the level: lowest quantile plus positive increments.
+        return torch.cat(
+            [out[:, :1], out[:, :1] + torch.cumsum(nn.functional.softplus(out[:, 1:]) + 1e-4, 1)],
+            dim=1,
+        )
+
+    def _loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.head == "gaussian":
+            mu, log_sigma = pred[:, 0], pred[:, 1].clamp(-7.0, 7.0)
+            return (log_sigma + 0.5 * ((target - mu) / log_sigma.exp()) ** 2).mean()
+        tau = torch.as_tensor(1.0 - self.alphas, dtype=pred.dtype, device=pred.device)
+        diff = target[:, None] - pred
+        return torch.maximum(tau * diff, (tau - 1.0) * diff).mean()
+
+    def fit(self, inputs: torch.Tensor, labels: torch.Tensor, scores: np.ndarray) -> QuantileMIA:
+        """Train on public non-members: their inputs, labels and the target's scores.
+
+        Returns
+        -------
+        QuantileMIA
+            ``self``, fitted.
+        """
+        x = torch.as_tensor(inputs, dtype=torch.float32)
+        y = torch.as_tensor(labels, dtype=torch.int64)
+        s = np.asarray(scores, dtype=np.float64).ravel()
+        if not (x.shape[0] == y.shape[0] == s.size) or s.size < 10:
+            raise ValueError(
+                f"QuantileMIA.fit: needs >= 10 matching inputs/labels/scores, got "
+                f"{x.shape[0]}, {y.shape[0]}, {s.size}"
+            )
+        self._shift, self._scale = float(s.mean()), float(s.std() + 1e-8)
+        t = torch.as_tensor((s - self._shift) / self._scale, dtype=torch.float32)
+        gen = torch.Generator().manual_seed(self.seed)
+        perm = torch.randperm(s.size, generator=gen)
+        n_val = max(1, s.size // 10)
+        val, tr = perm[:n_val], perm[n_val:]
+        dev = self.device
+        xv, yv, tv = x[val].to(dev), y[val].to(dev), t[val].to(dev)
+        net = self._build(x).to(dev)
+        opt = torch.optim.Adam(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        best, best_state = math.inf, copy.deepcopy(net.state_dict())
+        for _ in range(self.epochs):
+            net.train()
+            order = tr[torch.randperm(tr.numel(), generator=gen)]
+            for i in range(0, order.numel(), self.batch_size):
+                b = order[i : i + self.batch_size]
+                opt.zero_grad(set_to_none=True)
+                loss = self._loss(self._raw(net, x[b].to(dev), y[b].to(dev)), t[b].to(dev))
+                loss.backward()
+                opt.step()
+            net.eval()
+            with torch.no_grad():
+                v = float(self._loss(self._raw(net, xv, yv), tv))
+            if v < best:
+                best, best_state = v, copy.deepcopy(net.state_dict())
+        net.load_state_dict(best_state)
+        self._net = net.eval()
+        self._val_scores = self.membership_scores(x[val], y[val], s[val.numpy()])
+        return self
+
+    # ---------------------------------------------------------------- prediction
+    def _predict(self, inputs: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+        if self._net is None:
+            raise RuntimeError("QuantileMIA: call fit() before predicting")
+        x = torch.as_tensor(inputs, dtype=torch.float32)
+        y = torch.as_tensor(labels, dtype=torch.int64)
+        outs = []
+        with torch.no_grad():
+            for i in range(0, x.shape[0], 1024):
+                xb, yb = x[i : i + 1024].to(self.device), y[i : i + 1024].to(self.device)
+                outs.append(self._raw(self._net, xb, yb).double().cpu())
+        return torch.cat(outs).numpy()
+
+    def predict_quantiles(
+        self, inputs: torch.Tensor, labels: torch.Tensor, alphas: Sequence[float] | None = None
+    ) -> np.ndarray:
+        """Predicted score quantiles at levels ``1 - alphas`` (default: the fitted levels).
+
+        Returns
+        -------
+        np.ndarray
+            (N, len(alphas)) in the target's score units.
+        """
+        raw = self._predict(inputs, labels)
+        a = self.alphas if alphas is None else np.asarray(alphas, dtype=np.float64)
+        if self.head == "gaussian":
+            mu, sigma = raw[:, :1], np.exp(np.clip(raw[:, 1:2], -7.0, 7.0))
+            q = mu + sigma * stats.norm.isf(a)[None, :]
+        else:
+            q = np.stack([self._interp_quantile(row, a) for row in raw])
+        return q * self._scale + self._shift
+
+    def _interp_quantile(self, q_row: np.ndarray, a: np.ndarray) -> np.ndarray:
+        # Quantile as a function of -log α, linear between levels, extrapolated outside.
+        u = -np.log(self.alphas)
+        return _interp_extrap(-np.log(a), u, q_row)
+
+    def membership_scores(
+        self, inputs: torch.Tensor, labels: torch.Tensor, scores: np.ndarray
+    ) -> np.ndarray:
+        """``-log α̂``: how far into its predicted non-member tail each score lies.
+
+        A record is flagged at FPR ``α`` exactly when its score exceeds its predicted
+        ``1 - α`` quantile, i.e. when the membership score exceeds ``-log α``.
+        """
+        s = (np.asarray(scores, dtype=np.float64).ravel() - self._shift) / self._scale
+        raw = self._predict(inputs, labels)
+        if self.head == "gaussian":
+            z = (s - raw[:, 0]) / np.exp(np.clip(raw[:, 1], -7.0, 7.0))
+            return -stats.norm.logsf(z)
+        u = -np.log(self.alphas)
+        return np.array([_interp_extrap(si, qi, u) for si, qi in zip(s, raw, strict=True)])
+
+    @staticmethod
+    def threshold(fpr: float) -> float:
+        """Membership-score threshold at which the predicted quantiles give FPR ``fpr``."""
+        return -math.log(fpr)
+
+    def operating_threshold(self, fpr: float) -> float:
+        """The operating point at FPR ``fpr``: the predicted-quantile threshold, raised to
+        the empirical ``1 - fpr`` quantile of the held-out public split's membership
+        scores when the regressor is over-confident there (public data only)."""
+        if self._val_scores is None:
+            raise RuntimeError("QuantileMIA: call fit() before asking for a threshold")
+        return max(self.threshold(fpr), roc.threshold_at_fpr(self._val_scores, fpr))
+
+
+def _interp_extrap(x: np.ndarray | float, xp: np.ndarray, fp: np.ndarray) -> np.ndarray:
+    """Piecewise-linear interpolation through (xp, fp) (xp increasing), extrapolated linearly."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.interp(x, xp, fp)
+    lo_slope = (fp[1] - fp[0]) / (xp[1] - xp[0])
+    hi_slope = (fp[-1] - fp[-2]) / (xp[-1] - xp[-2])
+    y = np.where(x < xp[0], fp[0] + (x - xp[0]) * lo_slope, y)
+    return np.where(x > xp[-1], fp[-1] + (x - xp[-1]) * hi_slope, y)
+
+
+# --------------------------------------------------------------------------- LiRA
+
+
+def lira_offline_scores(
+    target_scores: np.ndarray, shadow_scores: np.ndarray, *, fixed_variance: bool = True
+) -> np.ndarray:
+    """Offline LiRA statistic: one-sided z-score of the target's score under the OUT Gaussian.
+
+    Parameters
+    ----------
+    target_scores : np.ndarray
+        (N,) the target model's score of each record.
+    shadow_scores : np.ndarray
+        (S, N) scores of S >= 2 shadow models, none of which trained on the records.
+    fixed_variance : bool
+        Use one pooled within-record standard deviation for all records (more stable
+        with few shadows) instead of each record's own.
+    """
+    s = np.asarray(target_scores, dtype=np.float64).ravel()
+    sh = np.asarray(shadow_scores, dtype=np.float64)
+    if sh.ndim != 2 or sh.shape[1] != s.size or sh.shape[0] < 2:
+        raise ValueError(
+            f"lira_offline_scores: shadow_scores must be (S>=2, N={s.size}), got {sh.shape}"
+        )
+    mu = sh.mean(axis=0)
+    var = sh.var(axis=0, ddof=1)
+    sigma = np.sqrt(var.mean()) if fixed_variance else np.sqrt(var)
+    return (s - mu) / np.maximum(sigma, 1e-6)
+
+
+class OfflineLiRA:
+    """Offline likelihood-ratio attack (Carlini et al., S&P 2022) with OUT shadows only.
+
+    Parameters
+    ----------
+    train_fn : Callable
+        ``train_fn(data) -> nn.Module``: trains one shadow model the way the target was
+        trained, on ``data`` (an object with ``images`` and ``labels``).
+    shadow_models : int
+        How many shadows (>= 2).
+    fixed_variance : bool
+        See :func:`lira_offline_scores`.
+    seed : int
+        Seeds the shadows' data subsets.
+    device : torch.device or str
+        Where shadows are queried.
+    """
+
+    def __init__(
+        self,
+        train_fn: Callable[[Any], nn.Module],
+        *,
+        shadow_models: int = 8,
+        fixed_variance: bool = True,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if shadow_models < 2:
+            raise ValueError(f"shadow_models: LiRA needs >= 2, got {shadow_models}")
+        self.train_fn = train_fn
+        self.shadow_models = shadow_models
+        self.fixed_variance = fixed_variance
+        self.seed = seed
+        self.device = device
+        self._shadows: list[QueryAPI] = []
+
+    def fit(self, public: LabelledImages, subset_size: int) -> OfflineLiRA:
+        """Train the shadows, each on a random ``subset_size`` records of ``public``."""
+        n = int(public.labels.shape[0])
+        if not 1 <= subset_size <= n:
+            raise ValueError(
+                f"subset_size: must be in [1, {n}] (public records), got {subset_size}"
+            )
+        rng = np.random.default_rng(self.seed)
+        self._shadows = []
+        for _ in range(self.shadow_models):
+            idx = torch.as_tensor(np.sort(rng.choice(n, size=subset_size, replace=False)))
+            model = self.train_fn(_Labelled(public.images[idx], public.labels[idx]))
+            self._shadows.append(QueryAPI(model, self.device))
+        return self
+
+    def shadow_scores(self, images: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+        """(S, N) hinge scores of every shadow on the records."""
+        if not self._shadows:
+            raise RuntimeError("OfflineLiRA: call fit() before scoring")
+        y = np.asarray(labels)
+        return np.stack([hinge_score(api.query(images), y) for api in self._shadows])
+
+    def membership_scores(
+        self, images: torch.Tensor, labels: torch.Tensor, target_scores: np.ndarray
+    ) -> np.ndarray:
+        """z-scores of the target's hinge scores against each record's OUT Gaussian."""
+        return lira_offline_scores(
+            target_scores, self.shadow_scores(images, labels), fixed_variance=self.fixed_variance
+        )
+
+    @staticmethod
+    def threshold(fpr: float) -> float:
+        """z threshold of the operating point at FPR ``fpr`` (one-sided Gaussian test)."""
+        return float(stats.norm.isf(fpr))
+
+
+@dataclass(frozen=True, eq=False)
+class _Labelled:
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train_classifier(
+    model: nn.Module,
+    data: LabelledImages,
+    scenario: Scenario,
+    *,
+    epochs: int,
+    seed: int,
+    device: torch.device | str = "cpu",
+) -> nn.Module:
+    """Plain mini-batch training for ``epochs`` with the scenario's optimiser settings.
+
+    Used for the over-fit single target and for LiRA's shadows; returns ``model``
+    (trained in place, left in eval mode).
+    """
+    from privfl.training import make_optimizer
+
+    model.to(device).train()
+    opt = make_optimizer(model, scenario)
+    bs = scenario.training.batch_size
+    x, y = data.images.to(device), data.labels.to(device)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        order = torch.randperm(x.shape[0], generator=gen).to(device)
+        for i in range(0, order.numel(), bs):
+            b = order[i : i + bs]
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(x[b]), y[b]).backward()
+            opt.step()
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- harness
+
+
+@dataclass(frozen=True, eq=False)
+class _Split:
+    """Who is who in one membership experiment."""
+
+    members: _Labelled  # what the target trained on
+    eval_in: _Labelled  # members that are scored
+    eval_out: _Labelled  # non-members that are scored (never trained on, not public)
+    public: _Labelled  # the attacker's own non-member data
+    target: str  # how the report names the target
+
+
+def _cat(*sets: LabelledImages) -> _Labelled:
+    return _Labelled(torch.cat([s.images for s in sets]), torch.cat([s.labels for s in sets]))
+
+
+def _take(s: LabelledImages, idx: np.ndarray) -> _Labelled:
+    t = torch.as_tensor(np.asarray(idx, dtype=np.int64))
+    return _Labelled(s.images[t], s.labels[t])
+
+
+def _split(scenario: Scenario, federation: Any, rng: np.random.Generator) -> _Split:
+    mi = scenario.attack.membership
+    pool = federation.train_pool
+    n_pool = int(pool.labels.shape[0])
+    if mi.target == "single":
+        # No federation trains here: the train pool is split into members, held-out
+        # non-members and extra public data; federation.public is public as well.
+        need = mi.members + mi.eval_samples
+        if need > n_pool:
+            raise ValueError(
+                f"attack.membership: members + eval_samples = {need} exceeds the train pool "
+                f"({n_pool} records)"
+            )
+        perm = rng.permutation(n_pool)
+        members = _take(pool, perm[: mi.members])
+        eval_in = _take(members, rng.choice(mi.members, size=mi.eval_samples, replace=False))
+        eval_out = _take(pool, perm[mi.members : need])
+        public = _cat(federation.public, _take(pool, perm[need:]))
+        target = "hospital-api"
+    else:
+        party = federation.parties[mi.target_party]
+        members = _Labelled(party.train.images, party.train.labels)
+        n_mem = int(members.labels.shape[0])
+        if mi.eval_samples > n_mem:
+            raise ValueError(
+                f"attack.membership.eval_samples: {mi.eval_samples} requested but party "
+                f"{mi.target_party} has {n_mem} train records"
+            )
+        eval_in = _take(members, rng.choice(n_mem, size=mi.eval_samples, replace=False))
+        used = np.zeros(n_pool, dtype=bool)
+        for p in federation.parties:
+            used[np.asarray(p.indices)] = True
+        unused = rng.permutation(np.flatnonzero(~used))
+        # Held-out non-members: records no party holds, then the server's test split;
+        # whatever is left over is the attacker's, like federation.public.
+        candidates = _cat(_take(pool, unused), federation.server_test)
+        n_cand = int(candidates.labels.shape[0])
+        if mi.eval_samples > n_cand:
+            raise ValueError(
+                f"attack.membership.eval_samples: {mi.eval_samples} requested but only "
+                f"{n_cand} held-out non-members exist (unused train records + server_test)"
+            )
+        eval_out = _take(candidates, np.arange(mi.eval_samples))
+        spare = _take(candidates, np.arange(mi.eval_samples, n_cand))
+        public = _cat(federation.public, spare)
+        target = f"global-model/party-{mi.target_party}"
+    n_pub = int(public.labels.shape[0])
+    if n_pub > mi.public_samples:
+        public = _take(public, np.sort(rng.choice(n_pub, size=mi.public_samples, replace=False)))
+    return _Split(members, eval_in, eval_out, public, target)
+
+
+def _train_model(
+    scenario: Scenario, model: nn.Module, data: LabelledImages, device: torch.device, seed: int
+) -> tuple[nn.Module, float | None]:
+    """Train like the single target: over-fit SGD for ``attack.membership.epochs``, or
+    DP-SGD under ``defense.dp.mode = "client"``. Returns the model and its epsilon."""
+    mi, dp = scenario.attack.membership, scenario.defense.dp
+    if dp.mode == "client":
+        from privfl.clients.dp_sgd import train_dp_sgd
+
+        t = scenario.training
+        res = train_dp_sgd(
+            model,
+            data,
+            epochs=mi.epochs,
+            batch_size=t.batch_size,
+            lr=t.lr,
+            momentum=t.momentum,
+            epsilon=dp.epsilon,
+            delta=dp.delta,
+            clip=dp.clip,
+            accountant=dp.accountant,
+            seed=seed,
+            device=device,
+            noise_multiplier=dp.noise_multiplier,
+        )
+        return res.model.eval(), float(res.epsilon)
+    return train_classifier(model, data, scenario, epochs=mi.epochs, seed=seed, device=device), None
+
+
+def _shadow_trainer(
+    scenario: Scenario, num_classes: int, device: torch.device, base_seed: int
+) -> Callable[[Any], nn.Module]:
+    """Shadows mimic the target's training from their own random initialisation. A
+    federated target is mimicked by central training for ``rounds × local_epochs`` epochs."""
+    from privfl.models import build_task_model
+
+    mi = scenario.attack.membership
+    epochs = scenario.scenario.rounds * scenario.training.local_epochs
+    counter = iter(range(1_000_000))
+
+    def train(data: Any) -> nn.Module:
+        seed = base_seed + next(counter)
+        torch.manual_seed(seed)
+        model = build_task_model(scenario.model.name, num_classes, scenario.model.hidden)
+        if mi.target == "single":
+            return _train_model(scenario, model, data, device, seed)[0]
+        return train_classifier(model, data, scenario, epochs=epochs, seed=seed, device=device)
+
+    return train
+
+
+def _accuracy(api: QueryAPI, data: LabelledImages) -> float:
+    if int(data.labels.shape[0]) == 0:
+        return math.nan
+    return float(np.mean(api.query(data.images).argmax(1) == data.labels.numpy()))
+
+
+def _evaluate(
+    name: str,
+    scores_in: np.ndarray,
+    scores_out: np.ndarray,
+    threshold: float,
+    *,
+    seed: int,
+) -> dict[str, Any]:
+    m: dict[str, Any] = {"attack": name}
+    a = roc.auc_ci(scores_in, scores_out, seed=seed)
+    m.update(auc=a.value, auc_low=a.low, auc_high=a.high)
+    for key, f in (("tpr_at_0.1pct_fpr", 0.001), ("tpr_at_1pct_fpr", 0.01)):
+        r = roc.tpr_at_fpr(scores_in, scores_out, f)
+        m.update({key: r.value, f"{key}_low": r.low, f"{key}_high": r.high})
+    tp = int(np.sum(scores_in > threshold))
+    p = roc.precision_at(scores_in, scores_out, threshold)
+    fp = roc.fpr_at(scores_out, threshold)
+    m.update(
+        precision=p.value,
+        precision_low=p.low,
+        precision_high=p.high,
+        operating_tpr=tp / scores_in.size,
+        operating_observed_fpr=fp.value,
+        operating_observed_fpr_low=fp.low,
+        operating_observed_fpr_high=fp.high,
+        flagged=p.trials,
+        true_positives=tp,
+    )
+    return m
+
+
+def run_membership(
+    scenario: Scenario,
+    *,
+    target_model: nn.Module | None = None,
+    federation: Any = None,
+    device: torch.device | str = "cpu",
+) -> list[AttackReport]:
+    """Run the scenario's membership-inference attacks; one report per attack.
+
+    Parameters
+    ----------
+    scenario : Scenario
+        ``attack.membership`` says which attacks, which target and how many records.
+    target_model : nn.Module, optional
+        ``target = "federated"``: the global model after the Flower run (required).
+        ``target = "single"``: must be None; the target is trained here on ``members``
+        records of the train pool (DP-SGD when ``defense.dp.mode = "client"``).
+    federation : Federation, optional
+        Defaults to ``privfl.data.load_federation(scenario)``.
+    device : torch.device or str
+
+    Returns
+    -------
+    list[AttackReport]
+        ``name = "membership-inference"``, ``role = "query-only"``, ``target`` =
+        ``"<hospital-api | global-model/party-i>/<attack>"``; ``recovered`` = members
+        flagged at the attack's operating point (FPR ``operating_fpr`` as calibrated by the
+        attacker on public data), ``total`` = members scored. The first report carries the
+        combined log-log ROC figure.
+    """
+    mi = scenario.attack.membership
+    device = torch.device(device)
+    if federation is None:
+        from privfl.data import load_federation
+
+        federation = load_federation(scenario)
+    if mi.target == "federated" and target_model is None:
+        raise ValueError(
+            "attack.membership.target = 'federated' needs the global model (target_model)"
+        )
+    if mi.target == "single" and target_model is not None:
+        raise ValueError(
+            "attack.membership.target = 'single' trains its own target; pass no target_model"
+        )
+
+    from privfl.training import derive_seed
+
+    seed = scenario.scenario.seed
+    rng = np.random.default_rng(derive_seed(seed, "membership-split"))
+    split = _split(scenario, federation, rng)
+    num_classes = int(federation.num_classes)
+    epsilon = None
+    if target_model is None:
+        from privfl.models import build_model
+
+        target_model, epsilon = _train_model(
+            scenario,
+            build_model(scenario, num_classes),
+            split.members,
+            device,
+            derive_seed(seed, "mia-target"),
+        )
+    api = QueryAPI(target_model, device)
+    del target_model  # from here on the attacker only queries
+
+    y_in, y_out, y_pub = (s.labels.numpy() for s in (split.eval_in, split.eval_out, split.public))
+    logits_in = api.query(split.eval_in.images)
+    logits_out = api.query(split.eval_out.images)
+    logits_pub = api.query(split.public.images)
+    common = {
+        "members_scored": int(y_in.size),
+        "non_members_scored": int(y_out.size),
+        "public_records": int(y_pub.size),
+        "operating_fpr": mi.operating_fpr,
+        "target_train_accuracy": _accuracy(api, split.members),
+        "target_test_accuracy": _accuracy(api, split.eval_out),
+    }
+    if epsilon is not None:
+        common["epsilon"] = epsilon
+    h_in, h_out, h_pub = (
+        hinge_score(z, y) for z, y in ((logits_in, y_in), (logits_out, y_out), (logits_pub, y_pub))
+    )
+
+    results: list[tuple[str, np.ndarray, np.ndarray, float, list[str]]] = []
+    for name in mi.attacks:
+        if name == "qmia":
+            qmia = QuantileMIA(
+                num_classes,
+                levels=mi.quantile_levels,
+                head=mi.qmia_head,
+                epochs=mi.qmia_epochs,
+                seed=derive_seed(seed, "qmia"),
+                device=device,
+            ).fit(split.public.images, split.public.labels, h_pub)
+            s_in = qmia.membership_scores(split.eval_in.images, split.eval_in.labels, h_in)
+            s_out = qmia.membership_scores(split.eval_out.images, split.eval_out.labels, h_out)
+            notes = [f"hinge score; {mi.qmia_head} head, {mi.quantile_levels} levels"]
+            results.append((name, s_in, s_out, qmia.operating_threshold(mi.operating_fpr), notes))
+        elif name == "loss":
+            pub = loss_attack(logits_pub, y_pub)
+            thr = roc.threshold_at_fpr(pub, mi.operating_fpr)
+            notes = ["negated cross-entropy; threshold = public non-members' quantile"]
+            results.append(
+                (name, loss_attack(logits_in, y_in), loss_attack(logits_out, y_out), thr, notes)
+            )
+        elif name == "lira":
+            n_trained = int(split.members.labels.shape[0])
+            if mi.target == "federated":
+                n_trained = sum(int(p.train.labels.shape[0]) for p in federation.parties)
+            subset = max(1, min(n_trained, int(y_pub.size) // 2))
+            lira = OfflineLiRA(
+                _shadow_trainer(scenario, num_classes, device, derive_seed(seed, "lira-shadows")),
+                shadow_models=mi.shadow_models,
+                fixed_variance=mi.fixed_variance,
+                seed=derive_seed(seed, "lira"),
+                device=device,
+            ).fit(split.public, subset)
+            s_in = lira.membership_scores(split.eval_in.images, split.eval_in.labels, h_in)
+            s_out = lira.membership_scores(split.eval_out.images, split.eval_out.labels, h_out)
+            var = "fixed" if mi.fixed_variance else "per-record"
+            notes = [
+                f"offline, {mi.shadow_models} shadows on {subset} public records, {var} variance"
+            ]
+            results.append((name, s_in, s_out, lira.threshold(mi.operating_fpr), notes))
+
+    reports = []
+    curves = {}
+    for name, s_in, s_out, thr, notes in results:
+        metrics = _evaluate(name, s_in, s_out, thr, seed=derive_seed(seed, "auc-boot", name))
+        metrics.update(common)
+        curves[f"{name} (AUC {metrics['auc']:.3f})"] = roc.roc_curve(s_in, s_out)
+        notes = [
+            *notes,
+            f"AUC {metrics['auc']:.3f} [{metrics['auc_low']:.3f}, {metrics['auc_high']:.3f}]; "
+            f"TPR@0.1%FPR {metrics['tpr_at_0.1pct_fpr']:.3f}; "
+            f"TPR@1%FPR {metrics['tpr_at_1pct_fpr']:.3f}",
+            f"operating point (aimed FPR {mi.operating_fpr:g}): observed FPR "
+            f"{metrics['operating_observed_fpr']:.4f}, precision {metrics['precision']:.3f} "
+            f"[{metrics['precision_low']:.3f}, {metrics['precision_high']:.3f}] "
+            f"of {metrics['flagged']} flagged",
+        ]
+        reports.append(
+            AttackReport(
+                name="membership-inference",
+                role="query-only",
+                target=f"{split.target}/{name}",
+                recovered=metrics["true_positives"],
+                total=int(s_in.size),
+                metrics=metrics,
+                notes=notes,
+            )
+        )
+    if reports:
+        fig = roc.roc_figure(curves, title=f"Membership inference: {split.target}")
+        reports[0].figures[f"membership_roc_{split.target.replace('/', '_')}.png"] = fig
+    return reports

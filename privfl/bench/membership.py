@@ -1,0 +1,142 @@
+"""``privfl bench membership``: QMIA, LOSS and offline LiRA on the seed MIA scenarios.
+
+``seed_mia`` / ``seed_mia_dp`` train their single target in-process exactly as a run does
+(:func:`privfl.attacks.membership.run_membership`). ``seed_mia_fl`` needs a global model:
+here it is the FedAvg of the parties' ``train_local`` updates computed in-process (the
+same local training as a Flower run, without Flower), so the rows come without Ray.
+One row per (scenario, attack).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from privfl.config import Scenario
+
+DEFAULT_SCENARIOS = ("seed_mia", "seed_mia_dp")
+ROW_KEYS = (
+    "auc",
+    "auc_low",
+    "auc_high",
+    "tpr_at_0.1pct_fpr",
+    "tpr_at_1pct_fpr",
+    "tpr_at_1pct_fpr_low",
+    "tpr_at_1pct_fpr_high",
+    "precision",
+    "precision_low",
+    "precision_high",
+    "operating_observed_fpr",
+    "flagged",
+    "target_train_accuracy",
+    "target_test_accuracy",
+)
+
+
+def fedavg_global_model(scenario: Scenario, device: torch.device | str = "cpu") -> nn.Module:
+    """The global model of ``scenario.rounds`` rounds of plain FedAvg, in-process."""
+    from privfl.data import load_federation
+    from privfl.models import build_model
+    from privfl.training import train_local
+
+    fed = load_federation(scenario)
+    model = build_model(scenario, fed.num_classes)
+    global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for rnd in range(1, scenario.scenario.rounds + 1):
+        total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in global_state.items()}
+        weight = 0
+        for party in range(scenario.data.parties):
+            model.load_state_dict(global_state)
+            data = fed.parties[party].train
+            train_local(model, data, scenario, party=party, server_round=rnd, device=device)
+            for k, v in model.state_dict().items():
+                total[k] += len(data) * v.detach().double().cpu()
+            weight += len(data)
+        global_state = {k: (total[k] / weight).to(v.dtype) for k, v in global_state.items()}
+    model.load_state_dict(global_state)
+    return model.eval()
+
+
+def membership_bench_rows(
+    scenarios: Iterable[str | Scenario] = DEFAULT_SCENARIOS,
+    *,
+    device: str = "cpu",
+    overrides: Sequence[str] = (),
+) -> list[dict[str, Any]]:
+    """Rows for ``privfl bench seed``: one per (scenario, attack).
+
+    Parameters
+    ----------
+    scenarios : Iterable[str or Scenario]
+        Shipped scenario names, paths or resolved scenarios (membership-inference ones).
+    device : str
+        Where targets, shadows and the quantile regressor train.
+    overrides : Sequence[str]
+        ``section.key=value`` overrides applied to every scenario.
+
+    Returns
+    -------
+    list[dict]
+        ``scenario``, ``attack``, ``target``, ``recovered``/``total`` (members flagged at
+        the operating point / members scored), ``epsilon`` (DP runs), ``seconds`` (the
+        whole scenario, shared by its rows) and the metrics in ``ROW_KEYS``.
+    """
+    from privfl.attacks.membership import run_membership
+    from privfl.runner import resolve
+
+    rows: list[dict[str, Any]] = []
+    for name in scenarios:
+        sc = resolve(name, overrides)
+        if sc.attack.kind != "membership-inference":
+            raise ValueError(
+                f"scenario {sc.scenario.name!r}: attack.kind is not membership-inference"
+            )
+        t0 = time.perf_counter()
+        target = None
+        if sc.attack.membership.target == "federated":
+            target = fedavg_global_model(sc, device)
+        reports = run_membership(sc, target_model=target, device=device)
+        seconds = time.perf_counter() - t0
+        for r in reports:
+            row = {
+                "scenario": sc.scenario.name,
+                "attack": r.metrics["attack"],
+                "target": r.target,
+                "recovered": r.recovered,
+                "total": r.total,
+                "epsilon": r.metrics.get("epsilon"),
+                "seconds": seconds,
+            }
+            row.update({k: r.metrics[k] for k in ROW_KEYS})
+            rows.append(row)
+    return rows
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="privfl bench membership", description=__doc__)
+    p.add_argument("scenarios", nargs="*", default=list(DEFAULT_SCENARIOS))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    rows = membership_bench_rows(args.scenarios, device=args.device, overrides=args.set)
+    print("privfl bench membership")
+    print(
+        f"{'scenario':<12} {'attack':<5} {'AUC [95% CI]':<22} {'TPR@0.1%':>8} {'TPR@1%':>7} "
+        f"{'prec. [95% CI]':<22} {'obs.FPR':>7} {'eps':>5} {'s':>5}"
+    )
+    for r in rows:
+        eps = f"{r['epsilon']:.2f}" if r["epsilon"] is not None else "-"
+        print(
+            f"{r['scenario']:<12} {r['attack']:<5} "
+            f"{r['auc']:.3f} [{r['auc_low']:.3f}, {r['auc_high']:.3f}]   "
+            f"{r['tpr_at_0.1pct_fpr']:>8.3f} {r['tpr_at_1pct_fpr']:>7.3f} "
+            f"{r['precision']:.3f} [{r['precision_low']:.3f}, {r['precision_high']:.3f}]   "
+            f"{r['operating_observed_fpr']:>7.3f} {eps:>5} {r['seconds']:>5.0f}"
+        )
+    return 0

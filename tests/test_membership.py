@@ -1,0 +1,289 @@
+"""Membership inference: attacks against analytic ROCs, QMIA calibration, the query view,
+and a tiny end-to-end run on synthetic images (no spine data, no DP-SGD)."""
+
+from __future__ import annotations
+
+import gc
+import math
+import weakref
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from privfl.attacks import membership as M
+from scipy import stats
+from torch import nn
+
+from privfl.config import Scenario
+from privfl.metrics import roc
+
+torch.set_num_threads(1)
+
+DELTA, TAU = 1.5, 2.0  # member shift; spread of per-record difficulty
+FPRS = (0.05, 0.1, 0.2, 0.5)
+
+
+def _calibrated_tpr(f):
+    """Optimal per-record test: z = s - d, members N(δ, 1), non-members N(0, 1)."""
+    return stats.norm.sf(stats.norm.isf(f) - DELTA)
+
+
+def _global_tpr(f):
+    """One global threshold on s: members N(δ, 1+τ²), non-members N(0, 1+τ²)."""
+    return stats.norm.sf(stats.norm.isf(f) - DELTA / math.sqrt(1 + TAU**2))
+
+
+def _synthetic(n, rng, member):
+    """Records with difficulty d (the first feature); the score is N(d + δ·member, 1)."""
+    d = rng.normal(0, TAU, n)
+    feats = np.c_[d, rng.normal(0, 1, (n, 3))].astype(np.float32)
+    return torch.from_numpy(feats), d, d + DELTA * member + rng.normal(0, 1, n)
+
+
+def _check_roc(s_in, s_out, tpr_fn, auc_expected, tol=0.05):
+    assert roc.auc(s_in, s_out) == pytest.approx(auc_expected, abs=0.025)
+    for f in FPRS:
+        assert roc.tpr_at_fpr(s_in, s_out, f).value == pytest.approx(tpr_fn(f), abs=tol)
+
+
+@pytest.fixture(scope="module")
+def qmia_case():
+    rng = np.random.default_rng(0)
+    x_pub, _, s_pub = _synthetic(4000, rng, 0)
+    labels = torch.zeros(4000, dtype=torch.int64)
+    q = M.QuantileMIA(1, levels=16, alpha_min=0.005, epochs=40, hidden=32, lr=3e-3, seed=1)
+    return q.fit(x_pub, labels, s_pub), rng
+
+
+def test_qmia_matches_calibrated_analytic_roc(qmia_case):
+    q, rng = qmia_case
+    n = 3000
+    x_in, _, s_in = _synthetic(n, rng, 1)
+    x_out, _, s_out = _synthetic(n, rng, 0)
+    y = torch.zeros(n, dtype=torch.int64)
+    m_in, m_out = q.membership_scores(x_in, y, s_in), q.membership_scores(x_out, y, s_out)
+    _check_roc(m_in, m_out, _calibrated_tpr, stats.norm.cdf(DELTA / math.sqrt(2)))
+    # Conditioning on the record beats the global threshold (the point of QMIA).
+    assert roc.auc(m_in, m_out) > roc.auc(s_in, s_out) + 0.15
+
+
+def test_qmia_calibrates_fpr_on_held_out_non_members(qmia_case):
+    q, rng = qmia_case
+    n = 4000
+    x, d, s = _synthetic(n, rng, 0)
+    y = torch.zeros(n, dtype=torch.int64)
+    m = q.membership_scores(x, y, s)
+    for alpha in (0.01, 0.05, 0.2):
+        for thr in (q.threshold(alpha), q.operating_threshold(alpha)):
+            fp = int(np.sum(m > thr))
+            lo, hi = roc.clopper_pearson(fp, n, 0.99)
+            assert lo <= alpha <= hi, (alpha, fp / n)
+        assert q.operating_threshold(alpha) >= q.threshold(alpha)
+    # Predicted quantiles track the true conditional ones: d + z_{1-α}.
+    qs = q.predict_quantiles(x[:500], y[:500], [0.5, 0.05])
+    true = d[:500, None] + stats.norm.isf([0.5, 0.05])[None, :]
+    assert np.median(np.abs(qs - true)) < 0.3
+    assert np.all(np.diff(q.predict_quantiles(x[:50], y[:50]), axis=1) > 0)
+
+
+def test_qmia_gaussian_head_calibrates():
+    rng = np.random.default_rng(3)
+    x, _, s = _synthetic(3000, rng, 0)
+    y = torch.zeros(3000, dtype=torch.int64)
+    q = M.QuantileMIA(1, head="gaussian", epochs=30, hidden=32, lr=3e-3, seed=0).fit(x, y, s)
+    xh, _, sh = _synthetic(4000, rng, 0)
+    m = q.membership_scores(xh, torch.zeros(4000, dtype=torch.int64), sh)
+    fp = int(np.sum(m > q.threshold(0.05)))
+    lo, hi = roc.clopper_pearson(fp, 4000, 0.99)
+    assert lo <= 0.05 <= hi
+
+
+def test_lira_matches_calibrated_analytic_roc():
+    rng = np.random.default_rng(4)
+    n, shadows = 4000, 64
+    d_in, d_out = rng.normal(0, TAU, n), rng.normal(0, TAU, n)
+    s_in = d_in + DELTA + rng.normal(0, 1, n)
+    s_out = d_out + rng.normal(0, 1, n)
+    sh_in = d_in + rng.normal(0, 1, (shadows, n))
+    sh_out = d_out + rng.normal(0, 1, (shadows, n))
+    for fixed in (True, False):
+        z_in = M.lira_offline_scores(s_in, sh_in, fixed_variance=fixed)
+        z_out = M.lira_offline_scores(s_out, sh_out, fixed_variance=fixed)
+        _check_roc(z_in, z_out, _calibrated_tpr, stats.norm.cdf(DELTA / math.sqrt(2)))
+    # The operating point is a one-sided Gaussian test: FPR ≈ α.
+    z_out = M.lira_offline_scores(s_out, sh_out)
+    assert np.mean(z_out > M.OfflineLiRA.threshold(0.05)) == pytest.approx(0.05, abs=0.015)
+
+
+def test_loss_attack_matches_global_threshold_analytic_roc():
+    rng = np.random.default_rng(5)
+    n = 4000
+    s_in = rng.normal(0, TAU, n) + DELTA + rng.normal(0, 1, n)
+    s_out = rng.normal(0, TAU, n) + rng.normal(0, 1, n)
+    # Two-class logits [0, s] with label 1: -CE = -log(1 + e^-s), increasing in s.
+    ones = np.ones(n, dtype=np.int64)
+    l_in = M.loss_attack(np.c_[np.zeros(n), s_in], ones)
+    l_out = M.loss_attack(np.c_[np.zeros(n), s_out], ones)
+    auc_global = stats.norm.cdf(DELTA / math.sqrt(2 * (1 + TAU**2)))
+    _check_roc(l_in, l_out, _global_tpr, auc_global)
+
+
+def test_scores_match_references():
+    logits = np.array([[2.0, 5.0, 1.0], [0.5, -1.0, 0.25]])
+    labels = np.array([1, 2])
+    np.testing.assert_allclose(M.hinge_score(logits, labels), [3.0, -0.25])
+    ce = nn.functional.cross_entropy(
+        torch.tensor(logits), torch.tensor(labels), reduction="none"
+    ).numpy()
+    np.testing.assert_allclose(M.loss_attack(logits, labels), -ce)
+    with pytest.raises(ValueError, match="hinge_score"):
+        M.hinge_score(logits, labels[:1])
+
+
+def test_query_api_exposes_only_outputs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    x = torch.randn(5, 1, 2, 2)
+    api = M.QueryAPI(model)
+    before = api.query(x)
+    assert isinstance(before, np.ndarray) and before.dtype == np.float64
+    assert before.shape == (5, 3)
+    np.testing.assert_allclose(before, model(x).detach().double().numpy(), rtol=1e-6)
+    # Nothing public but the query method and a counter; no instance dict to poke at.
+    assert {n for n in dir(api) if not n.startswith("_")} == {"query", "queries"}
+    assert not hasattr(api, "__dict__")
+    for name in M.QueryAPI.__slots__:
+        value = getattr(api, name)
+        assert not isinstance(value, nn.Module | torch.Tensor)
+    for name in ("parameters", "state_dict", "named_parameters", "grad", "train", "model"):
+        assert not hasattr(api, name)
+    assert api.queries == 5
+    # A snapshot: changing (or dropping) the original model changes nothing.
+    with torch.no_grad():
+        model[1].weight.add_(1.0)
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
+    before[:] = 0
+    np.testing.assert_allclose(api.query(x), M.QueryAPI.query(api, x))
+    assert not np.allclose(api.query(x), 0)
+
+
+def test_offline_lira_trains_shadows_on_public_subsets_only():
+    seen = []
+
+    def train_fn(data):
+        seen.append(data.images.clone())
+        torch.manual_seed(len(seen))
+        return nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+
+    public = SimpleNamespace(images=torch.randn(20, 1, 2, 2), labels=torch.randint(0, 2, (20,)))
+    lira = M.OfflineLiRA(train_fn, shadow_models=3, seed=0).fit(public, 8)
+    assert len(seen) == 3
+    flat = public.images.flatten(1)
+    for imgs in seen:
+        assert imgs.shape[0] == 8
+        # Every shadow record is a public record.
+        assert all(torch.any(torch.all(flat == r, dim=1)) for r in imgs.flatten(1))
+    x = torch.randn(6, 1, 2, 2)
+    y = torch.randint(0, 2, (6,))
+    assert lira.shadow_scores(x, y).shape == (3, 6)
+    with pytest.raises(ValueError, match="shadow_models"):
+        M.OfflineLiRA(train_fn, shadow_models=1)
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def _images(n, rng, templates):
+    y = rng.integers(0, templates.shape[0], n)
+    x = np.clip(templates[y] + rng.normal(0, 0.35, (n, 1, 28, 28)), 0, 1).astype(np.float32)
+    return SimpleNamespace(images=torch.from_numpy(x), labels=torch.from_numpy(y.astype(np.int64)))
+
+
+def _federation(rng):
+    templates = rng.uniform(0, 1, (4, 1, 28, 28))
+    pool = _images(600, rng, templates)
+    parties = []
+    for i in range(2):
+        idx = np.arange(i * 60, (i + 1) * 60)
+        train = SimpleNamespace(images=pool.images[idx], labels=pool.labels[idx])
+        parties.append(SimpleNamespace(train=train, indices=idx))
+    return SimpleNamespace(
+        num_classes=4,
+        train_pool=pool,
+        parties=tuple(parties),
+        public=_images(300, rng, templates),
+        server_test=_images(100, rng, templates),
+    )
+
+
+def _scenario(target):
+    return Scenario.from_dict(
+        {
+            "scenario": {"seed": 3, "rounds": 2},
+            "data": {"parties": 2},
+            "model": {"name": "mlp", "hidden": 32},
+            "training": {"batch_size": 16, "lr": 0.1, "local_epochs": 2},
+            "attack": {
+                "kind": "membership-inference",
+                "membership": {
+                    "target": target,
+                    "members": 60,
+                    "eval_samples": 50,
+                    "epochs": 25,
+                    "public_samples": 400,
+                    "shadow_models": 2,
+                    "quantile_levels": 8,
+                    "qmia_epochs": 5,
+                },
+            },
+        }
+    )
+
+
+REQUIRED = {"attack", "auc", "tpr_at_0.1pct_fpr", "tpr_at_1pct_fpr", "precision"}
+
+
+def test_end_to_end_single_target_on_synthetic_images():
+    fed = _federation(np.random.default_rng(0))
+    sc = _scenario("single")
+    reports = M.run_membership(sc, federation=fed)
+    again = M.run_membership(sc, federation=fed)
+    assert [r.metrics["attack"] for r in reports] == ["qmia", "loss", "lira"]
+    for r, r2 in zip(reports, again, strict=True):
+        assert (r.name, r.role) == ("membership-inference", "query-only")
+        assert r.target == f"hospital-api/{r.metrics['attack']}"
+        assert set(r.metrics) >= REQUIRED
+        assert r.total == 50 and 0 <= r.recovered <= 50
+        assert r.metrics["auc_low"] <= r.metrics["auc"] <= r.metrics["auc_high"]
+        assert r.metrics == r2.metrics  # same seed, same numbers
+        assert r.to_json()["metrics"]["target_train_accuracy"] == 1.0
+    # An over-fit target on noisy images leaks: the LOSS attack sees it.
+    assert reports[1].metrics["auc"] > 0.6
+    assert len(reports[0].figures) == 1
+    with pytest.raises(ValueError, match="single"):
+        M.run_membership(sc, federation=fed, target_model=nn.Linear(1, 1))
+
+
+def test_end_to_end_federated_target_uses_party_records():
+    fed = _federation(np.random.default_rng(1))
+    sc = _scenario("federated").replace(["attack.membership.attacks=['loss']"])
+    with pytest.raises(ValueError, match="global model"):
+        M.run_membership(sc, federation=fed)
+    from privfl.models import build_task_model
+
+    torch.manual_seed(0)
+    model = build_task_model("mlp", 4, 32)
+    both = SimpleNamespace(
+        images=torch.cat([p.train.images for p in fed.parties]),
+        labels=torch.cat([p.train.labels for p in fed.parties]),
+    )
+    M.train_classifier(model, both, sc, epochs=25, seed=0)
+    (report,) = M.run_membership(sc, target_model=model, federation=fed)
+    assert report.target == "global-model/party-0/loss"
+    assert report.total == 50
+    assert report.metrics["non_members_scored"] == 50
+    assert report.metrics["auc"] > 0.6
