@@ -120,13 +120,15 @@ def encode_update(
     weight = 1.0 if dp_mode in ("global", "distributed") else float(metrics["num-examples"])
     loss = float(metrics.get("train-loss", 0.0))
     codec = FixedPointCodec.from_section(scenario.defense.secagg)
-    body = codec.encode(delta, weight=weight, parties=parties, party=party)
+    server_round = int(msg.content["config"]["server-round"])
+    # The rounding dither is public, not a secret: seed it so a scenario re-encodes alike.
+    dither = np.random.default_rng([scenario.scenario.seed, party, server_round])
+    body = codec.encode(delta, weight=weight, parties=parties, party=party, rng=dither)
     extra = codec.encode(
-        np.array([1.0, loss]), weight=weight, parties=parties, party=party, clip=False
+        np.array([1.0, loss]), weight=weight, parties=parties, party=party, clip=False, rng=dither
     )
     if dp_mode == "distributed":
         noise_fn = noise_fn or _default_noise()[0]
-        server_round = int(msg.content["config"]["server-round"])
         noise = noise_fn(
             delta.size, scenario=scenario, party=party, server_round=server_round, scale=codec.scale
         )

@@ -433,8 +433,11 @@ class MembershipSection:
     # single target: records it is trained on (members) and epochs of training.
     members: int = 500
     epochs: int = 30
-    # Evaluation set: this many members and as many non-members.
+    # Evaluation set: this many members and ``eval_non_members`` non-members (0 = as many
+    # as members). More non-members than members resolve low FPRs: 0.1% of n non-members
+    # is floor(n / 1000) false positives, none at all below n = 1000.
     eval_samples: int = 500
+    eval_non_members: int = 0
     public_samples: int = 5000
     shadow_models: int = 8
     fixed_variance: bool = True
@@ -444,6 +447,11 @@ class MembershipSection:
     # QMIA regressor: pinball loss on many quantile levels, or a Gaussian (mean, std) head.
     qmia_head: Literal["pinball", "gaussian"] = "pinball"
     qmia_epochs: int = 30
+
+    @property
+    def non_members(self) -> int:
+        """Non-members scored: ``eval_non_members``, or ``eval_samples`` when that is 0."""
+        return self.eval_non_members or self.eval_samples
 
     def validate(self, key: str) -> None:
         if not 0.0 < self.operating_fpr < 0.5:
@@ -471,6 +479,11 @@ class MembershipSection:
         ):
             if getattr(self, name) < 1:
                 _fail(f"{key}.{name}", f"must be >= 1, got {getattr(self, name)}")
+        if self.eval_non_members < 0:
+            _fail(
+                f"{key}.eval_non_members",
+                f"must be >= 0 (0 = as many as eval_samples), got {self.eval_non_members}",
+            )
         if self.eval_samples > self.members and self.target == "single":
             _fail(
                 f"{key}.eval_samples",

@@ -84,3 +84,38 @@ def test_signed_roundtrip_property(vals, n):
     enc = codec.encode(x, parties=n)
     assert np.all(np.abs(codec.decode(enc) - np.clip(x, -8, 8)) < 2.0**-16)
     assert np.all(enc < np.uint64(1 << 48))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.floats(-1e3, 1e3, allow_nan=False), min_size=0, max_size=300),
+    st.sampled_from([(32, 12, 4.0), (48, 16, 8.0), (62, 20, 4.0), (64, 30, 1.0)]),
+    st.floats(0, 500),
+    st.booleans(),
+    st.integers(0, 2**32 - 1),
+)
+def test_fast_encode_equals_reference(vals, ring, weight, clip, seed):
+    # The in-place encoder against the elementwise formula, same dither, bit for bit.
+    bits, frac, c = ring
+    codec = FixedPointCodec(clip_range=c, frac_bits=frac, ring_bits=bits)
+    x = np.array(vals, dtype=np.float64)
+    if not clip:
+        x = np.clip(x, -c, c) / 2
+    kw = {"weight": weight, "parties": 3, "clip": clip}
+    fast = codec.encode(x, rng=np.random.default_rng(seed), **kw)
+    ref = codec.encode_reference(x, rng=np.random.default_rng(seed), **kw)
+    assert fast.dtype == ref.dtype == codec.dtype
+    assert np.array_equal(fast, ref)
+
+
+def test_seeded_encoding_is_reproducible_and_ring_words_fit():
+    x = np.random.default_rng(3).normal(0, 1, 5000)
+    for bits, dt in ((32, np.uint32), (33, np.uint64), (62, np.uint64)):
+        codec = FixedPointCodec(clip_range=4.0, frac_bits=12, ring_bits=bits)
+        a = codec.encode(x, parties=4, rng=np.random.default_rng(1))
+        assert a.dtype == dt
+        assert np.array_equal(a, codec.encode(x, parties=4, rng=np.random.default_rng(1)))
+        assert not np.array_equal(a, codec.encode(x, parties=4, rng=np.random.default_rng(2)))
+        neg = codec.from_signed(np.array([-1, -(2**30), 5]))
+        assert neg.dtype == dt
+        assert codec.to_signed(neg).tolist() == [-1, -(2**30), 5]

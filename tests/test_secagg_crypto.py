@@ -135,3 +135,34 @@ def test_shamir_bad_arguments():
         shamir.share(1, [1, 1], 1)
     with pytest.raises(shamir.ShamirError, match="threshold"):
         shamir.share(1, [1, 2], 3)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.sampled_from([16, 31, 32, 33, 62, 64]),
+    st.integers(0, 3 * prg.CHUNK_BYTES // 8 + 5),
+    st.lists(st.sampled_from([1, -1]), min_size=0, max_size=5),
+    st.integers(0, 2**32 - 1),
+)
+def test_accumulate_matches_reference(ring_bits, size, signs, seed):
+    # The chunked in-place kernel against one whole expansion per seed, sizes across
+    # chunk boundaries, both word types, any mix of signs.
+    dt = prg.ring_dtype(ring_bits)
+    rng = np.random.default_rng(seed)
+    acc = rng.integers(0, 2 ** min(ring_bits, 63), size, dtype=np.uint64).astype(dt)
+    seeds = [(rng.bytes(32), s) for s in signs]
+    want = prg.accumulate_reference(acc, seeds, ring_bits)
+    got = prg.accumulate(acc.copy(), seeds, ring_bits)
+    assert got.dtype == dt and np.array_equal(got, want)
+
+
+def test_accumulate_is_the_sum_of_expansions_and_refuses_bad_input():
+    seed_a, seed_b = os.urandom(32), os.urandom(32)
+    a, b = prg.expand(seed_a, 1000, 32), prg.expand(seed_b, 1000, 32)
+    assert a.dtype == np.uint32  # a 32-bit ring reads 4 keystream bytes per element
+    got = prg.accumulate(np.zeros(1000, np.uint32), [(seed_a, 1), (seed_b, -1)], 32)
+    assert np.array_equal(got, a - b)
+    with pytest.raises(ValueError, match="uint32"):
+        prg.accumulate(np.zeros(10, np.uint64), [(seed_a, 1)], 32)
+    with pytest.raises(ValueError, match="signs"):
+        prg.accumulate(np.zeros(10, np.uint32), [(seed_a, 2)], 32)

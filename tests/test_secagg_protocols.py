@@ -39,10 +39,10 @@ def _plain(xs, ws):
 # ----------------------------------------------------------------------- additive
 
 
-def _additive_round(parties, enc, rnd=1, attempt=0, drop_share=(), drop_sum=()):
+def _additive_round(parties, enc, rnd=1, attempt=0, drop_share=(), drop_sum=(), codec=CODEC):
     ids = sorted(parties)
     directory = {p: parties[p].public_key for p in ids}
-    server = AdditiveServer(CODEC)
+    server = AdditiveServer(codec)
     shares = {
         p: parties[p].share(enc[p], rnd=rnd, attempt=attempt, parties=ids, directory=directory)
         for p in ids
@@ -129,15 +129,15 @@ def test_additive_state_roundtrip():
 # ----------------------------------------------------------------------- masking
 
 
-def _masking_setup(n, threshold=0, k=0):
-    parties = {i: MaskingParty(i, CODEC, SESSION) for i in range(n)}
+def _masking_setup(n, threshold=0, k=0, codec=CODEC):
+    parties = {i: MaskingParty(i, codec, SESSION) for i in range(n)}
     directory = {i: p.public_keys for i, p in parties.items()}
     sent = {
         i: p.share_keys(directory, threshold=threshold, neighbours=k) for i, p in parties.items()
     }
     for i, p in parties.items():
         p.receive_keyshares({s: sent[s][i] for s in sent if i in sent[s]})
-    server = MaskingServer(CODEC, SESSION, directory, threshold=threshold, neighbours=k)
+    server = MaskingServer(codec, SESSION, directory, threshold=threshold, neighbours=k)
     return parties, server
 
 
@@ -261,3 +261,30 @@ def test_server_view_uniform_and_uncorrelated(protocol):
     # The same test rejects an unprotected update: it has power.
     p, r = _uniform_and_uncorrelated(enc[0], CODEC.to_signed(enc[0]))
     assert p < 1e-6 and r > 0.99
+
+
+# ------------------------------------------------ 32-bit ring: uint32 words end to end
+
+
+@pytest.mark.parametrize("protocol", ["additive", "masking"])
+def test_32_bit_ring_sums_in_uint32_words(protocol):
+    codec = FixedPointCodec(clip_range=4.0, frac_bits=12, ring_bits=32)
+    n, dim = 7, 3000
+    xs, ws = _inputs(n, dim, seed=5, extreme=True)
+    enc = {i: codec.encode(xs[i], weight=ws[i], parties=n) for i in range(n)}
+    assert all(e.dtype == np.uint32 for e in enc.values())
+    if protocol == "additive":
+        parties = {i: AdditiveParty(i, codec, SESSION) for i in range(n)}
+        total, views = _additive_round(parties, enc, codec=codec)
+        views = list(views.values())
+    else:
+        parties, server = _masking_setup(n, k=4, codec=codec)
+        total, _, masked = _masking_round(parties, server, enc, drop_input=(3,))
+        views = list(masked.values())
+        ws = np.array([w if i != 3 else 0.0 for i, w in enumerate(ws)])
+    assert total.dtype == np.uint32 and all(v.dtype == np.uint32 for v in views)
+    assert np.max(np.abs(codec.decode(total) - _plain(xs, ws))) < n * 2.0**-12
+    with pytest.raises((ValueError, MaskingError), match="uint32"):
+        parties[0].mask(enc[0].astype(np.uint64), rnd=9) if protocol == "masking" else parties[
+            0
+        ].share(enc[0].astype(np.uint64), rnd=9, attempt=0, parties=[0, 1], directory={1: b""})

@@ -100,19 +100,28 @@ class AdditiveParty:
         missing = [p for p in others if p not in directory]
         if missing:
             raise ValueError(f"party {self.party}: no channel key for parties {missing}")
-        x = np.asarray(encoded, dtype=np.uint64)
+        x = np.asarray(encoded)
+        if x.dtype != self.codec.dtype or x.ndim != 1:
+            raise ValueError(
+                f"party {self.party}: encoded input must be a 1-d {self.codec.dtype} vector, "
+                f"got {x.dtype} {x.shape}"
+            )
+        bits = self.codec.ring_bits
         own_seed = os.urandom(prg.SEED_BYTES)
         self._own_seeds[f"{rnd}/{attempt}"] = own_seed
-        residual = self.codec.sub(x, prg.expand(own_seed, x.size, self.codec.ring_bits))
+        # residual = x - own share - the uniform shares, built in place in one buffer.
+        residual = prg.accumulate(x.copy(), [(own_seed, -1)], bits)
         out: dict[int, bytes] = {}
         # Uniform shares to all but the last peer, who gets what makes the sum x.
         for p in others[:-1]:
-            s = prg.expand(os.urandom(prg.SEED_BYTES), x.size, self.codec.ring_bits)
-            residual = self.codec.sub(residual, s)
-            out[p] = self.channel.seal(p, directory[p], s.tobytes(), rnd=rnd, stage=_stage(attempt))
+            s = prg.expand(os.urandom(prg.SEED_BYTES), x.size, bits)
+            self.codec.sub(residual, s, out=residual)
+            out[p] = self.channel.seal(
+                p, directory[p], memoryview(s).cast("B"), rnd=rnd, stage=_stage(attempt)
+            )
         last = others[-1]
         out[last] = self.channel.seal(
-            last, directory[last], residual.tobytes(), rnd=rnd, stage=_stage(attempt)
+            last, directory[last], memoryview(residual).cast("B"), rnd=rnd, stage=_stage(attempt)
         )
         return out
 
@@ -139,16 +148,17 @@ class AdditiveParty:
                 f"got {sorted(incoming)}"
             )
         acc = prg.expand(self._own_seeds.pop(key), dim, self.codec.ring_bits)
+        item = self.codec.dtype.itemsize
         for sender in sorted(incoming):
             pt = self.channel.open(
                 sender, directory[sender], incoming[sender], rnd=rnd, stage=_stage(attempt)
             )
-            if len(pt) != 8 * dim:
+            if len(pt) != item * dim:
                 raise ValueError(
-                    f"party {self.party}: share from party {sender} has {len(pt) // 8} "
-                    f"elements, expected {dim}"
+                    f"party {self.party}: share from party {sender} has {len(pt)} bytes, "
+                    f"expected {dim} elements of {item} bytes"
                 )
-            acc = self.codec.add(acc, np.frombuffer(pt, dtype=np.uint64))
+            self.codec.add(acc, np.frombuffer(pt, dtype=self.codec.dtype), out=acc)
         return acc
 
     def to_state(self) -> dict[str, Any]:
@@ -211,14 +221,18 @@ class AdditiveServer:
         missing = set()
         for p in parties:
             v = partials.get(p)
-            if v is None or np.asarray(v).shape != (dim,) or np.asarray(v).dtype != np.uint64:
+            if (
+                v is None
+                or np.asarray(v).shape != (dim,)
+                or np.asarray(v).dtype != self.codec.dtype
+            ):
                 missing.add(p)
         if missing:
             raise RoundAbortedError(
                 f"additive: partial sums of parties {sorted(missing)} missing or malformed",
                 missing,
             )
-        acc = np.zeros(dim, dtype=np.uint64)
+        acc = np.zeros(dim, dtype=self.codec.dtype)
         for p in parties:
-            acc = self.codec.add(acc, partials[p])
+            self.codec.add(acc, partials[p], out=acc)
         return acc

@@ -172,26 +172,15 @@ class MaskingParty:
                 f"party {self.party}: only {len(active) + 1} of my neighbourhood take part "
                 f"in round {rnd}, threshold is {self.threshold}"
             )
-        x = np.asarray(encoded, dtype=np.uint64)
-        b = os.urandom(prg.SEED_BYTES)
-        # Accumulate in place modulo 2^64 and reduce once: 2^k divides 2^64.
-        y = x.copy()
-        y += prg.expand(b, x.size)
-        for j in active:
-            seed = pairwise_seed(
-                self._mask_sk,
-                self.directory[j][1],
-                session=self.session,
-                rnd=rnd,
-                i=self.party,
-                j=j,
+        x = np.asarray(encoded)
+        if x.dtype != self.codec.dtype or x.ndim != 1:
+            raise ValueError(
+                f"party {self.party}: encoded input must be a 1-d {self.codec.dtype} vector, "
+                f"got {x.dtype} {x.shape}"
             )
-            m = prg.expand(seed, x.size)
-            if self.party < j:
-                y += m
-            else:
-                y -= m
-        y &= self.codec.mask
+        b = os.urandom(prg.SEED_BYTES)
+        # One pass over y: all masks expanded chunk-wise and added in place.
+        y = prg.accumulate(x.copy(), self.mask_seeds(rnd, active, b), self.codec.ring_bits)
         shares = shamir.share_bytes(b, [_x(p) for p in [self.party, *active]], self.threshold)
         self._own_bshares[rnd] = (shares[_x(self.party)], active)
         cts = {
@@ -201,6 +190,23 @@ class MaskingParty:
             for p in active
         }
         return y, cts
+
+    def mask_seeds(
+        self, rnd: int, active: Sequence[int], self_seed: bytes
+    ) -> list[tuple[bytes, int]]:
+        """``(seed, sign)`` of every mask this party adds in round ``rnd``: self mask first."""
+        out = [(self_seed, 1)]
+        for j in active:
+            seed = pairwise_seed(
+                self._mask_sk,
+                self.directory[j][1],
+                session=self.session,
+                rnd=rnd,
+                i=self.party,
+                j=j,
+            )
+            out.append((seed, 1 if self.party < j else -1))
+        return out
 
     def unmask(
         self,
@@ -354,21 +360,21 @@ class MaskingServer:
     ) -> np.ndarray:
         """The sum of the survivors' encoded inputs (ring elements)."""
         dim = np.asarray(masked[survivors[0]]).size
-        acc = np.zeros(dim, dtype=np.uint64)
+        acc = np.zeros(dim, dtype=self.codec.dtype)
         for s in survivors:
             y = np.asarray(masked[s])
-            if y.dtype != np.uint64 or y.shape != (dim,):
+            if y.dtype != self.codec.dtype or y.shape != (dim,):
                 raise MaskingError(f"masking: masked input of party {s} is malformed")
-            acc = self.codec.add(acc, y)
+            np.add(acc, y, out=acc)  # wraps modulo the word size; reduced by accumulate
         if len(reveals) < self.threshold:
             raise MaskingError(
                 f"masking: only {len(reveals)} parties answered the unmask stage "
                 f"(threshold {self.threshold}); the sum cannot be recovered"
             )
+        undo: list[tuple[bytes, int]] = []
         for s in survivors:
             shares = {r: rv["b"][s] for r, rv in reveals.items() if s in rv.get("b", {})}
-            b = self._recover("the self-mask seed", s, shares)
-            acc = self.codec.sub(acc, prg.expand(b, dim, self.codec.ring_bits))
+            undo.append((self._recover("the self-mask seed", s, shares), -1))
         for d in dropped:
             nbs = [s for s in self.graph[d] if s in survivors]
             if not nbs:
@@ -379,13 +385,9 @@ class MaskingServer:
                 raise MaskingError(f"masking: reconstructed mask key of party {d} is wrong")
             self.revealed.add(d)
             for s in nbs:
-                m = prg.expand(
-                    pairwise_seed(
-                        sk, self.directory[s][1], session=self.session, rnd=rnd, i=d, j=s
-                    ),
-                    dim,
-                    self.codec.ring_bits,
+                seed = pairwise_seed(
+                    sk, self.directory[s][1], session=self.session, rnd=rnd, i=d, j=s
                 )
                 # Survivor s added +m if s < d, -m otherwise: undo it.
-                acc = self.codec.sub(acc, m) if s < d else self.codec.add(acc, m)
-        return acc
+                undo.append((seed, -1 if s < d else 1))
+        return prg.accumulate(acc, undo, self.codec.ring_bits)

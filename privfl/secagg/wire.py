@@ -25,6 +25,7 @@ SIDE_PREFIX = "privfl.side."
 STATE = "privfl.secagg.state"  # in context.state: the party's JSON state
 CACHE = "privfl.secagg.cache"  # in context.state: the encoded vector of the round
 EXTRA_COORDS = 2  # weight and weight * train-loss ride at the end of the vector
+RING_DTYPES = (np.dtype(np.uint32), np.dtype(np.uint64))
 
 
 def pack_cts(cts: Mapping[int, bytes], key: str = "") -> dict[str, list[int] | list[bytes]]:
@@ -44,19 +45,22 @@ def unpack_cts(rec: ConfigRecord, key: str = "") -> dict[int, bytes]:
 
 
 def vector_record(vec: np.ndarray) -> ArrayRecord:
-    """The single ring vector a party sends."""
-    return ArrayRecord({"v": Array(np.ascontiguousarray(vec, dtype=np.uint64))})
+    """The single ring vector a party sends (``uint32`` or ``uint64`` words, kept as is)."""
+    v = np.ascontiguousarray(vec)
+    if v.dtype not in RING_DTYPES or v.ndim != 1:
+        raise ValueError(f"a ring vector is a 1-d uint32/uint64 array, got {v.dtype} {v.shape}")
+    return ArrayRecord({"v": Array(v)})
 
 
 def read_vector(content: RecordDict) -> np.ndarray | None:
-    """The ring vector in a payload, or None."""
+    """The ring vector in a payload, or None (the receiver checks its dtype against the ring)."""
     if VECTOR not in content.array_records:
         return None
     rec = content.array_records[VECTOR]
     if "v" not in rec:
         return None
     v = rec["v"].numpy()
-    return v if v.dtype == np.uint64 and v.ndim == 1 else None
+    return v if v.dtype in RING_DTYPES and v.ndim == 1 else None
 
 
 def copy_content(content: RecordDict) -> RecordDict:

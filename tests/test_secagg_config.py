@@ -1,0 +1,75 @@
+"""Secure-aggregation settings are rejected up front, naming the key; the bench CLI."""
+
+from __future__ import annotations
+
+import pytest
+
+from privfl.config import Scenario, ScenarioError
+from privfl.fixedpoint import FixedPointCodec
+from privfl.secagg.masking import MaskingServer, neighbourhoods
+
+
+def _sc(protocol="masking", parties=5, dp=None, data=None, **secagg):
+    raw = {
+        "data": {"parties": parties, **(data or {})},
+        "defense": {"secure_aggregation": protocol, "secagg": secagg},
+    }
+    if dp:
+        raw["defense"]["dp"] = dp
+    return Scenario.from_dict(raw)
+
+
+@pytest.mark.parametrize(
+    ("parties", "secagg", "match"),
+    [
+        (5, {"neighbours": 3}, r"defense\.secagg\.neighbours: must be even"),
+        (5, {"neighbours": 6}, r"defense\.secagg\.neighbours: must be < data\.parties \(5\)"),
+        (3, {"neighbours": 4}, r"defense\.secagg\.neighbours: must be < data\.parties \(3\)"),
+        (7, {"neighbours": 4, "threshold": 6}, r"defense\.secagg\.threshold: .*size 5"),
+        (4, {"threshold": 5}, r"defense\.secagg\.threshold: .*size 4"),
+        (5, {"ring_bits": 24, "frac_bits": 20}, r"defense\.secagg\.ring_bits: .*>= 26"),
+        (
+            3,
+            {"ring_bits": 24, "frac_bits": 23},
+            r"defense\.secagg\.frac_bits: must be <= ring_bits - 2 = 22",
+        ),
+    ],
+)
+def test_bad_secagg_settings_name_the_key(parties, secagg, match):
+    with pytest.raises(ScenarioError, match=match):
+        _sc(parties=parties, **secagg)
+
+
+def test_headroom_uses_the_weights_the_parties_will_use():
+    # Weighted by examples (<= samples_per_party) unless DP fixes the weight to 1.
+    with pytest.raises(ScenarioError, match=r"ring_bits: 32 bits .* weight 2000"):
+        _sc("additive", 3, data={"samples_per_party": 2000}, ring_bits=32)
+    _sc("additive", 3, data={"samples_per_party": 2000}, ring_bits=32, frac_bits=12)
+    dp = {"mode": "global", "noise_multiplier": 1.0}
+    _sc("additive", 3, dp=dp, data={"samples_per_party": 2000}, ring_bits=32)
+    # Additive ignores the masking graph; "none" ignores every secagg key but the ring's.
+    _sc("additive", 5, neighbours=8, threshold=9)
+    _sc("none", 1, threshold=9)
+
+
+def test_accepted_settings_build_the_graph_they_describe():
+    for parties, k, t in [(5, 4, 5), (7, 4, 5), (10, 2, 3), (3, 0, 3), (6, 0, 0)]:
+        sc = _sc(parties=parties, neighbours=k, threshold=t)
+        sec = sc.defense.secagg
+        graph = neighbourhoods(list(range(parties)), k)
+        m = sec.neighbourhood_size(parties)
+        assert all(len(v) + 1 == m for v in graph.values())
+        codec = FixedPointCodec.from_section(sec)
+        directory = {i: (b"", b"") for i in range(parties)}
+        server = MaskingServer(codec, b"s", directory, threshold=t, neighbours=k)
+        assert 1 <= server.threshold <= m
+
+
+def test_bench_help_through_the_cli(capsys):
+    from privfl.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "secagg", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "privfl bench secagg" in out and "--no-scenario" in out and "--set" in out
