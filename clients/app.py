@@ -19,6 +19,7 @@ from privfl.models import build_model
 from privfl.training import evaluate, resolve_device, train_local
 
 SCENARIO_KEY = "privfl.scenario"
+EPSILON_RECORD = "privfl.side.dp-epsilon"
 
 
 @functools.lru_cache(maxsize=8)
@@ -63,19 +64,14 @@ def _setup(msg: Message, context: Context) -> tuple[Scenario, int, torch.nn.Modu
 
 
 def _train_mods() -> list:
-    import importlib
+    # Outermost first: secure aggregation encodes what the inner mods leave, so the
+    # update is clipped (DP) before it is shared; the participant mod is a no-op on
+    # honest parties.
+    from privfl.clients.dp_mods import clip_update_mod
+    from privfl.clients.malicious_participant import participant_mod
+    from privfl.clients.secagg import secagg_mod
 
-    mods = []
-    for module, name in (
-        ("privfl.clients.secagg", "secagg_mod"),
-        ("privfl.clients.malicious_participant", "participant_mod"),
-        ("privfl.clients.dp_mods", "clip_update_mod"),
-    ):
-        try:
-            mods.append(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError):  # INTEGRATION: parts still being written
-            pass
-    return mods
+    return [secagg_mod, participant_mod, clip_update_mod]
 
 
 app = ClientApp()
@@ -95,11 +91,11 @@ def train(msg: Message, context: Context) -> Message:
     scenario, party, model, device = _setup(msg, context)
     data = load_federation(scenario).parties[party].train
     server_round = int(msg.content["config"]["server-round"])
-    metrics: dict[str, float | int] = {}
+    epsilon: float | None = None
     if scenario.defense.dp.mode == "client":
         from privfl.clients.dp_sgd import dp_sgd_round
 
-        num, loss, eps = dp_sgd_round(
+        num, loss, epsilon = dp_sgd_round(
             model,
             data,
             scenario,
@@ -108,7 +104,7 @@ def train(msg: Message, context: Context) -> Message:
             state=context.state,
             device=device,
         )
-        metrics = {"num-examples": num, "train-loss": loss, "epsilon": eps}
+        metrics = {"num-examples": num, "train-loss": loss}
     else:
         stats = train_local(
             model, data, scenario, party=party, server_round=server_round, device=device
@@ -117,6 +113,10 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict(
         {"arrays": ArrayRecord(model.cpu().state_dict()), "metrics": MetricRecord(metrics)}
     )
+    if epsilon is not None:
+        # Privacy spent is public by design; the side channel reaches the server in the
+        # clear even under secure aggregation, which hides metrics.
+        content[EPSILON_RECORD] = ConfigRecord({"epsilon": epsilon})
     return Message(content, reply_to=msg)
 
 
@@ -131,10 +131,8 @@ def evaluate_local(msg: Message, context: Context) -> Message:
 
 
 def _register_protocols() -> None:
-    try:
-        from privfl.clients.secagg import register_secure_aggregation
-    except ImportError:  # INTEGRATION
-        return
+    from privfl.clients.secagg import register_secure_aggregation
+
     register_secure_aggregation(app)
 
 

@@ -303,6 +303,17 @@ def _merge_client_metrics(rounds: list[dict[str, Any]], result: Any) -> None:
 
 
 def _merge_epsilon(rounds: list[dict[str, Any]], chain: list[Strategy]) -> None:
+    """ε per round: from a DP strategy's accountant, or the largest any DP-SGD party spent."""
+    for s in chain:
+        for rnd, records in getattr(s, "side_channel", {}).items():
+            spent = [
+                float(rec["epsilon"])
+                for key, rec in records.items()
+                if key.endswith("dp-epsilon") and "epsilon" in rec
+            ]
+            for row in rounds:
+                if row["round"] == rnd and spent:
+                    row["epsilon"] = max(spent)
     for s in chain:
         history = getattr(s, "epsilon_history", None)
         if history:
