@@ -28,7 +28,7 @@ def test_flwr_run_dot_runs_a_scenario(tmp_path):
     }
     run_config = (
         f'scenario="three_hospitals" out-dir="{out}" '
-        'overrides="scenario.rounds=2;data.samples_per_party=500"'
+        'overrides="scenario.rounds=2;data.samples_per_party=1000"'
     )
     # flwr run may rewrite pyproject.toml (legacy federations); work on a copy.
     app = tmp_path / "app"
@@ -63,4 +63,4 @@ def test_flwr_run_dot_runs_a_scenario(tmp_path):
         subprocess.run(["pkill", "-f", "flower-superexec"], check=False)
     assert [r["round"] for r in res["rounds"]] == [1, 2]
     assert res["rounds"][1]["accuracy"] > res["rounds"][0]["accuracy"]
-    assert res["config"]["data"]["samples_per_party"] == 500
+    assert res["config"]["data"]["samples_per_party"] == 1000
