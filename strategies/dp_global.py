@@ -32,6 +32,7 @@ from collections.abc import Iterable, Mapping
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+from privfl.strategies.wrapper import StrategyWrapper
 
 from privfl.config import Scenario
 from privfl.dp import (
@@ -57,7 +58,7 @@ def _only(records: Mapping, what: str) -> str:
     return next(iter(records))
 
 
-class DPGlobalUpdate(Strategy):
+class DPGlobalUpdate(StrategyWrapper):
     """Party-level DP for the global model (DP-FedAvg), wrapping ``inner``.
 
     Parameters
@@ -86,13 +87,12 @@ class DPGlobalUpdate(Strategy):
     def __init__(
         self, inner: Strategy, *, scenario: Scenario, party_of: Mapping[int, int] | None = None
     ) -> None:
-        super().__init__()
         dp = scenario.defense.dp
         if dp.mode not in ("global", "distributed"):
             raise ValueError(
                 f"DPGlobalUpdate needs defense.dp.mode 'global' or 'distributed', got {dp.mode!r}"
             )
-        self.inner = inner
+        super().__init__(inner)
         self.scenario = scenario
         self.party_of = dict(party_of or {})
         self.noise_multiplier = global_noise_multiplier(scenario)
@@ -211,12 +211,6 @@ class DPGlobalUpdate(Strategy):
         if self.exhausted:
             return []
         return self.inner.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """Delegate to ``inner``."""
-        return self.inner.aggregate_evaluate(server_round, replies)
 
     def summary(self) -> None:
         """Log the DP settings, then the inner strategy's summary."""

@@ -26,6 +26,7 @@ from privfl.attacks.imprint import (
     imprint_bins_of,
     reconstruct_from_update,
 )
+from privfl.strategies.wrapper import StrategyWrapper
 
 from privfl.config import Scenario
 from privfl.results import AttackReport
@@ -37,7 +38,7 @@ def _arrays(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(record[k].numpy().copy()) for k in _KEYS}
 
 
-class ImprintServer(Strategy):
+class ImprintServer(StrategyWrapper):
     """Forward every call to ``inner``; at ``attack.imprint.round`` reconstruct from the
     aggregate update (new global minus the global sent).
 
@@ -54,7 +55,7 @@ class ImprintServer(Strategy):
     """
 
     def __init__(self, inner: Strategy, *, scenario: Scenario, party_of: Mapping[int, int]) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.scenario = scenario
         self.party_of = dict(party_of)
         self._sent: dict[str, torch.Tensor] | None = None
@@ -81,19 +82,6 @@ class ImprintServer(Strategy):
                 self._reports.append(self._attack(arrays, self._parties(replies)))
             self._sent = None
         return arrays, metrics
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        return self.inner.aggregate_evaluate(server_round, replies)
-
-    def summary(self) -> None:
-        self.inner.summary()
 
     def attack_reports(self) -> list[AttackReport]:
         """The attack's outcome (one entry once the attack round has run)."""

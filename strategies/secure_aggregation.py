@@ -23,6 +23,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.app.metadata import Metadata
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+from privfl.strategies.wrapper import StrategyWrapper
 
 from privfl.config import Scenario
 from privfl.fixedpoint import FixedPointCodec
@@ -64,7 +65,7 @@ def curious_read(
     return out
 
 
-class SecureAggregation(Strategy):
+class SecureAggregation(StrategyWrapper):
     """Wrap ``inner`` so that it only ever sees the securely aggregated update.
 
     Parameters
@@ -94,7 +95,7 @@ class SecureAggregation(Strategy):
         timeout: float | None = None,
     ) -> None:
         sec = scenario.defense.secagg
-        self.inner = inner
+        super().__init__(inner)
         self.scenario = scenario
         self.party_of = dict(party_of)
         self.node_of = {p: n for n, p in self.party_of.items()}
@@ -437,19 +438,3 @@ class SecureAggregation(Strategy):
         if server.revealed:
             self._epoch = None  # dropped parties' mask keys are known now: re-key
         return total, S
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Delegated to ``inner``."""
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """Delegated to ``inner``."""
-        return self.inner.aggregate_evaluate(server_round, replies)
-
-    def summary(self) -> None:
-        """Delegated to ``inner``."""
-        self.inner.summary()
