@@ -243,7 +243,7 @@ def run_federation(
         rounds = round_log.rounds
         _merge_client_metrics(rounds, result)
         _merge_epsilon(rounds, strategy_chain(strategy))
-        if result.arrays is not None:
+        if result.arrays:  # empty when no round released a model (DP budget)
             model.load_state_dict(result.arrays.to_torch_state_dict())
         for s in strategy_chain(strategy):
             if hasattr(s, "attack_reports"):

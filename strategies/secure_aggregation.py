@@ -239,6 +239,9 @@ class SecureAggregation(StrategyWrapper):
         """Inner's train messages plus what parties need; key setup when due."""
         self._grid, self._global = grid, arrays
         msgs = list(self.inner.configure_train(server_round, arrays, config, grid))
+        self._parties = []
+        if not msgs:  # e.g. a DP budget is spent: no round, nothing to protect
+            return []
         unknown = [
             m.metadata.dst_node_id for m in msgs if m.metadata.dst_node_id not in self.party_of
         ]
@@ -287,6 +290,8 @@ class SecureAggregation(StrategyWrapper):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Finish the protocol, decode the sum, hand ``inner`` one synthetic reply."""
         replies = list(replies)
+        if not self._parties:
+            return self.inner.aggregate_train(server_round, replies)
         got = self._record(server_round, "train", replies)
         side = {}
         for msg in replies:
