@@ -19,8 +19,9 @@ Methods
     objective.
 
 Labels of larger batches are recovered first (:func:`recover_labels`, count-based from
-the last-layer bias gradient) and then held fixed, which removes most of DLG's
-label/image ambiguity. One local SGD step gives the gradient exactly
+the last-layer bias gradient, with the batch's mean prediction estimated on the
+attacker's public images when it has them) and then held fixed, which removes most of
+DLG's label/image ambiguity. One local SGD step gives the gradient exactly
 (``Δ = −lr·g``); with several steps the update is inverted either as the average
 gradient (``multi_step="average"``) or by unrolling the local steps
 (``multi_step="simulate"``), as Inverting Gradients does for FedAvg.
@@ -31,7 +32,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -61,6 +62,10 @@ class AttackerKnowledge:
         Shape of one input, e.g. ``(1, 28, 28)``.
     num_classes : int
         Number of output classes.
+    auxiliary_images : Tensor, optional
+        Public images of the task's distribution that the attacker holds (the server's
+        public data), used only to estimate the batch's mean prediction when counting
+        labels (LLG*-style); never the party's data.
     """
 
     batch_size: int
@@ -69,6 +74,7 @@ class AttackerKnowledge:
     lr: float = 1.0
     input_shape: tuple[int, ...] = (1, 28, 28)
     num_classes: int = 10
+    auxiliary_images: Tensor | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -129,24 +135,36 @@ def _last_layer(grads: Sequence[Tensor], num_classes: int) -> tuple[Tensor | Non
     raise ValueError(f"no output layer with {num_classes} rows among the gradients")
 
 
-def recover_labels(grads: Sequence[Tensor], knowledge: AttackerKnowledge) -> Tensor:
+def recover_labels(
+    grads: Sequence[Tensor], knowledge: AttackerKnowledge, model: nn.Module | None = None
+) -> Tensor:
     """Labels of the batch from the output layer's gradient (cross-entropy loss).
 
     For softmax cross-entropy averaged over a batch of ``B``, the bias gradient is
-    ``g_c = (1/B) Σ_i (p_ic − [y_i = c])``. Classes in the batch therefore have the most
-    negative entries. Counts are estimated as ``n_c ≈ B·(m − g_c)``, where ``m`` (the
-    mean predicted probability of a class) is estimated from the classes whose gradient
-    is positive (absent ones), then rounded so they sum to ``B`` with every negative
-    class kept at least once. Exact for a batch of one and for unique labels in the
-    usual regime where no sample is predicted with near-certainty. Without a bias, the
-    row sums of the weight gradient (non-negative features) play its role, as in iDLG.
+    ``g_c = (1/B) Σ_i p_ic − n_c/B``, so ``n_c = B·(m_c − g_c)`` with ``m_c`` the batch's
+    mean predicted probability of class ``c``; every class with ``g_c < 0`` is present.
+    ``m`` is estimated
+
+    * from ``knowledge.auxiliary_images`` when they and ``model`` are given: the mean
+      softmax of the model on the attacker's public images (LLG*, Wainakh et al. 2022).
+      Needed for confident models such as the DLG-initialised sigmoid LeNet, whose
+      predictions pile onto one or two classes, so that a present class can have
+      ``g_c > 0``;
+    * otherwise as the mean gradient of the classes with ``g_c >= 0`` (LLG+-like), which
+      is right when predictions are spread evenly.
+
+    The estimates are rounded to counts that sum to ``B`` (largest remainder), keeping
+    every class with a negative gradient at least once. Without a bias, the row sums of
+    the weight gradient (non-negative features) play its role, as in iDLG.
 
     Parameters
     ----------
     grads : sequence of Tensor
         Per-parameter gradients in ``model.parameters()`` order.
     knowledge : AttackerKnowledge
-        Gives the batch size and the number of classes.
+        Gives the batch size, the number of classes and any auxiliary images.
+    model : nn.Module, optional
+        The attacked model at the sent weights (for the auxiliary estimate).
 
     Returns
     -------
@@ -154,24 +172,35 @@ def recover_labels(grads: Sequence[Tensor], knowledge: AttackerKnowledge) -> Ten
         ``(batch_size,)`` int64 labels, sorted.
     """
     bias, weight = _last_layer(grads, knowledge.num_classes)
-    g = (bias if bias is not None else weight.sum(dim=1)).double()
+    g = (bias if bias is not None else weight.sum(dim=1)).double().cpu()
     B, C = knowledge.batch_size, knowledge.num_classes
     if B == 1:
         return g.argmin().reshape(1).long()
     present = g < 0
-    absent = ~present
-    m = g[absent].mean() if bool(absent.any()) else torch.zeros((), dtype=g.dtype)
+    aux = knowledge.auxiliary_images
+    if aux is not None and model is not None and bias is not None:
+        m = _mean_prediction(model, aux)
+    else:
+        absent = ~present
+        m = g[absent].mean() if bool(absent.any()) else torch.zeros((), dtype=g.dtype)
     est = (B * (m - g)).clamp_min(0.0)
-    counts = torch.zeros(C, dtype=torch.long)
-    order = torch.argsort(g)  # most negative first
-    # Every class with a negative gradient is in the batch (up to B of them).
-    for c in order[: min(B, int(present.sum()))]:
-        counts[c] = 1
-    # Fill the rest by largest remaining estimated count.
+    floor = torch.zeros(C, dtype=torch.long)
+    floor[torch.argsort(g)[: min(B, int(present.sum()))]] = 1  # most negative first
+    counts = torch.maximum(est.round().long(), floor)
     while int(counts.sum()) < B:
-        c = int(torch.argmax(est - counts.double()))
-        counts[c] += 1
+        counts[int(torch.argmax(est - counts.double()))] += 1
+    while int(counts.sum()) > B:
+        spare = torch.where(counts > floor, est - counts.double(), torch.inf)
+        counts[int(torch.argmin(spare))] -= 1
     return torch.repeat_interleave(torch.arange(C), counts)
+
+
+def _mean_prediction(model: nn.Module, images: Tensor) -> Tensor:
+    """Mean softmax of ``model`` over ``images`` (float64, CPU)."""
+    net = _clone(model).to(device="cpu", dtype=torch.float64).eval()
+    with torch.no_grad():
+        out = torch.cat([net(x.double()) for x in torch.split(images.cpu(), 256)])
+    return torch.softmax(out, -1).mean(0)
 
 
 def _tv(x: Tensor) -> Tensor:
@@ -261,15 +290,18 @@ def dlg(
     seed: int = 0,
     device: torch.device | str = "cpu",
     multi_step: MultiStep = "average",
+    segment: int = 400,
 ) -> Reconstruction:
     """DLG: L-BFGS on the squared L2 distance between dummy and observed gradients.
 
     With ``labels=None`` soft labels are optimised jointly with the images (the original
-    DLG); with labels given only the images are. The images are optimised unconstrained
-    from a uniform start (a sigmoid box parametrisation measured worse: it slows the
-    exactly-black MNIST background) and clipped to [0, 1] at the end. Of ``restarts``
-    random starts the one with the lowest gradient distance (relative to ``‖g‖²``) is
-    kept.
+    DLG); with labels given only the images are. Images are parametrised as
+    ``sigmoid(z)``, which keeps every iterate inside [0, 1]; on the DLG-initialised
+    sigmoid LeNet this reached a 10–100× lower gradient distance than optimising the
+    pixels unconstrained. L-BFGS is restarted (its curvature history cleared) every
+    ``segment`` iterations: measured on MNIST batches of 7, 1000 + 4×400 iterations in
+    segments reached a lower distance than 2500 in one run. Of ``restarts`` random
+    starts the one with the lowest gradient distance (relative to ``‖g‖²``) is kept.
 
     Parameters
     ----------
@@ -282,13 +314,17 @@ def dlg(
     labels : Tensor, optional
         Fixed labels (known or recovered beforehand).
     iterations, restarts, lr, tv_weight, seed, device, multi_step
-        Optimiser budget, L-BFGS step size, weight of a TV prior, RNG seed, device, and
-        how several local steps are modelled.
+        L-BFGS iterations per restart, random starts, L-BFGS step size, weight of a TV
+        prior, RNG seed, device, and how several local steps are modelled.
+    segment : int
+        L-BFGS iterations between history resets.
 
     Returns
     -------
     Reconstruction
     """
+    if segment < 1:
+        raise ValueError(f"segment: must be >= 1, got {segment}")
     t0 = time.perf_counter()
     device = torch.device(device)
     gm = _GradientModel(model, device)
@@ -297,10 +333,14 @@ def dlg(
     match = _matcher(gm, tgt, knowledge, multi_step)
     shape = (knowledge.batch_size, *knowledge.input_shape)
     gen = torch.Generator().manual_seed(seed)
+
+    def objective(x: Tensor, y: Tensor) -> Tensor:
+        obj = _l2(match(x, y), tgt) / norm
+        return obj + tv_weight * _tv(x) if tv_weight > 0 else obj
+
     best: tuple[float, Tensor, Tensor] | None = None
     for _ in range(restarts):
-        # logit(x) of a uniform start: the sigmoid keeps every iterate inside the box
-        z = _dummy(shape, gen, device).requires_grad_(True)
+        z = torch.logit(_dummy(shape, gen, device).clamp(0.02, 0.98)).requires_grad_(True)
         opt_vars = [z]
         if labels is None:
             y = (
@@ -311,26 +351,29 @@ def dlg(
             opt_vars.append(y)
         else:
             y = labels.to(device)
-        opt = torch.optim.LBFGS(
-            opt_vars,
-            lr=lr,
-            max_iter=iterations,
-            history_size=100,
-            tolerance_grad=1e-14,
-            tolerance_change=1e-16,
-            line_search_fn="strong_wolfe",
-        )
+        done = 0
+        while done < iterations:
+            steps = min(segment, iterations - done)
+            done += steps
+            opt = torch.optim.LBFGS(
+                opt_vars,
+                lr=lr,
+                max_iter=steps,
+                max_eval=steps + steps // 4,
+                history_size=100,
+                tolerance_grad=1e-14,
+                tolerance_change=1e-16,
+                line_search_fn="strong_wolfe",
+            )
 
-        def closure(z: Tensor = z, y: Tensor = y, opt: torch.optim.LBFGS = opt) -> Tensor:
-            opt.zero_grad()
-            obj = _l2(match(z, y), tgt) / norm
-            if tv_weight > 0:
-                obj = obj + tv_weight * _tv(z)
-            obj.backward()
-            return obj
+            def closure(z: Tensor = z, y: Tensor = y, opt: torch.optim.LBFGS = opt) -> Tensor:
+                opt.zero_grad()
+                obj = objective(torch.sigmoid(z), y)
+                obj.backward()
+                return obj
 
-        opt.step(closure)
-        x = z.detach().clamp(0.0, 1.0)
+            opt.step(closure)
+        x = torch.sigmoid(z.detach())
         obj = float(_l2(match(x, y), tgt).detach()) / norm
         if not torch.isfinite(torch.tensor(obj)):
             obj = float("inf")
@@ -358,7 +401,7 @@ def idlg(
         raise ValueError(f"idlg needs batch_size 1, got {knowledge.batch_size}; use dlg")
     labels = kwargs.pop("labels", None)
     if labels is None:
-        labels = recover_labels(target, knowledge)
+        labels = recover_labels(target, knowledge, model)
     return dlg(model, target, knowledge, labels=labels, **kwargs)  # type: ignore[arg-type]
 
 
@@ -386,7 +429,7 @@ def inverting_gradients(
     tgt = [t.to(device=device, dtype=torch.float64) for t in target]
     match = _matcher(gm, tgt, knowledge, multi_step)
     if labels is None:
-        labels = recover_labels(target, knowledge)
+        labels = recover_labels(target, knowledge, model)
     y = labels.to(device)
     shape = (knowledge.batch_size, *knowledge.input_shape)
     gen = torch.Generator().manual_seed(seed)
@@ -477,7 +520,7 @@ def invert_update(
     )
     if method == "dlg":
         if labels is None and label_recovery == "analytic":
-            labels = recover_labels(target, knowledge)
+            labels = recover_labels(target, knowledge, model)
         return dlg(model, target, knowledge, labels=labels, **common)  # type: ignore[arg-type]
     if method == "idlg":
         return idlg(model, target, knowledge, labels=labels, **common)

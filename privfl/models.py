@@ -62,7 +62,15 @@ class MLP(nn.Module):
 class SigmoidLeNet(nn.Module):
     """The LeNet variant of Zhu et al. (DLG, NeurIPS 2019): sigmoid activations, strided
     5×5 convolutions and no pooling, which keeps the gradient twice differentiable and
-    informative — the model DLG was demonstrated on."""
+    informative — the model DLG was demonstrated on.
+
+    Weights and biases are drawn uniform(−0.5, 0.5), as in the DLG reference code
+    (``weights_init`` of mit-han-lab/dlg), from torch's global RNG (``build_model`` seeds
+    it). With PyTorch's default fan-in scaling the sigmoids sit in their linear middle and
+    the untrained network is nearly constant in its input, so images sharing a label enter
+    the gradient almost only through their sum; the wider initialisation makes every
+    layer strongly input-dependent.
+    """
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
@@ -75,6 +83,9 @@ class SigmoidLeNet(nn.Module):
             nn.Sigmoid(),
         )
         self.fc = nn.Linear(12 * 7 * 7, num_classes)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.uniform_(-0.5, 0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.body(x).flatten(1))

@@ -283,7 +283,9 @@ class CuriousServer(Strategy):
             f"round {rnd}: no readable train reply from party {self.settings.target_party}"
         )
 
-    def _knowledge(self, reply: RecordDict, num_classes: int) -> AttackerKnowledge:
+    def _knowledge(
+        self, reply: RecordDict, num_classes: int, auxiliary: torch.Tensor | None
+    ) -> AttackerKnowledge:
         from privfl.training import local_steps
 
         t = self.scenario.training
@@ -307,6 +309,7 @@ class CuriousServer(Strategy):
             lr=t.lr,
             input_shape=self._input_shape or INPUT_SHAPE,
             num_classes=num_classes,
+            auxiliary_images=auxiliary,
         )
 
     def _truth(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -329,9 +332,9 @@ class CuriousServer(Strategy):
             self.failure = str(exc)
             return
         self.observed = update
-        if self._num_classes is None:
-            from privfl.data import load_federation
+        from privfl.data import load_federation
 
+        if self._num_classes is None:
             self._num_classes = load_federation(self.scenario).num_classes
         if self._model is None:
             from privfl.models import build_model
@@ -339,7 +342,12 @@ class CuriousServer(Strategy):
             self._model = build_model(self.scenario, self._num_classes)
         model = copy.deepcopy(self._model)
         model.load_state_dict(sent.to_torch_state_dict())
-        self.knowledge = self._knowledge(reply, self._num_classes)
+        aux = self.settings.auxiliary_samples
+        self.knowledge = self._knowledge(
+            reply,
+            self._num_classes,
+            load_federation(self.scenario).public.images[:aux] if aux else None,
+        )
         labels = self._truth()[1] if self.knowledge.labels_known else None
         from privfl.training import resolve_device
 
@@ -404,7 +412,8 @@ class CuriousServer(Strategy):
         if secure != "none":
             notes.append(
                 f"inverted the server's real view under secure aggregation "
-                f"({secure}): the decoded masked payload, not the party's update"
+                f"({secure}): the decoded stage payload (masked input or partial sum of "
+                f"shares), not the party's update"
             )
         if kn.local_steps > 1:
             notes.append(f"{kn.local_steps} local steps modelled as '{s.multi_step}'")
