@@ -1,1 +1,1 @@
-"""Flower ClientApp and client mods: honest party, secure aggregation, DP-SGD, malicious participant."""
+"""Flower ClientApp and mods: honest party, secure aggregation, DP-SGD, malicious participant."""
