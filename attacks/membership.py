@@ -389,9 +389,16 @@ class QuantileMIA:
     def operating_threshold(self, fpr: float) -> float:
         """The operating point at FPR ``fpr``: the predicted-quantile threshold, raised to
         the empirical ``1 - fpr`` quantile of the held-out public split's membership
-        scores when the regressor is over-confident there (public data only)."""
+        scores when the regressor is over-confident there (public data only).
+
+        The split can only check FPRs it resolves (at least one allowed false positive,
+        ``fpr · n_val >= 1``); below that its "quantile" is just its largest score, which
+        would flag almost nothing, so the regressor's own quantile is used alone.
+        """
         if self._val_scores is None:
             raise RuntimeError("QuantileMIA: call fit() before asking for a threshold")
+        if fpr * self._val_scores.size < 1:
+            return self.threshold(fpr)
         return max(self.threshold(fpr), roc.threshold_at_fpr(self._val_scores, fpr))
 
 
@@ -580,11 +587,11 @@ def _split(scenario: Scenario, federation: Any, rng: np.random.Generator) -> _Sp
     if mi.target == "single":
         # No federation trains here: the train pool is split into members, held-out
         # non-members and extra public data; federation.public is public as well.
-        need = mi.members + mi.eval_samples
+        need = mi.members + mi.non_members
         if need > n_pool:
             raise ValueError(
-                f"attack.membership: members + eval_samples = {need} exceeds the train pool "
-                f"({n_pool} records)"
+                f"attack.membership: members + non-members scored = {need} exceeds the train "
+                f"pool ({n_pool} records)"
             )
         perm = rng.permutation(n_pool)
         members = _take(pool, perm[: mi.members])
@@ -610,13 +617,13 @@ def _split(scenario: Scenario, federation: Any, rng: np.random.Generator) -> _Sp
         # whatever is left over is the attacker's, like federation.public.
         candidates = _cat(_take(pool, unused), federation.server_test)
         n_cand = int(candidates.labels.shape[0])
-        if mi.eval_samples > n_cand:
+        if mi.non_members > n_cand:
             raise ValueError(
-                f"attack.membership.eval_samples: {mi.eval_samples} requested but only "
+                f"attack.membership: {mi.non_members} non-members to score requested but only "
                 f"{n_cand} held-out non-members exist (unused train records + server_test)"
             )
-        eval_out = _take(candidates, np.arange(mi.eval_samples))
-        spare = _take(candidates, np.arange(mi.eval_samples, n_cand))
+        eval_out = _take(candidates, np.arange(mi.non_members))
+        spare = _take(candidates, np.arange(mi.non_members, n_cand))
         public = _cat(federation.public, spare)
         target = f"global-model/party-{mi.target_party}"
     n_pub = int(public.labels.shape[0])
@@ -699,10 +706,14 @@ def _evaluate(
     tp = int(np.sum(scores_in > threshold))
     p = roc.precision_at(scores_in, scores_out, threshold)
     fp = roc.fpr_at(scores_out, threshold)
+    pb = roc.balanced_precision_at(scores_in, scores_out, threshold)
     m.update(
         precision=p.value,
         precision_low=p.low,
         precision_high=p.high,
+        precision_balanced=pb.value,
+        precision_balanced_low=pb.low,
+        precision_balanced_high=pb.high,
         operating_tpr=tp / scores_in.size,
         operating_observed_fpr=fp.value,
         operating_observed_fpr_low=fp.low,
@@ -850,9 +861,13 @@ def run_membership(
             f"TPR@0.1%FPR {metrics['tpr_at_0.1pct_fpr']:.3f}; "
             f"TPR@1%FPR {metrics['tpr_at_1pct_fpr']:.3f}",
             f"operating point (aimed FPR {mi.operating_fpr:g}): observed FPR "
-            f"{metrics['operating_observed_fpr']:.4f}, precision {metrics['precision']:.3f} "
-            f"[{metrics['precision_low']:.3f}, {metrics['precision_high']:.3f}] "
-            f"of {metrics['flagged']} flagged",
+            f"{metrics['operating_observed_fpr']:.4f}, {metrics['true_positives']} of "
+            f"{metrics['flagged']} flagged are members: precision {metrics['precision']:.3f} "
+            f"[{metrics['precision_low']:.3f}, {metrics['precision_high']:.3f}] at "
+            f"{s_in.size} members : {s_out.size} non-members, "
+            f"{metrics['precision_balanced']:.3f} "
+            f"[{metrics['precision_balanced_low']:.3f}, "
+            f"{metrics['precision_balanced_high']:.3f}] at 1 : 1",
         ]
         reports.append(
             AttackReport(

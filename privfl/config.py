@@ -373,8 +373,13 @@ class GradientInversionSection:
     # dlg with unknown labels: "analytic" recovers them from the last-layer bias gradient
     # first and holds them fixed; "joint" optimises soft labels with the images (original DLG).
     label_recovery: Literal["analytic", "joint"] = "analytic"
+    # Public images the server feeds the model to estimate the batch's mean prediction
+    # when counting labels (LLG*); 0 = estimate it from the gradient alone.
+    auxiliary_samples: int = 1000
 
     def validate(self, key: str) -> None:
+        if self.auxiliary_samples < 0:
+            _fail(f"{key}.auxiliary_samples", f"must be >= 0, got {self.auxiliary_samples}")
         if self.target_party < 0:
             _fail(f"{key}.target_party", f"must be >= 0, got {self.target_party}")
         if self.round < 1:

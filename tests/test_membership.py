@@ -3,6 +3,7 @@ and a tiny end-to-end run on synthetic images (no spine data, no DP-SGD)."""
 
 from __future__ import annotations
 
+import copy
 import gc
 import math
 import weakref
@@ -80,6 +81,13 @@ def test_qmia_calibrates_fpr_on_held_out_non_members(qmia_case):
             lo, hi = roc.clopper_pearson(fp, n, 0.99)
             assert lo <= alpha <= hi, (alpha, fp / n)
         assert q.operating_threshold(alpha) >= q.threshold(alpha)
+    # 400 held-out public records cannot resolve FPR 0.1%: their largest score (here one
+    # outlier) must not become the threshold; the regressor's own quantile is used.
+    assert q._val_scores.size == 400
+    outlier = copy.copy(q)
+    outlier._val_scores = np.r_[q._val_scores[:-1], 50.0]
+    assert outlier.operating_threshold(0.001) == q.threshold(0.001)
+    assert outlier.operating_threshold(0.05) == q.operating_threshold(0.05)
     # Predicted quantiles track the true conditional ones: d + z_{1-α}.
     qs = q.predict_quantiles(x[:500], y[:500], [0.5, 0.05])
     true = d[:500, None] + stats.norm.isf([0.5, 0.05])[None, :]
@@ -286,4 +294,18 @@ def test_end_to_end_federated_target_uses_party_records():
     assert report.target == "global-model/party-0/loss"
     assert report.total == 50
     assert report.metrics["non_members_scored"] == 50
+    # More non-members than members: every one scored, the 1:1 precision reported.
+    wide = sc.replace(["attack.membership.eval_non_members=150"])
+    (report,) = M.run_membership(wide, target_model=model, federation=fed)
+    assert (report.total, report.metrics["non_members_scored"]) == (50, 150)
+    m = report.metrics
+    assert m["precision_balanced"] == pytest.approx(
+        m["operating_tpr"] / (m["operating_tpr"] + m["operating_observed_fpr"])
+    )
+    with pytest.raises(ValueError, match="non-members"):
+        M.run_membership(
+            sc.replace(["attack.membership.eval_non_members=900"]),
+            target_model=model,
+            federation=fed,
+        )
     assert report.metrics["auc"] > 0.6

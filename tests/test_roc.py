@@ -94,6 +94,36 @@ def test_precision_and_fpr_at_threshold():
     assert math.isnan(roc.precision_at(s_in, s_out, 10.0).value)
 
 
+def test_balanced_precision_ignores_how_many_non_members_are_scored():
+    s_in = np.array([5.0, 4.0, 3.0, 0.0])
+    s_out = np.array([4.5, 1.0, 0.5, -1.0])
+    # TPR 3/4, FPR 1/4 -> 0.75; with every non-member scored 5 times over, the raw
+    # precision falls to 3/8 while the 1:1 precision stays.
+    p = roc.balanced_precision_at(s_in, s_out, 2.0)
+    assert (p.value, p.successes, p.trials) == (0.75, 3, 4)
+    many = np.tile(s_out, 5)
+    assert roc.precision_at(s_in, many, 2.0).value == pytest.approx(3 / 8)
+    q = roc.balanced_precision_at(s_in, many, 2.0)
+    assert q.value == pytest.approx(0.75)
+    assert q.low <= 0.75 <= q.high and p.low <= 0.75 <= p.high
+    # More evidence, narrower interval.
+    assert q.high - q.low < p.high - p.low
+    assert math.isnan(roc.balanced_precision_at(s_in, s_out, 10.0).value)
+
+
+def test_balanced_precision_interval_covers():
+    rng = np.random.default_rng(3)
+    tpr, fpr, n_in, n_out = 0.3, 0.05, 100, 400
+    truth = tpr / (tpr + fpr)
+    hits = 0
+    for _ in range(400):
+        s_in = (rng.uniform(size=n_in) < tpr).astype(float)
+        s_out = (rng.uniform(size=n_out) < fpr).astype(float)
+        r = roc.balanced_precision_at(s_in, s_out, 0.5)
+        hits += r.low <= truth <= r.high
+    assert hits / 400 >= 0.95
+
+
 def test_auc_bootstrap_interval_contains_estimate_and_narrows():
     rng = np.random.default_rng(1)
     small = roc.auc_ci(rng.normal(1, 1, 50), rng.normal(0, 1, 50), n_boot=300)

@@ -221,6 +221,49 @@ def precision_at(
     return _rate(tp, tp + fp, threshold, confidence)
 
 
+def balanced_precision_at(
+    scores_in: np.ndarray,
+    scores_out: np.ndarray,
+    threshold: float,
+    *,
+    confidence: float = 0.95,
+) -> RateEstimate:
+    """Precision of flagging ``score > threshold`` were members and non-members equally
+    many: ``TPR / (TPR + FPR)``.
+
+    Precision depends on the base rate; this one does not depend on how many non-members
+    happen to be scored, so an evaluation with more non-members than members (to resolve
+    low FPRs) stays comparable to a balanced one. The interval combines Clopper–Pearson
+    intervals of TPR and FPR, each at ``(1 + confidence) / 2`` (Bonferroni), at their
+    worst and best ends. ``successes``/``trials`` are the raw true positives / flagged.
+    NaN when nothing is flagged.
+    """
+    s_in = _as_scores(scores_in, "scores_in")
+    s_out = _as_scores(scores_out, "scores_out")
+    _check_confidence(confidence)
+    tp = int(np.sum(s_in > threshold))
+    fp = int(np.sum(s_out > threshold))
+    if tp + fp == 0:
+        return RateEstimate(math.nan, math.nan, math.nan, 0, 0, float(threshold), confidence)
+    each = (1.0 + confidence) / 2.0
+    tpr, fpr = tp / s_in.size, fp / s_out.size
+    tpr_lo, tpr_hi = clopper_pearson(tp, s_in.size, each)
+    fpr_lo, fpr_hi = clopper_pearson(fp, s_out.size, each)
+
+    def prec(t: float, f: float) -> float:
+        return t / (t + f) if t + f > 0 else 0.0
+
+    return RateEstimate(
+        prec(tpr, fpr),
+        prec(tpr_lo, fpr_hi),
+        prec(tpr_hi, fpr_lo),
+        tp,
+        tp + fp,
+        float(threshold),
+        confidence,
+    )
+
+
 def roc_figure(
     curves: Mapping[str, RocCurve], *, title: str = "Membership inference ROC"
 ) -> Figure:
