@@ -183,7 +183,9 @@ def recover_labels(
     else:
         absent = ~present
         m = g[absent].mean() if bool(absent.any()) else torch.zeros((), dtype=g.dtype)
-    est = (B * (m - g)).clamp_min(0.0)
+    # A garbage target (e.g. decoded from masked traffic) gives absurd estimates: no class
+    # can hold more than the whole batch, which also keeps the rounding loops short.
+    est = torch.nan_to_num(B * (m - g), nan=0.0, posinf=float(B), neginf=0.0).clamp(0.0, B)
     floor = torch.zeros(C, dtype=torch.long)
     floor[torch.argsort(g)[: min(B, int(present.sum()))]] = 1  # most negative first
     counts = torch.maximum(est.round().long(), floor)
@@ -508,6 +510,46 @@ def invert_update(
         labels = torch.as_tensor(labels).long()
     else:
         labels = None
+    # A target decoded from masked traffic is huge ring noise; its gradients underflow
+    # into denormals, which are orders of magnitude slower on CPUs. Flush them.
+    flush = torch.set_flush_denormal(True)
+    try:
+        return _invert(
+            model,
+            update,
+            knowledge,
+            method,
+            iterations=iterations,
+            restarts=restarts,
+            lr=lr,
+            tv_weight=tv_weight,
+            seed=seed,
+            device=device,
+            labels=labels,
+            multi_step=multi_step,
+            label_recovery=label_recovery,
+        )
+    finally:
+        if flush:
+            torch.set_flush_denormal(False)
+
+
+def _invert(
+    model: nn.Module,
+    update: Mapping[str, Tensor],
+    knowledge: AttackerKnowledge,
+    method: Method,
+    *,
+    iterations: int,
+    restarts: int,
+    lr: float,
+    tv_weight: float,
+    seed: int,
+    device: torch.device | str,
+    labels: Tensor | None,
+    multi_step: MultiStep,
+    label_recovery: LabelRecovery,
+) -> Reconstruction:
     target = gradient_from_update(model, update, knowledge)
     common = dict(
         iterations=iterations,

@@ -15,6 +15,9 @@ BENCH_SUITES = {
     "secagg": "privfl.bench.secagg",
     "dp": "privfl.bench.dp",
     "seed": "privfl.bench.seed",
+    "inversion": "privfl.bench.inversion",
+    "imprint": "privfl.bench.imprint",
+    "membership": "privfl.bench.membership",
 }
 
 

@@ -196,7 +196,14 @@ def main(argv: list[str]) -> int:
     )
     ap.add_argument("--set", nargs="*", default=[], metavar="K=V", help="scenario overrides")
     ap.add_argument("--json", default="", help="also write the figures here")
+    ap.add_argument("--epochs", type=int, default=0, help="epochs of the central runs")
+    ap.add_argument(
+        "--parts",
+        default="central,fl,steps",
+        help="comma-separated: central (no DP, ε=3, ε=1.5), fl (3 hospitals), steps (cost)",
+    )
     args = ap.parse_args(argv)
+    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     warnings.filterwarnings("ignore", message="Optimal order")
     warnings.filterwarnings("ignore", message="Full backward hook")
     warnings.filterwarnings("ignore", message="Secure RNG")
@@ -210,76 +217,94 @@ def main(argv: list[str]) -> int:
         train = train.subset(torch.randperm(len(train), generator=g)[:12_000])
         test = test.subset(torch.arange(min(2000, len(test))))
         epochs, batch, fl_rounds, fl_local = 4, 400, 2, 2
+    epochs = args.epochs or epochs
     print(
         f"dataset {sc.data.dataset}: {len(train)} train / {len(test)} test, {num_classes} classes, "
         f"device {device}, {epochs} epochs, expected batch {batch}"
     )
 
     rows: dict[str, dict[str, float]] = {}
-    t0 = time.perf_counter()
-    torch.manual_seed(0)
-    model = TramerBonehCNN(num_classes).to(device)
-    # Non-private baseline: the usual small-batch SGD (large-batch lr 2 needs clipping).
-    _train_plain(
-        model, train, epochs=epochs, batch=128, lr=0.05, momentum=0.9, seed=0, device=device
-    )
-    rows["no DP"] = {
-        "acc": _accuracy(model, test, device),
-        "eps": float("inf"),
-        "s": time.perf_counter() - t0,
-    }
-    for label, eps in (("ε=3", 3.0), ("ε=1.5", 1.5)):
-        t0 = time.perf_counter()
-        torch.manual_seed(0)
-        model = TramerBonehCNN(num_classes)
-        res = train_dp_sgd(
-            model,
-            train,
-            epochs=epochs,
-            batch_size=batch,
-            lr=2.0,
-            momentum=0.9,
-            epsilon=eps,
-            delta=1e-5,
-            clip=0.1,
-            seed=0,
-            device=device,
-            accountant=sc.defense.dp.accountant,
-        )
-        rows[label] = {
-            "acc": _accuracy(model, test, device),
-            "eps": res.epsilon,
-            "sigma": res.noise_multiplier,
-            "s": time.perf_counter() - t0,
-        }
-    for label, eps in (("FL 3 hospitals ε=3", 3.0), ("FL 3 hospitals ε=1.5", 1.5)):
-        t0 = time.perf_counter()
-        acc, e = _federated(
-            train,
-            test,
-            num_classes,
-            epsilon=eps,
-            rounds=fl_rounds,
-            local_epochs=fl_local,
-            batch=batch,
-            device=device,
-        )
-        rows[label] = {"acc": acc, "eps": e, "s": time.perf_counter() - t0}
-    times = _step_times(num_classes, train, batch, device, steps=3 if args.quick else 20)
-
     print(
         f"\n{'run':24} {'acc':>7} {'ε spent':>8} {'σ':>6} {'time s':>7} "
-        f"{'EMNIST ref':>10} {'MNIST target':>12}"
+        f"{'EMNIST ref':>10} {'MNIST target':>12}",
+        flush=True,
     )
-    for label, r in rows.items():
+
+    def report(label: str, row: dict[str, float]) -> None:
+        rows[label] = row
         key = label.removeprefix("FL 3 hospitals ").strip() if label.startswith("FL") else label
         ref = REFERENCE.get(key)
         tgt = TARGET_MNIST.get(key) if not label.startswith("FL") else None
         print(
-            f"{label:24} {r['acc']:7.2%} {r['eps']:8.3f} {r.get('sigma', float('nan')):6.2f} "
-            f"{r['s']:7.1f} {'' if ref is None else f'{ref:.0%}':>10} "
-            f"{'' if tgt is None else f'>= {tgt:.0%}':>12}"
+            f"{label:24} {row['acc']:7.2%} {row['eps']:8.3f} {row.get('sigma', float('nan')):6.2f} "
+            f"{row['s']:7.1f} {'' if ref is None else f'{ref:.0%}':>10} "
+            f"{'' if tgt is None else f'>= {tgt:.0%}':>12}",
+            flush=True,
         )
+        if args.json:
+            Path(args.json).write_text(json.dumps({"runs": rows}, indent=2))
+
+    if "central" in parts:
+        for label, eps in (("ε=1.5", 1.5), ("ε=3", 3.0)):
+            t0 = time.perf_counter()
+            torch.manual_seed(0)
+            model = TramerBonehCNN(num_classes)
+            res = train_dp_sgd(
+                model,
+                train,
+                epochs=epochs,
+                batch_size=batch,
+                lr=2.0,
+                momentum=0.9,
+                epsilon=eps,
+                delta=1e-5,
+                clip=0.1,
+                seed=0,
+                device=device,
+                accountant=sc.defense.dp.accountant,
+            )
+            report(
+                label,
+                {
+                    "acc": _accuracy(model, test, device),
+                    "eps": res.epsilon,
+                    "sigma": res.noise_multiplier,
+                    "s": time.perf_counter() - t0,
+                },
+            )
+        t0 = time.perf_counter()
+        torch.manual_seed(0)
+        model = TramerBonehCNN(num_classes).to(device)
+        # Non-private baseline: the usual small-batch SGD (large-batch lr 2 needs clipping).
+        _train_plain(
+            model, train, epochs=epochs, batch=128, lr=0.05, momentum=0.9, seed=0, device=device
+        )
+        report(
+            "no DP",
+            {
+                "acc": _accuracy(model, test, device),
+                "eps": float("inf"),
+                "s": time.perf_counter() - t0,
+            },
+        )
+    if "fl" in parts:
+        for label, eps in (("FL 3 hospitals ε=3", 3.0), ("FL 3 hospitals ε=1.5", 1.5)):
+            t0 = time.perf_counter()
+            acc, e = _federated(
+                train,
+                test,
+                num_classes,
+                epsilon=eps,
+                rounds=fl_rounds,
+                local_epochs=fl_local,
+                batch=batch,
+                device=device,
+            )
+            report(label, {"acc": acc, "eps": e, "s": time.perf_counter() - t0})
+    if "steps" not in parts:
+        return 0
+    times = _step_times(num_classes, train, batch, device, steps=3 if args.quick else 20)
+
     base = times["non-private"]
     print(f"\n{'per-step cost (batch ' + str(batch) + ')':32} {'ms':>8} {'× non-private':>14}")
     for label, ms in times.items():
