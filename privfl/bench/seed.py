@@ -27,8 +27,16 @@ ROWS: list[tuple[str, str, str]] = [
     ("seed_mia_fl", "MIA on a federated global model: (not reported)", "mia"),
 ]
 
-KEY_METRICS = ("psnr_mean", "ssim_mean", "auc", "tpr_at_0.1pct_fpr", "tpr_at_1pct_fpr",
-               "precision", "expected_fraction", "seconds")
+KEY_METRICS = (
+    "psnr_mean",
+    "ssim_mean",
+    "auc",
+    "tpr_at_0.1pct_fpr",
+    "tpr_at_1pct_fpr",
+    "precision",
+    "expected_fraction",
+    "seconds",
+)
 
 
 def _summarise(attack: dict[str, Any]) -> str:
@@ -39,19 +47,28 @@ def _summarise(attack: dict[str, Any]) -> str:
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="privfl bench seed", description=__doc__)
-    p.add_argument("--only", default="dlg,imprint,mia",
-                   help="comma-separated groups: dlg, imprint, mia")
-    p.add_argument("--seeds", type=int, default=1,
-                   help="run each scenario with seeds 0..N-1 and report each")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override applied to every scenario (e.g. data.root=../shared/data)")
+    p.add_argument(
+        "--only", default="dlg,imprint,mia", help="comma-separated groups: dlg, imprint, mia"
+    )
+    p.add_argument(
+        "--seeds", type=int, default=1, help="run each scenario with seeds 0..N-1 and report each"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override applied to every scenario (e.g. data.root=../shared/data)",
+    )
     args = p.parse_args(argv)
     groups = {g.strip() for g in args.only.split(",") if g.strip()}
 
     from privfl.runner import run_scenario
 
-    print(f"{'scenario':<26} {'seed':>4} {'attack (role)':<44} {'recovered':>10} "
-          f"{'accuracy':>8} {'wall s':>7}  metrics")
+    print(
+        f"{'scenario':<26} {'seed':>4} {'attack (role)':<44} {'recovered':>10} "
+        f"{'accuracy':>8} {'wall s':>7}  metrics"
+    )
     summary: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, reference, group in ROWS:
@@ -60,20 +77,25 @@ def main(argv: list[str]) -> int:
             for seed in range(args.seeds):
                 t0 = time.perf_counter()
                 res = run_scenario(
-                    name, Path(tmp) / f"{name}-{seed}",
-                    overrides=[*args.set, f"scenario.seed={seed}"], progress=False,
+                    name,
+                    Path(tmp) / f"{name}-{seed}",
+                    overrides=[*args.set, f"scenario.seed={seed}"],
+                    progress=False,
                 )
                 wall = time.perf_counter() - t0
                 acc = res["final"].get("accuracy")
                 acc_s = "–" if acc is None else f"{acc:.1%}"
                 for a in res["attacks"]:
                     label = f"{a['name']} ({a['role']}→{a['target']})"
-                    print(f"{name:<26} {seed:>4} {label:<44} "
-                          f"{a['recovered']:>4}/{a['total']:<5} {acc_s:>8} {wall:>7.1f}  "
-                          f"{_summarise(a)}")
+                    print(
+                        f"{name:<26} {seed:>4} {label:<44} "
+                        f"{a['recovered']:>4}/{a['total']:<5} {acc_s:>8} {wall:>7.1f}  "
+                        f"{_summarise(a)}"
+                    )
                     if a["total"]:
                         summary.setdefault(f"{name} {a['target']}", []).append(
-                            a["recovered"] / a["total"])
+                            a["recovered"] / a["total"]
+                        )
             print(f"{'':<26}      founding document: {reference}")
     if args.seeds > 1:
         print("\nrecovered fraction over seeds (mean, min, max):")
