@@ -29,9 +29,10 @@ gradient (``multi_step="average"``) or by unrolling the local steps
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -510,47 +511,6 @@ def invert_update(
         labels = torch.as_tensor(labels).long()
     else:
         labels = None
-    # A target decoded from masked traffic is huge ring noise; its gradients underflow
-    # into denormals, which are orders of magnitude slower on CPUs. Flush them.
-    flush = torch.set_flush_denormal(True)
-    try:
-        return _invert(
-            model,
-            update,
-            knowledge,
-            method,
-            iterations=iterations,
-            restarts=restarts,
-            lr=lr,
-            tv_weight=tv_weight,
-            seed=seed,
-            device=device,
-            labels=labels,
-            multi_step=multi_step,
-            label_recovery=label_recovery,
-        )
-    finally:
-        if flush:
-            torch.set_flush_denormal(False)
-
-
-def _invert(
-    model: nn.Module,
-    update: Mapping[str, Tensor],
-    knowledge: AttackerKnowledge,
-    method: Method,
-    *,
-    iterations: int,
-    restarts: int,
-    lr: float,
-    tv_weight: float,
-    seed: int,
-    device: torch.device | str,
-    labels: Tensor | None,
-    multi_step: MultiStep,
-    label_recovery: LabelRecovery,
-) -> Reconstruction:
-    target = gradient_from_update(model, update, knowledge)
     common = dict(
         iterations=iterations,
         restarts=restarts,
@@ -560,6 +520,32 @@ def _invert(
         device=device,
         multi_step=multi_step,
     )
+    # A target decoded from masked traffic is huge ring noise; its gradients underflow
+    # into denormals, which are orders of magnitude slower on CPUs. Flush them.
+    with _flushed_denormals():
+        return _dispatch(model, update, knowledge, method, labels, label_recovery, common)
+
+
+@contextlib.contextmanager
+def _flushed_denormals() -> Iterator[None]:
+    flushed = torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if flushed:
+            torch.set_flush_denormal(False)
+
+
+def _dispatch(
+    model: nn.Module,
+    update: Mapping[str, Tensor],
+    knowledge: AttackerKnowledge,
+    method: Method,
+    labels: Tensor | None,
+    label_recovery: LabelRecovery,
+    common: dict,
+) -> Reconstruction:
+    target = gradient_from_update(model, update, knowledge)
     if method == "dlg":
         if labels is None and label_recovery == "analytic":
             labels = recover_labels(target, knowledge, model)

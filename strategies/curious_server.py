@@ -24,10 +24,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from privfl.attacks.gradient_inversion import AttackerKnowledge, Reconstruction, invert_update
+from privfl.strategies.wrapper import StrategyWrapper
 
 from privfl.config import Scenario
 from privfl.results import AttackReport
@@ -154,7 +155,7 @@ def secagg_reader() -> UpdateReader:
     return curious_read
 
 
-class CuriousServer(Strategy):
+class CuriousServer(StrategyWrapper):
     """Honest-but-curious wrapper: runs ``inner`` faithfully and inverts the update of
     ``attack.gradient_inversion.target_party`` in round ``...round``.
 
@@ -185,7 +186,7 @@ class CuriousServer(Strategy):
         num_classes: int | None = None,
         input_shape: tuple[int, ...] | None = None,
     ) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self._input_shape = input_shape
         self.scenario = scenario
         self.party_of = dict(party_of)
@@ -205,35 +206,6 @@ class CuriousServer(Strategy):
         self.knowledge: AttackerKnowledge | None = None
         self.observed: dict[str, np.ndarray] | None = None
         self.failure = ""
-
-    # ------------------------------------------------------------------ forwarding
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Forwarded unchanged."""
-        return self.inner.configure_train(server_round, arrays, config, grid)
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Forwarded unchanged."""
-        return self.inner.aggregate_train(server_round, replies)
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Forwarded unchanged."""
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """Forwarded unchanged."""
-        return self.inner.aggregate_evaluate(server_round, replies)
-
-    def summary(self) -> None:
-        """Forwarded."""
-        self.inner.summary()
 
     def start(self, grid: Grid, *args: object, **kwargs: object) -> Result:
         """Run ``inner.start`` on a recording grid, then attack the recorded update."""
