@@ -689,6 +689,11 @@ def _accuracy(api: QueryAPI, data: LabelledImages) -> float:
     return float(np.mean(api.query(data.images).argmax(1) == data.labels.numpy()))
 
 
+def _put_estimate(m: dict[str, Any], key: str, est: Any) -> None:
+    """``key``, ``key_low``, ``key_high`` from an estimate with a confidence interval."""
+    m.update({key: est.value, f"{key}_low": est.low, f"{key}_high": est.high})
+
+
 def _evaluate(
     name: str,
     scores_in: np.ndarray,
@@ -698,26 +703,18 @@ def _evaluate(
     seed: int,
 ) -> dict[str, Any]:
     m: dict[str, Any] = {"attack": name}
-    a = roc.auc_ci(scores_in, scores_out, seed=seed)
-    m.update(auc=a.value, auc_low=a.low, auc_high=a.high)
+    _put_estimate(m, "auc", roc.auc_ci(scores_in, scores_out, seed=seed))
     for key, f in (("tpr_at_0.1pct_fpr", 0.001), ("tpr_at_1pct_fpr", 0.01)):
-        r = roc.tpr_at_fpr(scores_in, scores_out, f)
-        m.update({key: r.value, f"{key}_low": r.low, f"{key}_high": r.high})
+        _put_estimate(m, key, roc.tpr_at_fpr(scores_in, scores_out, f))
     tp = int(np.sum(scores_in > threshold))
     p = roc.precision_at(scores_in, scores_out, threshold)
-    fp = roc.fpr_at(scores_out, threshold)
-    pb = roc.balanced_precision_at(scores_in, scores_out, threshold)
+    _put_estimate(m, "precision", p)
+    _put_estimate(
+        m, "precision_balanced", roc.balanced_precision_at(scores_in, scores_out, threshold)
+    )
+    _put_estimate(m, "operating_observed_fpr", roc.fpr_at(scores_out, threshold))
     m.update(
-        precision=p.value,
-        precision_low=p.low,
-        precision_high=p.high,
-        precision_balanced=pb.value,
-        precision_balanced_low=pb.low,
-        precision_balanced_high=pb.high,
         operating_tpr=tp / scores_in.size,
-        operating_observed_fpr=fp.value,
-        operating_observed_fpr_low=fp.low,
-        operating_observed_fpr_high=fp.high,
         flagged=p.trials,
         true_positives=tp,
     )

@@ -31,6 +31,7 @@ from torch import nn
 
 from privfl.config import Scenario
 from privfl.dp import KeyStream, calibrate_noise, epsilon_of_history, noise_key
+from privfl.training import make_optimizer
 
 STATE_KEY = "privfl.dp-sgd"
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
@@ -291,12 +292,7 @@ def dp_sgd_round(
             )
     device = torch.device(device)
     model.to(device)
-    params = model.parameters()
-    opt: torch.optim.Optimizer = (
-        torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-        if t.optimizer == "sgd"
-        else torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
-    )
+    opt = make_optimizer(model, scenario)
     loss = run_dp_sgd_steps(
         model,
         data.images.to(device),

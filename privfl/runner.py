@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -92,7 +91,6 @@ def run_scenario(
     from privfl.clients.app import app as client_app
 
     _quiet_flower(verbose)
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run_simulation(

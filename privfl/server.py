@@ -32,7 +32,7 @@ HELLO = "query.privfl_hello"
 
 
 def _aggregate_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Weighted means (parties without examples carry no weight); the largest epsilon."""
+    """Weighted means; parties without examples carry no weight."""
     records = [r for r in records if float(r.metric_records["metrics"][weight_key]) > 0]
     total = sum(float(r.metric_records["metrics"][weight_key]) for r in records)
     out = MetricRecord({weight_key: total})
@@ -48,10 +48,7 @@ def _aggregate_metrics(records: list[RecordDict], weight_key: str) -> MetricReco
             for r in records
             if key in r.metric_records["metrics"]
         ]
-        if key == "epsilon":
-            out[key] = max(v for v, _ in vals)
-        else:
-            out[key] = sum(v * w for v, w in vals) / total
+        out[key] = sum(v * w for v, w in vals) / total
     return out
 
 
@@ -295,11 +292,8 @@ def _merge_client_metrics(rounds: list[dict[str, Any]], result: Any) -> None:
         if ev is not None and "eval-acc" in ev:
             row["party_accuracy"] = float(ev["eval-acc"])
         tr = result.train_metrics_clientapp.get(row["round"])
-        if tr is not None:
-            if "train-loss" in tr:
-                row["train_loss"] = float(tr["train-loss"])
-            if "epsilon" in tr:
-                row["epsilon"] = float(tr["epsilon"])
+        if tr is not None and "train-loss" in tr:
+            row["train_loss"] = float(tr["train-loss"])
 
 
 def _merge_epsilon(rounds: list[dict[str, Any]], chain: list[Strategy]) -> None:
