@@ -100,13 +100,31 @@ def bins_for_fraction(n: int, target: float) -> int:
     return k
 
 
+def attack_round_scenario(scenario: Scenario) -> Scenario:
+    """The scenario a malicious server sends in its attack round: its own
+    ``attack.imprint.local_steps`` / ``batch_size`` / ``lr`` in place of the training
+    values."""
+    im = scenario.attack.imprint
+    overrides = [
+        f"training.{name}={value}"
+        for name, value in (
+            ("local_steps", im.local_steps),
+            ("batch_size", im.batch_size),
+            ("lr", im.lr),
+        )
+        if value
+    ]
+    return scenario.replace(overrides) if overrides else scenario
+
+
 def samples_per_round(scenario: Scenario, parties: int | None = None) -> int:
-    """Samples that enter one round's aggregate: parties × batch size × local steps.
+    """Samples that enter the attack round's aggregate: parties × batch size × local steps
+    (the hyper-parameters of :func:`attack_round_scenario`).
 
     With ``training.local_steps == 0`` the steps are the epochs' batches over
     ``data.samples_per_party`` (one batch when that is 0 = unknown here).
     """
-    tr = scenario.training
+    tr = attack_round_scenario(scenario).training
     n_parties = scenario.data.parties if parties is None else parties
     if tr.local_steps > 0:
         steps = tr.local_steps
@@ -239,20 +257,22 @@ class ImprintBlock(nn.Module):
         self.image_shape = tuple(image_shape)
         self.info = ImprintInfo(bins=k, image_shape=self.image_shape)
         self.encoder = nn.Linear(d, FAMILIES * k)
-        self.pool = nn.Linear(FAMILIES * k, FAMILIES, bias=False)
-        self.decoder = nn.Linear(FAMILIES, d, bias=False)
         gen = torch.Generator().manual_seed(probe_seed)
         probes = torch.randn(2, d, generator=gen) * probe_scale
+        # Sum pooling and the probe columns are fixed (a buffer, not weights): were they
+        # trainable, their own gradients (∝ the family sums, thousands of active neurons)
+        # would break the families' cancellation after one local step and with it the
+        # task model's training.
+        self.register_buffer("probes", torch.stack([probes[0], probes[1], -probes.sum(0)], 1))
         with torch.no_grad():
             self.encoder.weight.copy_(measurement.float().expand(FAMILIES * k, d))
             self.encoder.bias.copy_(-edges.float().repeat(FAMILIES))
-            self.pool.weight.copy_(torch.kron(torch.eye(FAMILIES), torch.ones(1, k)))
-            self.decoder.weight.copy_(torch.stack([probes[0], probes[1], -probes.sum(0)], 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.flatten(1)
         h = torch.relu(self.encoder(flat))
-        return (flat + self.decoder(self.pool(h))).view_as(x)
+        family_sums = h.view(h.shape[0], FAMILIES, -1).sum(-1)
+        return (flat + family_sums @ self.probes.T).view_as(x)
 
 
 class RiggedModel(nn.Module):
@@ -404,19 +424,15 @@ def reconstruct_from_update(
         Only bins judged to hold one sample; collisions are counted, never returned.
     """
     start = time.perf_counter()
-    F, k = block_info.families, block_info.bins
-    W = update[block_info.weight_key].detach().double().reshape(F, k, -1)
-    b = update[block_info.bias_key].detach().double().reshape(F, k)
-    # Neuron i sums every sample above t_i: subtracting neuron i+1 keeps bin i only.
-    dW = torch.cat([W[:, :-1] - W[:, 1:], W[:, -1:]], dim=1)
-    db = torch.cat([b[:, :-1] - b[:, 1:], b[:, -1:]], dim=1)
+    F = block_info.families
+    dW, db = _bin_differences(update, block_info)
     v_norm = db.norm(dim=0)  # (k,)
     d = dW.shape[-1]
     # A difference of two noisy rows has sqrt(2) x the noise; norms over F (and d) entries.
     floor = max(float(v_norm.max()) * signal_rtol, 5 * noise_std * math.sqrt(2 * F), 1e-30)
     occupied = v_norm > floor
     # Rank-one fit per bin: dW[:, i] ≈ db[:, i] ⊗ x_i, x_i = db_iᵀ dW_i / |db_i|².
-    x = torch.einsum("fk,fkd->kd", db, dW) / v_norm.clamp_min(1e-30).pow(2)[:, None]
+    x = _rank_one_images(dW, db)
     resid = (dW - db[:, :, None] * x[None]).norm(dim=(0, 2))
     m_norm = dW.norm(dim=(0, 2))
     allowed = residual_tol * m_norm + 3 * noise_std * math.sqrt(2 * F * d)
@@ -432,6 +448,42 @@ def reconstruct_from_update(
         occupied=int(occupied.sum()),
         residuals=rel[idx].float(),
     )
+
+
+def _bin_differences(
+    update: dict[str, torch.Tensor], block_info: ImprintInfo
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(F, k, d)`` row and ``(F, k)`` bias differences of neighbouring neurons."""
+    F, k = block_info.families, block_info.bins
+    W = update[block_info.weight_key].detach().double().reshape(F, k, -1)
+    b = update[block_info.bias_key].detach().double().reshape(F, k)
+    # Neuron i sums every sample above t_i: subtracting neuron i+1 keeps bin i only.
+    dW = torch.cat([W[:, :-1] - W[:, 1:], W[:, -1:]], dim=1)
+    db = torch.cat([b[:, :-1] - b[:, 1:], b[:, -1:]], dim=1)
+    return dW, db
+
+
+def _rank_one_images(dW: torch.Tensor, db: torch.Tensor) -> torch.Tensor:
+    """Least-squares ``x_i`` of ``dW[:, i] ≈ db[:, i] ⊗ x_i`` for every bin, ``(k, d)``."""
+    v2 = db.pow(2).sum(0).clamp_min(1e-30)
+    return torch.einsum("fk,fkd->kd", db, dW) / v2[:, None]
+
+
+def strongest_bins_readout(
+    update: dict[str, torch.Tensor], block_info: ImprintInfo, count: int
+) -> torch.Tensor:
+    """``x = ΔW/Δb`` of the ``count`` bins with the largest bias differences, unverified.
+
+    The attacker's fallback when no bin passes the single-sample test (e.g. the update is
+    DP-noised): it still knows how many samples it expects and reads out the bins most
+    likely to hold them. Scoring these shows what a defense leaves to an attacker that
+    ignores its own test. Returns ``(count, *image_shape)`` images clipped to [0, 1].
+    """
+    dW, db = _bin_differences(update, block_info)
+    count = max(0, min(int(count), block_info.bins))
+    top = torch.argsort(db.norm(dim=0), descending=True)[:count]
+    x = _rank_one_images(dW[:, top], db[:, top])
+    return x.clamp(0.0, 1.0).float().reshape(-1, *block_info.image_shape)
 
 
 def state_update(
@@ -455,6 +507,8 @@ def evaluate_imprint(
     seconds: float,
     collisions: int,
     notes: list[str] | None = None,
+    verified: int | None = None,
+    total: int | None = None,
 ) -> AttackReport:
     """Score recovered images against the union of the attacked batches.
 
@@ -478,9 +532,15 @@ def evaluate_imprint(
         wall time and the collisions it rejected.
     notes : list[str], optional
         Extra lines for the report.
+    verified : int, optional
+        Bins that passed the single-sample test when ``images`` also holds unverified
+        readouts (default: all of ``images``).
+    total : int, optional
+        Samples in the aggregate when ``truth`` is a superset of them (default: all of
+        ``truth``).
     """
     im = scenario.attack.imprint
-    total = int(truth.shape[0])
+    total = int(truth.shape[0]) if total is None else int(total)
     psnr_mean = ssim_mean = float("nan")
     recovered = 0
     figures = {}
@@ -494,11 +554,12 @@ def evaluate_imprint(
         recovered = int((psnr >= im.recovered_psnr).sum())
         psnr_mean = float(psnr.mean())
         ssim_mean = float(ssim(images[perm[hit]], truth[hit]).mean())
+        shown = hit if total != truth.shape[0] else torch.ones_like(hit)  # matched ones only
         figures[f"imprint_{role}.png"] = image_grid_figure(
-            truth,
+            truth[shown],
             images,
-            perm=perm.tolist(),
-            psnr_per_image=per.tolist(),
+            perm=perm[shown].tolist(),
+            psnr_per_image=per[shown].tolist(),
             title=f"imprint ({role}): {recovered}/{total} at PSNR ≥ {im.recovered_psnr:g} dB",
         )
     measured = recovered / total if total else float("nan")
@@ -506,7 +567,8 @@ def evaluate_imprint(
         f"bins k = {bins}, samples N = {total}: expected fraction (1-1/k)^(N-1) = "
         f"{expected:.3f}, measured {measured:.3f} ({recovered}/{total} at PSNR >= "
         f"{im.recovered_psnr:g} dB)",
-        f"{images.shape[0]} single-sample bins returned, {collisions} collisions rejected",
+        f"{images.shape[0] if verified is None else verified} single-sample bins verified, "
+        f"{collisions} collisions rejected",
     ]
     return AttackReport(
         name="imprint",

@@ -235,6 +235,28 @@ def _store_history(
     state[STATE_KEY] = ConfigRecord({"noise-multiplier": sigma, "history": flat})
 
 
+def dp_sgd_round_batches(
+    scenario: Scenario, party: int, server_round: int, n: int
+) -> list[np.ndarray]:
+    """The Poisson batches (indices into the party's ``n`` train records) of one round of
+    :func:`dp_sgd_round`, as its lab-mode sampling stream draws them.
+
+    For evaluators (ground truth of what a party trained on), never for attackers.
+
+    Raises
+    ------
+    ValueError
+        Under ``defense.dp.secure_noise`` the stream is keyed from the OS: not reproducible.
+    """
+    from privfl.training import local_steps
+
+    if scenario.defense.dp.secure_noise:
+        raise ValueError("defense.dp.secure_noise: DP-SGD batches are not reproducible")
+    q = min(1.0, scenario.training.batch_size / n)
+    sampling = KeyStream(noise_key(scenario, "dp-sgd-sampling", party, server_round))
+    return [np.flatnonzero(sampling.uniform(n) < q) for _ in range(local_steps(n, scenario))]
+
+
 def dp_sgd_round(
     model: nn.Module,
     data: _Images,

@@ -19,6 +19,7 @@ secrets live in ``context.state`` and persist across rounds.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from typing import Any
@@ -44,7 +45,14 @@ def _config(msg: Message) -> ConfigRecord | None:
 
 
 def _scenario(cfg: ConfigRecord) -> Scenario:
-    return Scenario.from_json(str(cfg["privfl.scenario"]))
+    return _parse_scenario(str(cfg["privfl.scenario"]))
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_scenario(text: str) -> Scenario:
+    # Every stage message carries the scenario; parsing and validating it costs ~5 ms,
+    # and a Scenario is frozen, so parse each distinct text once per process.
+    return Scenario.from_json(text)
 
 
 def _party(context: Context) -> int:
@@ -67,8 +75,16 @@ def _save(context: Context, proto: Any, st: dict[str, Any]) -> None:
     context.state.config_records[wire.STATE] = ConfigRecord({"json": json.dumps(st)})
 
 
-def _flatten(arrays: ArrayRecord, keys: list[str]) -> np.ndarray:
-    return np.concatenate([arrays[k].numpy().astype(np.float64).ravel() for k in keys])
+def _delta(local: ArrayRecord, glob: ArrayRecord, keys: list[str]) -> np.ndarray:
+    """``local - global`` flattened, in float64 (exact for float32 weights), one vector."""
+    sizes = [int(np.prod(glob[k].shape)) for k in keys]
+    out = np.empty(sum(sizes))
+    off = 0
+    for k, n in zip(keys, sizes, strict=True):
+        a, b = local[k].numpy().ravel(), glob[k].numpy().ravel()
+        np.subtract(a, b, out=out[off : off + n], dtype=np.float64)
+        off += n
+    return out
 
 
 def _default_noise() -> tuple[NoiseFn, Callable[..., None]]:
@@ -115,7 +131,7 @@ def encode_update(
                 f"party {party}: '{k}' has shape {tuple(local[k].shape)}, "
                 f"expected {tuple(glob[k].shape)}"
             )
-    delta = _flatten(local, keys) - _flatten(glob, keys)
+    delta = _delta(local, glob, keys)
     dp_mode = scenario.defense.dp.mode
     weight = 1.0 if dp_mode in ("global", "distributed") else float(metrics["num-examples"])
     loss = float(metrics.get("train-loss", 0.0))
@@ -123,9 +139,19 @@ def encode_update(
     server_round = int(msg.content["config"]["server-round"])
     # The rounding dither is public, not a secret: seed it so a scenario re-encodes alike.
     dither = np.random.default_rng([scenario.scenario.seed, party, server_round])
-    body = codec.encode(delta, weight=weight, parties=parties, party=party, rng=dither)
-    extra = codec.encode(
-        np.array([1.0, loss]), weight=weight, parties=parties, party=party, clip=False, rng=dither
+    # Encoded straight into the message vector: no concatenation copy.
+    vec = np.empty(delta.size + wire.EXTRA_COORDS, dtype=codec.dtype)
+    body = codec.encode(
+        delta, weight=weight, parties=parties, party=party, rng=dither, out=vec[: delta.size]
+    )
+    codec.encode(
+        np.array([1.0, loss]),
+        weight=weight,
+        parties=parties,
+        party=party,
+        clip=False,
+        rng=dither,
+        out=vec[delta.size :],
     )
     if dp_mode == "distributed":
         noise_fn = noise_fn or _default_noise()[0]
@@ -138,8 +164,8 @@ def encode_update(
                 f"party {party}: distributed noise must be {delta.size} integers, "
                 f"got {noise.dtype} {noise.shape}"
             )
-        body = codec.add(body, codec.from_signed(noise))
-    return np.concatenate([body, extra])
+        codec.add(body, codec.from_signed(noise), out=body)
+    return vec
 
 
 def make_secagg_mod(
@@ -180,7 +206,7 @@ def make_secagg_mod(
         vec = encode_update(msg, reply, scenario, party, len(parties), noise_fn=noise_fn)
         content = RecordDict()
         if isinstance(proto, MaskingParty):
-            y, cts = proto.mask(vec, rnd=rnd, parties=parties)
+            y, cts = proto.mask(vec, rnd=rnd, parties=parties, overwrite=True)
             content[wire.VECTOR] = wire.vector_record(y)
         else:
             context.state.array_records[wire.CACHE] = wire.vector_record(vec)

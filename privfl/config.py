@@ -161,6 +161,10 @@ class TrainingSection:
             _fail(f"{key}.weight_decay", f"must be >= 0, got {self.weight_decay}")
 
 
+# Rings an automatic defense.secagg.ring_bits chooses from, smallest first.
+RING_CHOICES = (32, 62)
+
+
 @dataclass(frozen=True)
 class SecAggSection:
     """Parameters of secret-shared secure aggregation (``defense.secagg``)."""
@@ -169,8 +173,10 @@ class SecAggSection:
     clip_range: float = 4.0
     # Fixed-point scale: 2**frac_bits quantisation steps per unit.
     frac_bits: int = 20
-    # Ring Z_{2^ring_bits}; the encoder checks the headroom for n parties.
-    ring_bits: int = 62
+    # Ring Z_{2^ring_bits}; the encoder checks the headroom for n parties. 0 = automatic:
+    # the smaller of RING_CHOICES that has headroom for the run's parties, clip range and
+    # weights (see resolve_ring_bits); the validated scenario holds the chosen value.
+    ring_bits: int = 0
     # Masking: Shamir threshold t (0 = floor(2m/3) + 1 for neighbourhoods of m, self
     # included) and neighbours per party (0 = all pairs; otherwise an even k < parties:
     # a k-regular Harary graph, offsets +-1 .. +-k/2 around a ring of the parties).
@@ -184,9 +190,9 @@ class SecAggSection:
             _fail(f"{key}.clip_range", f"must be > 0, got {self.clip_range}")
         if not 1 <= self.frac_bits <= 40:
             _fail(f"{key}.frac_bits", f"must be in [1, 40], got {self.frac_bits}")
-        if not 16 <= self.ring_bits <= 64:
-            _fail(f"{key}.ring_bits", f"must be in [16, 64], got {self.ring_bits}")
-        if self.frac_bits > self.ring_bits - 2:
+        if self.ring_bits != 0 and not 16 <= self.ring_bits <= 64:
+            _fail(f"{key}.ring_bits", f"must be in [16, 64] or 0 (automatic), got {self.ring_bits}")
+        if self.ring_bits and self.frac_bits > self.ring_bits - 2:
             _fail(
                 f"{key}.frac_bits",
                 f"must be <= ring_bits - 2 = {self.ring_bits - 2} (a sign bit and one "
@@ -204,7 +210,32 @@ class SecAggSection:
             )
         if self.max_retries < 0:
             _fail(f"{key}.max_retries", f"must be >= 0, got {self.max_retries}")
-        self.check_headroom(key, parties=1, max_weight=1.0)
+        if self.ring_bits:
+            self.check_headroom(key, parties=1, max_weight=1.0)
+
+    def resolve_ring_bits(self, scenario: Scenario) -> int:
+        """The ring ``ring_bits = 0`` stands for in ``scenario``: 32 bits when they suffice.
+
+        A 32-bit ring halves the keystream, the encoding work and the bytes sent, so it is
+        taken whenever :meth:`check_headroom` passes for the run's parties and weights;
+        otherwise 62. The weights must be known up front: 1 under ``defense.dp.mode``
+        ``global`` / ``distributed``, else at most ``data.samples_per_party`` (0 = not
+        known: 62, since a party may hold any number of examples). Distributed DP always
+        gets 62: its noise needs headroom that depends on the model size, which is only
+        checked at key setup (:func:`privfl.dp.check_distributed`).
+        """
+        if self.ring_bits:
+            return self.ring_bits
+        dp_mode = scenario.defense.dp.mode
+        spp = scenario.data.samples_per_party
+        if dp_mode == "distributed" or not (dp_mode == "global" or spp):
+            return RING_CHOICES[-1]
+        weight = 1.0 if dp_mode == "global" else float(spp)
+        for bits in RING_CHOICES:
+            need = scenario.data.parties * (self.clip_range * weight * 2.0**self.frac_bits + 1)
+            if self.frac_bits <= bits - 2 and need < 2.0 ** (bits - 1):
+                return bits
+        return RING_CHOICES[-1]  # validate_for then names the keys to change
 
     def neighbourhood_size(self, parties: int) -> int:
         """Parties in one masking neighbourhood, self included."""
@@ -228,7 +259,14 @@ class SecAggSection:
             )
 
     def validate_for(self, key: str, scenario: Scenario) -> None:
-        """Checks that need the rest of the scenario (party count, weights, protocol)."""
+        """Checks that need the rest of the scenario (party count, weights, protocol).
+
+        Also fixes an automatic ``ring_bits`` (0) to :meth:`resolve_ring_bits`, so every
+        reader of the validated scenario (codec, DP checks, results.json) sees one ring.
+        """
+        if not self.ring_bits:
+            # Validation completes construction: the section is not shared yet.
+            object.__setattr__(self, "ring_bits", self.resolve_ring_bits(scenario))
         protocol = scenario.defense.secure_aggregation
         if protocol == "none":
             return
@@ -411,6 +449,18 @@ class ImprintSection:
     recovered_psnr: float = 18.0
     # Std of the block's probe columns: keeps bin gradients above the fixed-point step.
     probe_scale: float = 1.0
+    # Malicious server only: put the block's shipped weights back into every global model
+    # it broadcasts, so the trap is set again each round and the rigged model keeps
+    # computing exactly the task model (training, and any DP noise on the block, cannot
+    # drift it).
+    rearm: bool = True
+    # Malicious server only: the local steps and batch size it asks the parties for in
+    # its attack round (FL servers set local hyper-parameters; one step of a small batch
+    # makes the update an exact gradient). 0 = the scenario's training values.
+    local_steps: int = 0
+    batch_size: int = 0
+    # ... and the learning rate (a larger one lifts the bin rows above float32 rounding).
+    lr: float = 0.0
 
     def validate(self, key: str) -> None:
         if self.bins < 0:
@@ -425,6 +475,16 @@ class ImprintSection:
             _fail(f"{key}.public_samples", f"must be >= 2, got {self.public_samples}")
         if self.probe_scale <= 0:
             _fail(f"{key}.probe_scale", f"must be > 0, got {self.probe_scale}")
+        for name in ("local_steps", "batch_size", "lr"):
+            value = getattr(self, name)
+            if value < 0:
+                _fail(f"{key}.{name}", f"must be >= 0 (0 = the scenario's), got {value}")
+            if value and self.role != "malicious-server":
+                _fail(
+                    f"{key}.{name}",
+                    f"only a malicious server sets the parties' hyper-parameters; role is "
+                    f"{self.role!r}",
+                )
 
 
 @dataclass(frozen=True)
@@ -541,6 +601,14 @@ class Scenario:
             if im.round > self.scenario.rounds:
                 _fail(
                     "attack.imprint.round", f"must be <= scenario.rounds ({self.scenario.rounds})"
+                )
+            changes_plan = bool(im.local_steps or im.batch_size or im.lr)
+            if changes_plan and self.defense.dp.mode == "client" and im.round == 1:
+                # DP-SGD parties calibrate their noise for the whole run in round 1.
+                _fail(
+                    "attack.imprint.round",
+                    "must be > 1 when the server changes local_steps / batch_size under "
+                    "DP-SGD (parties calibrate their noise on round 1's plan)",
                 )
             if im.role == "malicious-participant":
                 if im.participant >= n:

@@ -374,8 +374,13 @@ class CuriousServer(StrategyWrapper):
         kn = self.knowledge
         assert kn is not None
         secure = self.scenario.defense.secure_aggregation
+        budget = (
+            f"{s.restarts} restart(s) × {s.iterations} iterations"
+            if s.method == "inverting-gradients"
+            else f"best of {s.restarts} start(s), run to {s.iterations} L-BFGS iterations"
+        )
         notes = [
-            f"method {s.method}, {s.restarts} restart(s) × {s.iterations} iterations; "
+            f"method {s.method}, {budget}; "
             f"attacker knows batch size {kn.batch_size}, {kn.local_steps} local step(s) "
             f"at lr {kn.lr}, labels {'known' if kn.labels_known else 'recovered'}",
             f"recovered = PSNR >= {s.recovered_psnr} dB after optimal matching; "

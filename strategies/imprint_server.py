@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from privfl.attacks.imprint import (
@@ -21,17 +22,22 @@ from privfl.attacks.imprint import (
     WEIGHT_KEY,
     ImprintInfo,
     aggregate_noise_std,
+    attack_round_scenario,
     evaluate_imprint,
     expected_fraction,
     imprint_bins_of,
+    imprinted_samples,
     reconstruct_from_update,
+    strongest_bins_readout,
 )
 from privfl.strategies.wrapper import StrategyWrapper
 
 from privfl.config import Scenario
 from privfl.results import AttackReport
+from privfl.server import SCENARIO_KEY
 
 _KEYS = (WEIGHT_KEY, BIAS_KEY)
+_BLOCK_PREFIX = "imprint."
 
 
 def _arrays(record: ArrayRecord) -> dict[str, torch.Tensor]:
@@ -60,13 +66,22 @@ class ImprintServer(StrategyWrapper):
         self.party_of = dict(party_of)
         self._sent: dict[str, torch.Tensor] | None = None
         self._reports: list[AttackReport] = []
+        # The block as first shipped (attack.imprint.rearm puts it back every round).
+        self._armed: dict[str, Array] | None = None
+        self._sent_record: ArrayRecord | None = None
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Remember the rigged global model of the attack round, then let ``inner`` send it."""
+        if self._armed is None:
+            self._armed = {
+                k: Array(a.numpy().copy()) for k, a in arrays.items() if k.startswith(_BLOCK_PREFIX)
+            }
         if server_round == self.scenario.attack.imprint.round:
             self._sent = _arrays(arrays)
+            self._sent_record = arrays
+            config = self._attack_config(config)
         return self.inner.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
@@ -81,6 +96,12 @@ class ImprintServer(StrategyWrapper):
             else:
                 self._reports.append(self._attack(arrays, self._parties(replies)))
             self._sent = None
+            if arrays is not None and attack_round_scenario(self.scenario) is not self.scenario:
+                # The round ran on the server's own hyper-parameters (one big step on a
+                # few samples): keep the model it sent rather than set training back.
+                arrays = self._sent_record
+        if arrays is not None and self.scenario.attack.imprint.rearm and self._armed:
+            arrays = self._rearm(arrays)
         return arrays, metrics
 
     def attack_reports(self) -> list[AttackReport]:
@@ -88,6 +109,27 @@ class ImprintServer(StrategyWrapper):
         return list(self._reports)
 
     # ----------------------------------------------------------------- internals
+    def _attack_config(self, config: ConfigRecord) -> ConfigRecord:
+        """The attack round's train config: the scenario with the server's own local
+        steps / batch size (``attack.imprint.local_steps``, ``batch_size``)."""
+        chosen = attack_round_scenario(self.scenario)
+        if chosen is self.scenario or SCENARIO_KEY not in config:
+            return config
+        out = ConfigRecord(dict(config.items()))
+        out[SCENARIO_KEY] = chosen.to_json()
+        return out
+
+    def _rearm(self, arrays: ArrayRecord) -> ArrayRecord:
+        """The new global model with the block's shipped weights put back (the server
+        decides what it broadcasts; the task part is the honest aggregate)."""
+        assert self._armed is not None
+        return ArrayRecord(
+            {
+                k: self._armed.get(k, a) if k.startswith(_BLOCK_PREFIX) else a
+                for k, a in arrays.items()
+            }
+        )
+
     def _parties(self, replies: list[Message]) -> list[int]:
         """Parties whose samples can be in the aggregate (evaluator's view)."""
         seen = {
@@ -98,6 +140,7 @@ class ImprintServer(StrategyWrapper):
         return sorted(seen) or list(range(self.scenario.data.parties))
 
     def _attack(self, arrays: ArrayRecord, parties: list[int]) -> AttackReport:
+        from privfl.data import load_federation
         from privfl.training import round_batch_data
 
         assert self._sent is not None
@@ -107,10 +150,47 @@ class ImprintServer(StrategyWrapper):
             update, ImprintInfo.from_state(new), noise_std=aggregate_noise_std(self.scenario)
         )
         im = self.scenario.attack.imprint
-        truth = torch.cat([round_batch_data(self.scenario, p, im.round).images for p in parties])
         bins = imprint_bins_of(self.scenario)
+        notes = [f"attacked the aggregate of round {im.round} over parties {parties}"]
+        total = None
+        chosen = attack_round_scenario(self.scenario)
+        if self.scenario.defense.dp.mode == "client":
+            # DP-SGD batches are Poisson samples drawn inside each party.
+            fed = load_federation(self.scenario)
+            trains = [fed.parties[p].train for p in parties]
+            if self.scenario.defense.dp.secure_noise:
+                # Not reproducible: score against every record the parties hold (a best
+                # match can only flatter the attacker).
+                truth = torch.cat([t.images for t in trains])
+                total = imprinted_samples(self.scenario)
+                notes.append(
+                    f"secure DP-SGD sampling: readouts matched against all {truth.shape[0]} "
+                    f"records the parties hold; total = the {total} samples expected"
+                )
+            else:
+                from privfl.clients.dp_sgd import dp_sgd_round_batches
+
+                truth = torch.cat(
+                    [
+                        t.images[torch.from_numpy(np.concatenate(b))]
+                        for p, t in zip(parties, trains, strict=True)
+                        for b in [dp_sgd_round_batches(chosen, p, im.round, len(t))]
+                    ]
+                )
+        else:
+            truth = torch.cat([round_batch_data(chosen, p, im.round).images for p in parties])
+        images = recon.images
+        if images.shape[0] == 0:
+            # Nothing verified (a DP-noised update fails the rank-one test everywhere):
+            # score the readouts of the bins the attacker would bet on instead.
+            expect = imprinted_samples(self.scenario)
+            images = strongest_bins_readout(update, ImprintInfo.from_state(new), expect)
+            notes.append(
+                f"no bin passed the single-sample test; scored the unverified readouts of "
+                f"the {images.shape[0]} strongest bins (the attacker expects {expect} samples)"
+            )
         return evaluate_imprint(
-            recon.images,
+            images,
             truth,
             scenario=self.scenario,
             role="malicious-server",
@@ -118,7 +198,9 @@ class ImprintServer(StrategyWrapper):
             expected=expected_fraction(len(truth), bins),
             seconds=recon.seconds,
             collisions=recon.collisions,
-            notes=[f"attacked the aggregate of round {im.round} over parties {parties}"],
+            notes=notes,
+            verified=recon.images.shape[0],
+            total=total,
         )
 
     def _report_nothing(self, why: str) -> AttackReport:

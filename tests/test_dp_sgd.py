@@ -114,3 +114,28 @@ def test_dp_sgd_round_keeps_state_and_epsilon_grows():
     assert list(state[STATE_KEY]["history"]) == [sigma, 0.1, 10.0]
     with pytest.raises(RuntimeError, match="defense.dp.epsilon"):
         dp_sgd_round(model, data, sc, party=0, server_round=3, state=state, device="cpu")
+
+
+def test_dp_sgd_round_batches_are_the_batches_trained_on():
+    from privfl.clients.dp_sgd import dp_sgd_round_batches
+
+    sc = Scenario.from_dict(
+        {
+            "scenario": {"rounds": 2, "seed": 3},
+            "data": {"parties": 2},
+            "training": {"batch_size": 20, "local_steps": 4, "lr": 0.1},
+            "defense": {"dp": {"mode": "client", "epsilon": 3.0, "clip": 1.0}},
+        }
+    )
+    n = 200
+    data = _data(n)
+    # Pixel (0, 0) of image i carries i, so the inputs the model sees name the records.
+    data.images[:, 0, 0, 0] = torch.arange(n, dtype=torch.float32) / n
+    model, seen = _model(), []
+    model[1].register_forward_pre_hook(lambda _m, args: seen.append(args[0][:, 0].clone()))
+    dp_sgd_round(model, data, sc, party=1, server_round=2, state=RecordDict(), device="cpu")
+    trained = [sorted(torch.round(x * n).long().tolist()) for x in seen]
+    expected = [sorted(b.tolist()) for b in dp_sgd_round_batches(sc, 1, 2, n)]
+    assert len(expected) == 4 and sum(map(len, expected)) > 0
+    assert trained == expected
+    assert expected != [sorted(b.tolist()) for b in dp_sgd_round_batches(sc, 0, 2, n)]

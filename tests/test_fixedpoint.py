@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from privfl.config import SecAggSection
-from privfl.fixedpoint import EncodingError, FixedPointCodec
+from privfl.fixedpoint import ENCODE_CHUNK, EncodingError, FixedPointCodec, rounding_dither
 
 
 def _sum(codec, encoded):
@@ -41,12 +41,15 @@ def test_extreme_values_clip_and_do_not_wrap(ring_bits):
     assert np.max(np.abs(got - want)) < n * 2.0**-12
 
 
-def test_stochastic_rounding_is_unbiased():
-    codec = FixedPointCodec(clip_range=1.0, frac_bits=2, ring_bits=32)
-    x = np.full(200_000, 0.1)  # 0.4 ring units: always rounded, 40% up
-    dec = codec.decode(codec.encode(x, parties=1, rng=np.random.default_rng(0)))
-    assert set(np.unique(dec)) == {0.0, 0.25}
-    assert abs(dec.mean() - 0.1) < 0.002
+@pytest.mark.parametrize("units", [0.4, 2.0**31 + 0.4])  # int64 and float64 rounding paths
+def test_stochastic_rounding_is_unbiased(units):
+    codec = FixedPointCodec(clip_range=2.0**30, frac_bits=2, ring_bits=62)
+    x = np.full(200_000, units / 4)  # `units` ring units: rounded up with probability 0.4
+    x[1::2] *= -1  # and down for the negatives
+    q = codec.decode(codec.encode(x, parties=1, rng=np.random.default_rng(0))) * 4
+    v = x * 4
+    assert set(np.unique(q - np.floor(v))) == {0.0, 1.0}
+    assert abs((q - v)[::2].mean()) < 0.01 and abs((q - v)[1::2].mean()) < 0.01
 
 
 def test_rejects_nan_inf_and_wrong_length_naming_party():
@@ -119,3 +122,38 @@ def test_seeded_encoding_is_reproducible_and_ring_words_fit():
         neg = codec.from_signed(np.array([-1, -(2**30), 5]))
         assert neg.dtype == dt
         assert codec.to_signed(neg).tolist() == [-1, -(2**30), 5]
+
+
+# |w * x * 2^f| below 2^30 takes the int64 rounding path, above it the float64 one.
+@pytest.mark.parametrize("bits, frac, weight", [(32, 12, 37.5), (62, 20, 37.5), (62, 20, 1e3)])
+def test_chunked_encode_equals_reference_across_chunks(bits, frac, weight):
+    # Sizes around chunk boundaries: each chunk must continue the same dither stream.
+    codec = FixedPointCodec(clip_range=4.0, frac_bits=frac, ring_bits=bits)
+    x = np.random.default_rng(5).normal(0, 3, 3 * ENCODE_CHUNK + 7)
+    for size in (ENCODE_CHUNK - 1, ENCODE_CHUNK, ENCODE_CHUNK + 1, x.size):
+        kw = {"weight": weight, "parties": 3}
+        fast = codec.encode(x[:size], rng=np.random.default_rng(size), **kw)
+        ref = codec.encode_reference(x[:size], rng=np.random.default_rng(size), **kw)
+        assert np.array_equal(fast, ref)
+
+
+def test_dither_is_uniform_and_seeded():
+    a = rounding_dither(np.random.default_rng(4), 100_000)
+    assert a.dtype == np.uint32
+    assert np.array_equal(a, rounding_dither(np.random.default_rng(4), 100_000))
+    assert not np.array_equal(a, rounding_dither(None, 100_000))
+    # Each of the 16 top-bit buckets holds 1/16 of the words (6250 +- ~5 sigma).
+    counts = np.bincount(a >> 28, minlength=16)
+    assert np.all(np.abs(counts - 6250) < 400)
+
+
+def test_encode_into_a_slice_of_a_message_vector():
+    codec = FixedPointCodec(clip_range=4.0, frac_bits=12, ring_bits=32)
+    x = np.random.default_rng(6).normal(0, 1, 1000)
+    vec = np.zeros(1002, dtype=np.uint32)
+    got = codec.encode(x, parties=3, rng=np.random.default_rng(9), out=vec[:1000])
+    assert np.shares_memory(got, vec)
+    assert np.array_equal(vec[:1000], codec.encode(x, parties=3, rng=np.random.default_rng(9)))
+    assert vec[1000:].tolist() == [0, 0]
+    with pytest.raises(ValueError, match="uint32 vector of 1000"):
+        codec.encode(x, parties=3, out=np.zeros(1000, dtype=np.uint64))

@@ -187,3 +187,135 @@ def test_measured_fraction_matches_formula_over_20_seeds() -> None:
     # Per-seed std of the fraction is about 0.1 here; 20 seeds -> about 0.025.
     assert abs(mean - expected) < 0.08, (mean, expected)
     assert math.isfinite(mean)
+
+
+def test_strongest_bins_readout_exact_when_clean_and_garbage_under_noise() -> None:
+    from privfl.attacks.imprint import strongest_bins_readout
+
+    gen = torch.Generator().manual_seed(5)
+    x = _images(6, gen)
+    y = torch.randint(0, 10, (6,), generator=gen)
+    a = measurement_vector("brightness")
+    # Spare empty bins beside the six occupied ones: the readout must find the occupied.
+    edges = _edges_isolating(x.flatten(1) @ a)
+    edges = torch.cat([edges[:1] - 2.0, edges, edges[-1:] + 50.0])
+    model = _rigged(edges)
+    update = _sgd_update(model, x, y, lr=0.05)
+    clean = strongest_bins_readout(update, model.info, 6)
+    assert clean.shape == (6, 1, 28, 28)
+    assert _match_error(clean, x).max() < 1e-4
+    # Gaussian noise far above the bin signal (what a DP update carries): the readout
+    # returns the requested count, and none of it is close to a true sample.
+    scale = 20 * float(update[BIAS_KEY].abs().max())
+    noisy = {
+        k: v + scale * torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in update.items()
+    }
+    assert len(reconstruct_from_update(noisy, model.info).images) == 0
+    guess = strongest_bins_readout(noisy, model.info, 6)
+    assert guess.shape == (6, 1, 28, 28)
+    assert _match_error(guess, x).min() > 0.3
+
+
+def test_malicious_server_rearms_block_and_keeps_task_aggregate() -> None:
+    from flwr.app import Array, ArrayRecord
+    from privfl.strategies.imprint_server import ImprintServer
+    from privfl.strategies.wrapper import StrategyWrapper
+
+    from privfl.config import load_scenario
+
+    shipped = ArrayRecord(
+        {
+            WEIGHT_KEY: Array(torch.ones(3, 4).numpy()),
+            "imprint.probes": Array(torch.ones(4, 3).numpy()),
+            "task.0.weight": Array(torch.zeros(2, 2).numpy()),
+        }
+    )
+    drifted = ArrayRecord({k: Array(a.numpy() + 0.5) for k, a in shipped.items()})
+
+    class Inner(StrategyWrapper):
+        def configure_train(self, server_round, arrays, config, grid):
+            return []
+
+        def aggregate_train(self, server_round, replies):
+            return drifted, None
+
+    for rearm in (True, False):
+        sc = load_scenario(
+            "scenarios/seed_imprint.toml",
+            [f"attack.imprint.rearm={str(rearm).lower()}", "attack.imprint.round=2"],
+        )
+        server = ImprintServer(Inner(None), scenario=sc, party_of={})
+        server.configure_train(1, shipped, None, None)
+        out, _ = server.aggregate_train(1, [])
+        assert (out["task.0.weight"].numpy() == 0.5).all()
+        for key in (WEIGHT_KEY, "imprint.probes"):
+            want = shipped[key].numpy() if rearm else drifted[key].numpy()
+            assert (out[key].numpy() == want).all()
+
+
+def test_attack_round_uses_server_hyper_parameters_and_is_rolled_back() -> None:
+    from flwr.app import Array, ArrayRecord, ConfigRecord
+    from privfl.attacks.imprint import attack_round_scenario
+    from privfl.strategies.imprint_server import ImprintServer
+    from privfl.strategies.wrapper import StrategyWrapper
+
+    from privfl.config import Scenario, load_scenario
+    from privfl.server import SCENARIO_KEY
+
+    sc = load_scenario("scenarios/seed_imprint.toml")
+    im = sc.attack.imprint
+    assert (im.local_steps, im.batch_size, im.lr) == (1, 8, 1.0)
+    chosen = attack_round_scenario(sc)
+    assert (chosen.training.local_steps, chosen.training.batch_size, chosen.training.lr) == (
+        1,
+        8,
+        1.0,
+    )
+    shipped = ArrayRecord(
+        {
+            WEIGHT_KEY: Array(torch.zeros(12, 784).numpy()),
+            BIAS_KEY: Array(torch.zeros(12).numpy()),
+            "task.0.weight": Array(torch.zeros(2, 2).numpy()),
+        }
+    )
+    drifted = ArrayRecord({k: Array(a.numpy() + 0.5) for k, a in shipped.items()})
+    seen: list[Scenario] = []
+
+    class Inner(StrategyWrapper):
+        def configure_train(self, server_round, arrays, config, grid):
+            seen.append(Scenario.from_json(str(config[SCENARIO_KEY])))
+            return []
+
+        def aggregate_train(self, server_round, replies):
+            return drifted, None
+
+    server = ImprintServer(Inner(None), scenario=sc, party_of={})
+    for rnd in (im.round - 1, im.round):
+        server.configure_train(rnd, shipped, ConfigRecord({SCENARIO_KEY: sc.to_json()}), None)
+        out, _ = server.aggregate_train(rnd, [])
+        if rnd < im.round:  # an ordinary round: the honest aggregate, block re-armed
+            assert (out["task.0.weight"].numpy() == 0.5).all()
+    assert seen[0].training == sc.training
+    assert seen[1].training == chosen.training
+    # The attack round's update is attacked, then discarded: the model sent stays.
+    assert (out["task.0.weight"].numpy() == 0).all()
+    assert (out[WEIGHT_KEY].numpy() == 0).all()
+    assert len(server.attack_reports()) == 1
+
+
+def test_server_only_keys_are_validated() -> None:
+    from privfl.config import ScenarioError, load_scenario
+
+    with pytest.raises(ScenarioError, match=r"attack\.imprint\.lr"):
+        load_scenario("scenarios/seed_imprint_participant.toml", ["attack.imprint.lr=1.0"])
+    with pytest.raises(ScenarioError, match=r"attack\.imprint\.batch_size"):
+        load_scenario("scenarios/seed_imprint.toml", ["attack.imprint.batch_size=-1"])
+    with pytest.raises(ScenarioError, match=r"attack\.imprint\.round"):
+        load_scenario("scenarios/seed_imprint_dp.toml", ["attack.imprint.round=1"])
+
+
+def test_block_trains_only_its_encoder() -> None:
+    model = _rigged(torch.linspace(0.0, 1.0, 5))
+    names = {n for n, _ in model.imprint.named_parameters()}
+    assert names == {"encoder.weight", "encoder.bias"}
+    assert "probes" in dict(model.imprint.named_buffers())

@@ -73,3 +73,39 @@ def test_bench_help_through_the_cli(capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "privfl bench secagg" in out and "--no-scenario" in out and "--set" in out
+
+
+@pytest.mark.parametrize(
+    ("parties", "data", "dp", "want"),
+    [
+        (3, {}, {"mode": "global", "noise_multiplier": 1.0}, 32),  # unit weights
+        (3, {"samples_per_party": 100}, None, 32),
+        (3, {"samples_per_party": 2000}, None, 62),  # 3 x 4 x 2000 x 2^20 > 2^31
+        (3, {}, None, 62),  # weights (examples) unknown up front
+        (3, {}, {"mode": "distributed", "noise_multiplier": 1.0}, 62),  # noise headroom
+        (600, {}, {"mode": "global", "noise_multiplier": 1.0}, 62),  # too many parties
+    ],
+)
+def test_automatic_ring_is_the_smallest_with_headroom(parties, data, dp, want):
+    sc = _sc("additive", parties, dp=dp, data=data)
+    sec = sc.defense.secagg
+    assert sec.ring_bits == want
+    assert FixedPointCodec.from_section(sec).ring_bits == want
+    # The JSON the parties receive carries the chosen ring.
+    assert Scenario.from_json(sc.to_json()).defense.secagg.ring_bits == want
+    if want == 32:  # the choice passes the check an explicit 32 would get
+        _sc("additive", parties, dp=dp, data=data, ring_bits=32)
+
+
+def test_explicit_ring_is_kept_and_checked():
+    assert _sc("additive", 3, ring_bits=48).defense.secagg.ring_bits == 48
+    assert (
+        _sc("additive", 3, data={"samples_per_party": 100}, ring_bits=62).defense.secagg.ring_bits
+        == 62
+    )
+    with pytest.raises(
+        ScenarioError, match=r"defense\.secagg\.ring_bits: must be in \[16, 64\] or 0"
+    ):
+        _sc("additive", 3, ring_bits=70)
+    with pytest.raises(ScenarioError, match=r"defense\.secagg\.ring_bits: 32 bits"):
+        _sc("additive", 3, data={"samples_per_party": 2000}, ring_bits=32)

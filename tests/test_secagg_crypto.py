@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from privfl.secagg import prg, shamir
+from privfl.secagg import prg, shamir, wire
 from privfl.secagg.channel import ChannelError, SecureChannel
 
 SESSION = b"s" * 16
@@ -154,6 +154,10 @@ def test_accumulate_matches_reference(ring_bits, size, signs, seed):
     want = prg.accumulate_reference(acc, seeds, ring_bits)
     got = prg.accumulate(acc.copy(), seeds, ring_bits)
     assert got.dtype == dt and np.array_equal(got, want)
+    # base=: the result starts from base, whatever the output buffer held.
+    out = np.full(size, 12345, dtype=dt)
+    assert np.array_equal(prg.accumulate(out, seeds, ring_bits, base=acc), want)
+    assert np.array_equal(out, want)
 
 
 def test_accumulate_is_the_sum_of_expansions_and_refuses_bad_input():
@@ -166,3 +170,17 @@ def test_accumulate_is_the_sum_of_expansions_and_refuses_bad_input():
         prg.accumulate(np.zeros(10, np.uint64), [(seed_a, 1)], 32)
     with pytest.raises(ValueError, match="signs"):
         prg.accumulate(np.zeros(10, np.uint32), [(seed_a, 2)], 32)
+
+
+def test_share_records_round_trip_and_refuse_other_arrays():
+    from flwr.app import Array, ArrayRecord, RecordDict
+
+    cts = {2: os.urandom(1000), 0: b"", 1: os.urandom(7)}
+    rec = wire.pack_shares(cts)
+    # Valid .npy bytes: Flower's own decoder reads the ciphertexts back.
+    assert rec["2"].numpy().tobytes() == cts[2]
+    got = wire.unpack_shares(RecordDict({wire.SHARES: rec}))
+    assert {p: bytes(v) for p, v in got.items()} == cts
+    bad = ArrayRecord({"1": Array(np.zeros(3, dtype=np.uint32))})
+    with pytest.raises(ValueError, match="uint8"):
+        wire.unpack_shares(RecordDict({wire.SHARES: bad}))

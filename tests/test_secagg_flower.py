@@ -347,3 +347,57 @@ def test_strategy_rejects_bad_arguments():
         SecureAggregation(SpyFedAvg(), scenario=sc, party_of={1: 0})
     with pytest.raises(ValueError, match="several nodes"):
         SecureAggregation(SpyFedAvg(), scenario=_scenario("additive", 3), party_of={1: 0, 2: 0})
+
+
+class PollingGrid(LoopbackGrid):
+    """A LoopbackGrid with push/pull: replies show up only after a few pulls."""
+
+    pull_interval = 0.01
+
+    def __init__(self, *args, pulls_before_reply=3, **kw):
+        super().__init__(*args, **kw)
+        self.pulls_before_reply = pulls_before_reply
+        self.pulls = 0
+        self._waiting = {}
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        for reply in self.send_and_receive(messages):
+            self._waiting[reply.metadata.reply_to_message_id] = [self.pulls_before_reply, reply]
+        return [m.metadata.message_id for m in messages]
+
+    def pull_messages(self, message_ids):
+        self.pulls += 1
+        out = []
+        for mid in set(message_ids) & set(self._waiting):
+            entry = self._waiting[mid]
+            entry[0] -= 1
+            if entry[0] < 0:
+                out.append(self._waiting.pop(mid)[1])
+        return out
+
+
+@pytest.mark.parametrize("protocol", ["additive", "masking"])
+def test_stages_poll_push_pull_grids_until_every_reply(protocol):
+    sc = _scenario(protocol, 3)
+    nodes = {k: v for k, v in NODES.items() if v < 3}
+    grid = PollingGrid(_app(), nodes)
+    spy = SpyFedAvg()
+    strat = SecureAggregation(spy, scenario=sc, party_of=nodes)
+    strat.start(
+        grid, _global(), num_rounds=1, train_config=ConfigRecord({"privfl.scenario": sc.to_json()})
+    )
+    start = {k: np.full(s, 0.25) for k, s in SHAPES.items()}
+    _check_round(spy, 1, [0, 1, 2], start, 3)
+    stages = 2 if protocol == "additive" else 3  # setup stage(s) + the round's second stage
+    assert grid.pulls == stages * 4  # three empty pulls, then all replies at once
+
+
+def test_stage_gives_up_at_the_timeout_without_replies():
+    sc = _scenario("additive", 3)
+    nodes = {k: v for k, v in NODES.items() if v < 3}
+    grid = PollingGrid(_app(), nodes, pulls_before_reply=10**9)
+    strat = SecureAggregation(SpyFedAvg(), scenario=sc, party_of=nodes, timeout=0.05)
+    with pytest.raises(SecureAggregationError, match="completed key setup"):
+        strat.configure_train(1, _global(), ConfigRecord({"privfl.scenario": sc.to_json()}), grid)
+    assert 2 <= grid.pulls < 50

@@ -32,6 +32,13 @@ def _inputs(n, dim, seed=0, extreme=False):
     return xs, ws
 
 
+def _sum_ring(vectors):
+    acc = None
+    for v in vectors:
+        acc = v.copy() if acc is None else CODEC.add(acc, v)
+    return acc
+
+
 def _plain(xs, ws):
     return sum(w * np.clip(x, -4, 4) for x, w in zip(xs, ws, strict=True))
 
@@ -141,13 +148,13 @@ def _masking_setup(n, threshold=0, k=0, codec=CODEC):
     return parties, server
 
 
-def _masking_round(parties, server, enc, rnd=1, drop_input=(), drop_unmask=()):
+def _masking_round(parties, server, enc, rnd=1, drop_input=(), drop_unmask=(), overwrite=False):
     ids = sorted(parties)
     masked, bsh = {}, {}
     for i in ids:
         if i in drop_input:
             continue
-        masked[i], bsh[i] = parties[i].mask(enc[i], rnd=rnd)
+        masked[i], bsh[i] = parties[i].mask(enc[i], rnd=rnd, overwrite=overwrite)
     S, D, routed = server.plan_unmask(masked, bsh, ids)
     reveals = {
         i: parties[i].unmask(rnd=rnd, survivors=S, dropped=D, incoming=routed[i])
@@ -166,6 +173,19 @@ def test_masking_sum_matches_plain(n, k):
     total, S, _ = _masking_round(parties, server, enc)
     assert list(range(n)) == S
     assert np.max(np.abs(CODEC.decode(total) - _plain(xs, ws))) < n * 2.0**-20 * 1.001
+
+
+def test_masking_in_place_masks_the_callers_vector_and_sums_alike():
+    n, dim = 4, 300
+    xs, ws = _inputs(n, dim, seed=11)
+    enc = {i: CODEC.encode(xs[i], weight=ws[i], parties=n) for i in range(n)}
+    plain = {i: e.copy() for i, e in enc.items()}
+    parties, server = _masking_setup(n)
+    total, _, masked = _masking_round(parties, server, enc, overwrite=True)
+    assert all(masked[i] is enc[i] for i in range(n))  # no second vector
+    assert not any(np.array_equal(enc[i], plain[i]) for i in range(n))
+    want = CODEC.decode(_sum_ring(plain.values()))
+    assert np.array_equal(CODEC.decode(total), want)
 
 
 def test_masking_survives_up_to_n_minus_t_drops_mid_round():

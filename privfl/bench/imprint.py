@@ -22,6 +22,7 @@ from privfl.config import Scenario
 def imprint_trial(scenario: Scenario) -> dict[str, Any]:
     """Rig, train every party one round, aggregate, reconstruct and score."""
     from privfl.attacks.imprint import (
+        attack_round_scenario,
         evaluate_imprint,
         expected_fraction,
         imprint_bins_of,
@@ -31,6 +32,8 @@ def imprint_trial(scenario: Scenario) -> dict[str, Any]:
     from privfl.models import build_model
     from privfl.training import resolve_device, round_batch_data, train_local
 
+    # The attack round's hyper-parameters (the server's own local steps / batch size).
+    scenario = attack_round_scenario(scenario)
     fed = load_federation(scenario)
     model = build_model(scenario, fed.num_classes)
     info = model.info
@@ -125,8 +128,9 @@ def imprint_bench_rows(
             }
         )
     for n in steps:
+        key = "attack.imprint" if base.attack.imprint.local_steps else "training"
         trial = imprint_trial(
-            base.replace([f"training.local_steps={n}", f"attack.imprint.bins={bins}"])
+            base.replace([f"{key}.local_steps={n}", f"attack.imprint.bins={bins}"])
         )
         rows.append({"kind": "steps", **trial})
     return rows

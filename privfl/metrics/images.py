@@ -110,7 +110,16 @@ def match_reconstructions(recon: Tensor, truth: Tensor) -> tuple[Tensor, Tensor]
             "match_reconstructions: image shapes differ, "
             f"{tuple(r.shape[1:])} vs {tuple(t.shape[1:])}"
         )
-    mse = ((r[:, None] - t[None]) ** 2).flatten(2).mean(2)  # (N, M)
+    # (N, M) mean squared errors, a slice of true images at a time: matching against a
+    # large pool (every record a party holds) must not build an N x M x pixels tensor.
+    step = max(1, 4_000_000 // max(1, r[0].numel() * r.shape[0]))
+    mse = torch.cat(
+        [
+            ((r[:, None] - t[None, lo : lo + step]) ** 2).flatten(2).mean(2)
+            for lo in range(0, t.shape[0], step)
+        ],
+        dim=1,
+    )
     score = -10.0 * torch.log10(mse)
     # Identical pairs have infinite PSNR; the assignment needs finite costs.
     finite = torch.nan_to_num(score, posinf=1e6).numpy()

@@ -110,7 +110,7 @@ class AdditiveParty:
         own_seed = os.urandom(prg.SEED_BYTES)
         self._own_seeds[f"{rnd}/{attempt}"] = own_seed
         # residual = x - own share - the uniform shares, built in place in one buffer.
-        residual = prg.accumulate(x.copy(), [(own_seed, -1)], bits)
+        residual = prg.accumulate(np.empty_like(x), [(own_seed, -1)], bits, base=x)
         out: dict[int, bytes] = {}
         # Uniform shares to all but the last peer, who gets what makes the sum x.
         for p in others[:-1]:
@@ -127,7 +127,7 @@ class AdditiveParty:
 
     def partial_sum(
         self,
-        incoming: Mapping[int, bytes],
+        incoming: Mapping[int, bytes | memoryview],
         *,
         rnd: int,
         attempt: int,
@@ -184,8 +184,8 @@ class AdditiveServer:
         self.codec = codec
 
     def route(
-        self, shares: Mapping[int, Mapping[int, bytes]], parties: Sequence[int]
-    ) -> dict[int, dict[int, bytes]]:
+        self, shares: Mapping[int, Mapping[int, bytes | memoryview]], parties: Sequence[int]
+    ) -> dict[int, dict[int, bytes | memoryview]]:
         """``{sender: {recipient: ct}}`` to ``{recipient: {sender: ct}}``.
 
         Raises
@@ -202,7 +202,7 @@ class AdditiveServer:
             raise RoundAbortedError(
                 f"additive: parties {sorted(missing)} did not deliver their shares", missing
             )
-        routed: dict[int, dict[int, bytes]] = {p: {} for p in parties}
+        routed: dict[int, dict[int, bytes | memoryview]] = {p: {} for p in parties}
         for s in parties:
             for r, ct in shares[s].items():
                 routed[r][s] = ct

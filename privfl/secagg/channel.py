@@ -117,7 +117,9 @@ class SecureChannel:
         )
         return _HEADER.pack(ctr) + ct
 
-    def open(self, sender: int, peer_public: bytes, blob: bytes, *, rnd: int, stage: str) -> bytes:
+    def open(
+        self, sender: int, peer_public: bytes, blob: bytes | memoryview, *, rnd: int, stage: str
+    ) -> bytes:
         """Decrypt and authenticate a ciphertext ``sender`` sealed for this party."""
         where = f"party {self.party}: ciphertext from party {sender} (round {rnd}, stage {stage!r})"
         if len(blob) < _HEADER.size + 16:
@@ -127,7 +129,7 @@ class SecureChannel:
         try:
             pt = self._aead(sender, peer_public).decrypt(
                 nonce,
-                bytes(blob[_HEADER.size :]),
+                memoryview(blob)[_HEADER.size :],  # no copy of megabyte shares
                 _aad(self.session, rnd, stage, sender, self.party, ctr),
             )
         except InvalidTag:

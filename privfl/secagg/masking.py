@@ -157,12 +157,19 @@ class MaskingParty:
             )
 
     def mask(
-        self, encoded: np.ndarray, *, rnd: int, parties: Sequence[int] | None = None
+        self,
+        encoded: np.ndarray,
+        *,
+        rnd: int,
+        parties: Sequence[int] | None = None,
+        overwrite: bool = False,
     ) -> tuple[np.ndarray, dict[int, bytes]]:
         """Masked input ``y`` and encrypted shares of the fresh self-mask seed.
 
         Only neighbours among this round's ``parties`` (default: all) take part, so
-        parties not selected this round are not treated as dropped.
+        parties not selected this round are not treated as dropped. ``overwrite=True``
+        masks ``encoded`` in place (it must be writeable and contiguous) and returns it:
+        no second vector of ``d`` words, for callers that drop the plain input anyway.
         """
         if len(self.held_keyshares) != len(self.neighbours) + 1:
             raise ValueError(f"party {self.party}: key setup incomplete, cannot mask")
@@ -179,8 +186,12 @@ class MaskingParty:
                 f"got {x.dtype} {x.shape}"
             )
         b = os.urandom(prg.SEED_BYTES)
-        # One pass over y: all masks expanded chunk-wise and added in place.
-        y = prg.accumulate(x.copy(), self.mask_seeds(rnd, active, b), self.codec.ring_bits)
+        # One pass over y: all masks expanded chunk-wise and added to x on the fly.
+        seeds = self.mask_seeds(rnd, active, b)
+        if overwrite:
+            y = prg.accumulate(x, seeds, self.codec.ring_bits)
+        else:
+            y = prg.accumulate(np.empty_like(x), seeds, self.codec.ring_bits, base=x)
         shares = shamir.share_bytes(b, [_x(p) for p in [self.party, *active]], self.threshold)
         self._own_bshares[rnd] = (shares[_x(self.party)], active)
         cts = {

@@ -60,40 +60,55 @@ def expand(seed: bytes, size: int, ring_bits: int = 64) -> np.ndarray:
 
 
 def accumulate(
-    acc: np.ndarray, seeds: Sequence[tuple[bytes, int]], ring_bits: int = 64
+    acc: np.ndarray,
+    seeds: Sequence[tuple[bytes, int]],
+    ring_bits: int = 64,
+    *,
+    base: np.ndarray | None = None,
 ) -> np.ndarray:
     """``acc += sum(sign * expand(seed))`` modulo ``2^ring_bits``, in place; returns ``acc``.
 
     ``acc`` must be a contiguous vector of :func:`ring_dtype` words; each sign is +1 or
-    -1. All keystreams are produced chunk by chunk into one small scratch buffer and
-    added with wraparound arithmetic in the word type, then reduced once.
+    -1. With ``base`` (same shape and dtype) the result is ``base + sum(...)`` and the
+    old contents of ``acc`` are ignored: this saves the pass that copies ``base``. All
+    keystreams are produced chunk by chunk into one small scratch buffer and added with
+    wraparound arithmetic in the word type, then reduced once per chunk.
     """
     dt = ring_dtype(ring_bits)
     if acc.dtype != dt or acc.ndim != 1 or not acc.flags.c_contiguous or not acc.flags.writeable:
         raise ValueError(
             f"accumulate needs a writeable contiguous 1-d {dt} vector, got {acc.dtype} {acc.shape}"
         )
+    if base is not None and (base.dtype != dt or base.shape != acc.shape):
+        raise ValueError(
+            f"accumulate: base must be {dt} {acc.shape}, got {base.dtype} {base.shape}"
+        )
     if any(s not in (1, -1) for _, s in seeds):
         raise ValueError("accumulate: signs must be +1 or -1")
     if sys.byteorder != "little":  # keystream words are little-endian
-        return acc.__setitem__(slice(None), accumulate_reference(acc, seeds, ring_bits)) or acc
+        start = acc if base is None else base
+        acc[:] = accumulate_reference(start, seeds, ring_bits)
+        return acc
     encs = [(encryptor(seed), sign) for seed, sign in seeds]
     step = CHUNK_BYTES // dt.itemsize
     scratch = np.empty(step, dtype=dt)
     raw = memoryview(scratch).cast("B")
     zeros = memoryview(_ZEROS)
+    reduce = dt.type((1 << ring_bits) - 1) if ring_bits < 8 * dt.itemsize else None
     for lo in range(0, acc.size, step):
         part = acc[lo : lo + step]
         n = part.size
         buf, nb = scratch[:n], n * dt.itemsize
+        src = part if base is None else base[lo : lo + n]
+        if not encs and base is not None:
+            part[:] = src
         for enc, sign in encs:
             enc.update_into(zeros[:nb], raw[:nb])
-            if sign > 0:
-                np.add(part, buf, out=part)
-            else:
-                np.subtract(part, buf, out=part)
-    if ring_bits < 8 * dt.itemsize:
-        np.bitwise_and(acc, dt.type((1 << ring_bits) - 1), out=acc)
+            # The first addition reads base (if any); the rest accumulate in place.
+            (np.add if sign > 0 else np.subtract)(src, buf, out=part)
+            src = part
+        if reduce is not None:  # while the chunk is still in cache
+            np.bitwise_and(part, reduce, out=part)
     return acc
 
 

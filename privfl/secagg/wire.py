@@ -7,10 +7,12 @@ records (:data:`PAYLOAD`, :data:`VECTOR`) plus pass-through ``privfl.side.*`` re
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.common.constant import SType
 
 SETUP = "train.privfl_secagg_setup"
 RESHARE = "train.privfl_secagg_reshare"
@@ -64,11 +66,20 @@ def read_vector(content: RecordDict) -> np.ndarray | None:
 
 
 def copy_content(content: RecordDict) -> RecordDict:
-    """A deep copy of a RecordDict (arrays copied; shares nothing with the original)."""
+    """A deep copy of a RecordDict (nothing mutable is shared with the original).
+
+    Arrays are rebuilt around their serialised bytes: ``bytes`` are immutable, so this is
+    as safe as a copy and skips a deserialise/serialise round trip per array.
+    """
     out = RecordDict()
     for key, rec in content.items():
         if isinstance(rec, ArrayRecord):
-            out[key] = ArrayRecord({k: Array(a.numpy().copy()) for k, a in rec.items()})
+            out[key] = ArrayRecord(
+                {
+                    k: Array(dtype=a.dtype, shape=tuple(a.shape), stype=a.stype, data=bytes(a.data))
+                    for k, a in rec.items()
+                }
+            )
         elif isinstance(rec, ConfigRecord):
             out[key] = ConfigRecord(
                 {k: list(v) if isinstance(v, list) else v for k, v in rec.items()}
@@ -81,14 +92,51 @@ def copy_content(content: RecordDict) -> RecordDict:
 SHARES = "privfl.secagg.shares"  # ArrayRecord: large ciphertexts (additive shares)
 
 
-def pack_shares(cts: Mapping[int, bytes]) -> ArrayRecord:
-    """Large ciphertexts as uint8 arrays keyed by party (Flower serialises arrays fast)."""
-    return ArrayRecord({str(p): Array(np.frombuffer(cts[p], dtype=np.uint8)) for p in sorted(cts)})
+def _npy_u8_header(n: int) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": "|u1", "fortran_order": False, "shape": (n,)}
+    )
+    return buf.getvalue()
 
 
-def unpack_shares(content: RecordDict) -> dict[int, bytes]:
-    """Inverse of :func:`pack_shares` (empty when the record is absent)."""
+def pack_shares(cts: Mapping[int, bytes | memoryview]) -> ArrayRecord:
+    """Large ciphertexts as uint8 arrays keyed by party (Flower serialises arrays fast).
+
+    Each array's ``.npy`` bytes are built as header + ciphertext in one copy, rather
+    than through ``np.save`` (two copies of megabytes per share).
+    """
+    return ArrayRecord(
+        {
+            str(p): Array(
+                dtype="uint8",
+                shape=(len(cts[p]),),
+                stype=SType.NUMPY,
+                data=_npy_u8_header(len(cts[p])) + cts[p],
+            )
+            for p in sorted(cts)
+        }
+    )
+
+
+def _u8_payload(a: Array) -> memoryview:
+    """The bytes of a 1-d uint8 ``.npy`` array, without copying (``np.load`` copies twice)."""
+    fp = io.BytesIO(a.data)
+    fmt = np.lib.format
+    version = fmt.read_magic(fp)
+    read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+    shape, _, dtype = read(fp)
+    if dtype != np.uint8 or len(shape) != 1 or fp.tell() + shape[0] != len(a.data):
+        raise ValueError(f"a share must be a 1-d uint8 array, got {dtype} {shape}")
+    return memoryview(a.data)[fp.tell() :]
+
+
+def unpack_shares(content: RecordDict) -> dict[int, memoryview]:
+    """Inverse of :func:`pack_shares` (empty when the record is absent).
+
+    Values are read-only views into the received arrays' bytes (bytes-like).
+    """
     rec = content.array_records.get(SHARES)
     if rec is None:
         return {}
-    return {int(p): a.numpy().tobytes() for p, a in rec.items()}
+    return {int(p): _u8_payload(a) for p, a in rec.items()}
