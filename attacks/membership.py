@@ -44,6 +44,7 @@ __all__ = [
     "hinge_score",
     "lira_offline_scores",
     "loss_attack",
+    "qmia_val_fraction",
     "run_membership",
     "train_classifier",
 ]
@@ -216,8 +217,12 @@ class QuantileMIA:
         Smallest tail probability modelled; smaller FPRs are reached by extrapolation.
     head : {"pinball", "gaussian"}
     epochs, lr, batch_size, hidden, weight_decay
-        Regressor training; the epoch with the best loss on a 10% validation split of
-        the public data is kept.
+        Regressor training; the epoch with the best loss on a held-out split of the
+        public data is kept.
+    val_fraction : float
+        Share of the public data held out: it picks the epoch and calibrates the operating
+        point (:meth:`operating_threshold`), so it must hold at least ``1 / fpr`` records
+        to resolve a target FPR ``fpr``.
     seed : int
         Seeds initialisation, the validation split and batch order.
     device : torch.device or str
@@ -235,9 +240,12 @@ class QuantileMIA:
         batch_size: int = 128,
         hidden: int = 128,
         weight_decay: float = 1e-4,
+        val_fraction: float = 0.1,
         seed: int = 0,
         device: torch.device | str = "cpu",
     ) -> None:
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction: must be in (0, 1), got {val_fraction}")
         if head not in ("pinball", "gaussian"):
             raise ValueError(f"head: must be 'pinball' or 'gaussian', got {head!r}")
         if epochs < 1:
@@ -247,6 +255,7 @@ class QuantileMIA:
         self.head = head
         self.epochs, self.lr, self.batch_size = epochs, lr, batch_size
         self.hidden, self.weight_decay = hidden, weight_decay
+        self.val_fraction = val_fraction
         self.seed = seed
         self.device = torch.device(device)
         self._net: nn.Module | None = None
@@ -302,7 +311,7 @@ class QuantileMIA:
         t = torch.as_tensor((s - self._shift) / self._scale, dtype=torch.float32)
         gen = torch.Generator().manual_seed(self.seed)
         perm = torch.randperm(s.size, generator=gen)
-        n_val = max(1, s.size // 10)
+        n_val = min(s.size - 1, max(1, int(s.size * self.val_fraction)))
         val, tr = perm[:n_val], perm[n_val:]
         dev = self.device
         xv, yv, tv = x[val].to(dev), y[val].to(dev), t[val].to(dev)
@@ -387,19 +396,21 @@ class QuantileMIA:
         return -math.log(fpr)
 
     def operating_threshold(self, fpr: float) -> float:
-        """The operating point at FPR ``fpr``: the predicted-quantile threshold, raised to
-        the empirical ``1 - fpr`` quantile of the held-out public split's membership
-        scores when the regressor is over-confident there (public data only).
+        """The operating point at FPR ``fpr``, calibrated on public data only.
 
-        The split can only check FPRs it resolves (at least one allowed false positive,
-        ``fpr · n_val >= 1``); below that its "quantile" is just its largest score, which
-        would flag almost nothing, so the regressor's own quantile is used alone.
+        When the held-out public split resolves ``fpr`` (at least one allowed false
+        positive, ``fpr · n_val >= 1``) the threshold is the split's empirical ``1 - fpr``
+        quantile of membership scores: the regressor's extreme quantiles are fitted on
+        a handful of records and can be off either way (too high, it flags nothing; too
+        low, it flags non-members). Below that resolution the split's "quantile" is just
+        its largest score, which would flag almost nothing, so the regressor's own
+        quantile is used.
         """
         if self._val_scores is None:
             raise RuntimeError("QuantileMIA: call fit() before asking for a threshold")
         if fpr * self._val_scores.size < 1:
             return self.threshold(fpr)
-        return max(self.threshold(fpr), roc.threshold_at_fpr(self._val_scores, fpr))
+        return roc.threshold_at_fpr(self._val_scores, fpr)
 
 
 def _interp_extrap(x: np.ndarray | float, xp: np.ndarray, fp: np.ndarray) -> np.ndarray:
@@ -683,6 +694,13 @@ def _shadow_trainer(
     return train
 
 
+def qmia_val_fraction(fpr: float, public_records: int) -> float:
+    """Public share QMIA holds out: 10%, raised (up to 30%) until the held-out split
+    allows two false positives at ``fpr``, so the operating point is calibrated on
+    public non-members rather than on the regressor's least reliable quantile."""
+    return min(0.3, max(0.1, 2.0 / (fpr * max(1, public_records))))
+
+
 def _accuracy(api: QueryAPI, data: LabelledImages) -> float:
     if int(data.labels.shape[0]) == 0:
         return math.nan
@@ -812,12 +830,17 @@ def run_membership(
                 levels=mi.quantile_levels,
                 head=mi.qmia_head,
                 epochs=mi.qmia_epochs,
+                val_fraction=qmia_val_fraction(mi.operating_fpr, int(y_pub.size)),
                 seed=derive_seed(seed, "qmia"),
                 device=device,
             ).fit(split.public.images, split.public.labels, h_pub)
             s_in = qmia.membership_scores(split.eval_in.images, split.eval_in.labels, h_in)
             s_out = qmia.membership_scores(split.eval_out.images, split.eval_out.labels, h_out)
-            notes = [f"hinge score; {mi.qmia_head} head, {mi.quantile_levels} levels"]
+            n_val = 0 if qmia._val_scores is None else qmia._val_scores.size
+            notes = [
+                f"hinge score; {mi.qmia_head} head, {mi.quantile_levels} levels; operating "
+                f"point calibrated on {n_val} held-out public records"
+            ]
             results.append((name, s_in, s_out, qmia.operating_threshold(mi.operating_fpr), notes))
         elif name == "loss":
             pub = loss_attack(logits_pub, y_pub)

@@ -75,24 +75,71 @@ def test_qmia_calibrates_fpr_on_held_out_non_members(qmia_case):
     x, d, s = _synthetic(n, rng, 0)
     y = torch.zeros(n, dtype=torch.int64)
     m = q.membership_scores(x, y, s)
+    n_val = q._val_scores.size
     for alpha in (0.01, 0.05, 0.2):
-        for thr in (q.threshold(alpha), q.operating_threshold(alpha)):
-            fp = int(np.sum(m > thr))
-            lo, hi = roc.clopper_pearson(fp, n, 0.99)
-            assert lo <= alpha <= hi, (alpha, fp / n)
-        assert q.operating_threshold(alpha) >= q.threshold(alpha)
+        # The regressor's own quantile: FPR alpha on fresh non-members.
+        fp = int(np.sum(m > q.threshold(alpha)))
+        lo, hi = roc.clopper_pearson(fp, n, 0.99)
+        assert lo <= alpha <= hi, (alpha, fp / n)
+        # The operating point is the held-out split's empirical quantile; its fresh FPR
+        # carries that split's sampling error (floor(alpha · n_val) allowed positives).
+        assert q.operating_threshold(alpha) == roc.threshold_at_fpr(q._val_scores, alpha)
+        fresh = float(np.mean(m > q.operating_threshold(alpha)))
+        lo, hi = roc.clopper_pearson(math.floor(alpha * n_val), n_val, 0.99)
+        assert lo <= fresh <= hi, (alpha, fresh)
     # 400 held-out public records cannot resolve FPR 0.1%: their largest score (here one
     # outlier) must not become the threshold; the regressor's own quantile is used.
     assert q._val_scores.size == 400
     outlier = copy.copy(q)
     outlier._val_scores = np.r_[q._val_scores[:-1], 50.0]
     assert outlier.operating_threshold(0.001) == q.threshold(0.001)
-    assert outlier.operating_threshold(0.05) == q.operating_threshold(0.05)
+    # At 5% (20 allowed false positives) one outlier cannot move the quantile to itself.
+    assert outlier.operating_threshold(0.05) < 5.0
     # Predicted quantiles track the true conditional ones: d + z_{1-α}.
     qs = q.predict_quantiles(x[:500], y[:500], [0.5, 0.05])
     true = d[:500, None] + stats.norm.isf([0.5, 0.05])[None, :]
     assert np.median(np.abs(qs - true)) < 0.3
     assert np.all(np.diff(q.predict_quantiles(x[:50], y[:50]), axis=1) > 0)
+
+
+def test_qmia_holds_out_enough_public_records_for_its_operating_point():
+    # Two allowed false positives at the operating FPR, between 10% and 30% of the data.
+    assert M.qmia_val_fraction(0.001, 8000) == pytest.approx(0.25)
+    assert M.qmia_val_fraction(0.001, 1000) == 0.3
+    assert M.qmia_val_fraction(0.05, 8000) == 0.1
+    rng = np.random.default_rng(6)
+    x, _, s = _synthetic(2000, rng, 0)
+    y = torch.zeros(2000, dtype=torch.int64)
+    q = M.QuantileMIA(1, levels=8, epochs=2, hidden=8, val_fraction=0.25, seed=0).fit(x, y, s)
+    assert q._val_scores.size == 500
+    # Resolved (500 · 1% = 5 false positives allowed): the held-out public quantile, even
+    # when that is below the regressor's own threshold (which could flag nothing).
+    low = copy.copy(q)
+    low._val_scores = np.linspace(0.0, 1.0, 500)
+    assert low.operating_threshold(0.01) == roc.threshold_at_fpr(low._val_scores, 0.01)
+    assert low.operating_threshold(0.01) < q.threshold(0.01)
+    with pytest.raises(ValueError, match="val_fraction"):
+        M.QuantileMIA(1, val_fraction=1.0)
+
+
+@pytest.mark.parametrize("name", ["seed_mia", "seed_mia_dp", "seed_mia_fl"])
+def test_shipped_membership_scenarios_evaluate_balanced_sets(name):
+    from privfl.runner import resolve
+
+    sc = resolve(name)
+    mi = sc.attack.membership
+    assert mi.eval_samples == mi.non_members
+    if mi.target == "single":
+        # Every member is scored, and 0.1% FPR allows at least one false positive.
+        assert mi.eval_samples == mi.members
+        assert math.floor(0.001 * mi.non_members) >= 1
+        # QMIA's held-out public split resolves its operating FPR.
+        held_out = M.qmia_val_fraction(mi.operating_fpr, mi.public_samples) * mi.public_samples
+        assert mi.operating_fpr * held_out >= 1
+    else:
+        from privfl.data import load_federation
+
+        assert mi.eval_samples == len(load_federation(sc).parties[mi.target_party].train)
 
 
 def test_qmia_gaussian_head_calibrates():

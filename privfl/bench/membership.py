@@ -31,6 +31,8 @@ ROW_KEYS = (
     "auc_low",
     "auc_high",
     "tpr_at_0.1pct_fpr",
+    "tpr_at_0.1pct_fpr_low",
+    "tpr_at_0.1pct_fpr_high",
     "tpr_at_1pct_fpr",
     "tpr_at_1pct_fpr_low",
     "tpr_at_1pct_fpr_high",
@@ -136,7 +138,8 @@ def main(argv: list[str]) -> int:
     rows = membership_bench_rows(args.scenarios, device=args.device, overrides=args.set)
     print("privfl bench membership")
     print(
-        f"{'scenario':<12} {'attack':<5} {'AUC [95% CI]':<22} {'TPR@0.1%':>8} {'TPR@1%':>7} "
+        f"{'scenario':<12} {'attack':<5} {'AUC [95% CI]':<22} {'TPR@0.1% [95% CI]':<22} "
+        f"{'TPR@1% [95% CI]':<22} "
         f"{'flagged':>9} {'prec. [95% CI]':<22} {'1:1':>5} {'obs.FPR':>7} {'acc':>5} "
         f"{'eps':>5} {'s':>5}"
     )
@@ -145,7 +148,10 @@ def main(argv: list[str]) -> int:
         print(
             f"{r['scenario']:<12} {r['attack']:<5} "
             f"{r['auc']:.3f} [{r['auc_low']:.3f}, {r['auc_high']:.3f}]   "
-            f"{r['tpr_at_0.1pct_fpr']:>8.3f} {r['tpr_at_1pct_fpr']:>7.3f} "
+            f"{r['tpr_at_0.1pct_fpr']:.3f} [{r['tpr_at_0.1pct_fpr_low']:.3f}, "
+            f"{r['tpr_at_0.1pct_fpr_high']:.3f}]   "
+            f"{r['tpr_at_1pct_fpr']:.3f} [{r['tpr_at_1pct_fpr_low']:.3f}, "
+            f"{r['tpr_at_1pct_fpr_high']:.3f}]   "
             f"{r['recovered']:>4}/{r['flagged']:<4} "
             f"{r['precision']:.3f} [{r['precision_low']:.3f}, {r['precision_high']:.3f}]   "
             f"{r['precision_balanced']:>5.3f} {r['operating_observed_fpr']:>7.4f} "
