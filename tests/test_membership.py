@@ -356,3 +356,34 @@ def test_end_to_end_federated_target_uses_party_records():
             federation=fed,
         )
     assert report.metrics["auc"] > 0.6
+
+
+def test_loss_statistic_keeps_confident_records_apart() -> None:
+    from privfl.attacks.membership import loss_attack
+
+    logits = np.array([[40.0, 0.0, 0.0], [45.0, 0.0, 0.0], [2.0, 1.0, 0.5], [0.0, 3.0, 0.0]])
+    labels = np.array([0, 0, 0, 0])
+    stat = loss_attack(logits, labels)
+    # Naive z_y - logsumexp(z) rounds both confident rows to exactly 0.
+    assert stat[0] < stat[1] < 0.0
+    ref = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    np.testing.assert_allclose(stat[2:], ref[[2, 3], 0], rtol=1e-12)
+    np.testing.assert_allclose(stat[0], -2 * np.exp(-40.0), rtol=1e-9)
+
+
+def test_lira_operating_point_is_calibrated_on_held_out_public_records() -> None:
+    from privfl.attacks.membership import OfflineLiRA
+
+    lira = OfflineLiRA(lambda data: None, shadow_models=2)
+    rng = np.random.default_rng(0)
+    # Heavy-tailed statistics: the Gaussian z for 1% would flag far more than 1%.
+    cal = rng.standard_t(2, size=4000)
+    fresh = rng.standard_t(2, size=20000)
+    lira.membership_scores = lambda images, labels, target: np.asarray(target)  # type: ignore[method-assign]
+    thr = lira.operating_threshold(None, None, cal, 0.01)
+    assert thr > lira.threshold(0.01)
+    observed = float(np.mean(fresh >= thr))
+    assert 0.006 < observed < 0.016
+    assert float(np.mean(fresh >= lira.threshold(0.01))) > 0.03
+    # Too few records to resolve the FPR: the Gaussian threshold.
+    assert lira.operating_threshold(None, None, cal[:50], 0.01) == lira.threshold(0.01)
