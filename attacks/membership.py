@@ -41,10 +41,10 @@ __all__ = [
     "OfflineLiRA",
     "QuantileMIA",
     "QueryAPI",
+    "calibration_fraction",
     "hinge_score",
     "lira_offline_scores",
     "loss_attack",
-    "qmia_val_fraction",
     "run_membership",
     "train_classifier",
 ]
@@ -715,10 +715,11 @@ def _shadow_trainer(
     return train
 
 
-def qmia_val_fraction(fpr: float, public_records: int) -> float:
-    """Public share QMIA holds out: 10%, raised (up to 30%) until the held-out split
-    allows two false positives at ``fpr``, so the operating point is calibrated on
-    public non-members rather than on the regressor's least reliable quantile."""
+def calibration_fraction(fpr: float, public_records: int) -> float:
+    """Public share held out to calibrate an operating point (QMIA's validation split,
+    the public records no LiRA shadow trains on): 10%, raised (up to 30%) until it allows
+    two false positives at ``fpr``, so the threshold is an empirical quantile of public
+    non-members rather than a model's least reliable tail."""
     return min(0.3, max(0.1, 2.0 / (fpr * max(1, public_records))))
 
 
@@ -851,7 +852,7 @@ def run_membership(
                 levels=mi.quantile_levels,
                 head=mi.qmia_head,
                 epochs=mi.qmia_epochs,
-                val_fraction=qmia_val_fraction(mi.operating_fpr, int(y_pub.size)),
+                val_fraction=calibration_fraction(mi.operating_fpr, int(y_pub.size)),
                 seed=derive_seed(seed, "qmia"),
                 device=device,
             ).fit(split.public.images, split.public.labels, h_pub)
@@ -875,9 +876,9 @@ def run_membership(
             if mi.target == "federated":
                 n_trained = sum(int(p.train.labels.shape[0]) for p in federation.parties)
             # Public records held out from every shadow calibrate the operating point
-            # (sized like QMIA's held-out split); the shadows sample the rest.
+            # (calibration_fraction); the shadows sample the rest.
             n_pub = int(y_pub.size)
-            n_cal = int(n_pub * qmia_val_fraction(mi.operating_fpr, n_pub))
+            n_cal = int(n_pub * calibration_fraction(mi.operating_fpr, n_pub))
             gen = torch.Generator().manual_seed(derive_seed(seed, "lira-calibration"))
             perm = torch.randperm(n_pub, generator=gen)
             cal, pool = perm[:n_cal], perm[n_cal:]

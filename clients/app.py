@@ -7,24 +7,16 @@ the train handler (outermost first): secure aggregation, then update clipping.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from privfl.config import Scenario
+from privfl.config import SCENARIO_KEY, Scenario, scenario_from_json
 from privfl.data import load_federation
 from privfl.models import build_model
 from privfl.training import evaluate, resolve_device, train_local
 
-SCENARIO_KEY = "privfl.scenario"
 EPSILON_RECORD = "privfl.side.dp-epsilon"
-
-
-@functools.lru_cache(maxsize=8)
-def _scenario(text: str) -> Scenario:
-    return Scenario.from_json(text)
 
 
 def scenario_of(msg: Message) -> Scenario:
@@ -35,7 +27,7 @@ def scenario_of(msg: Message) -> Scenario:
         raise ValueError(
             f"message {msg.metadata.message_type!r} carries no '{SCENARIO_KEY}' config"
         ) from exc
-    return _scenario(text)
+    return scenario_from_json(text)
 
 
 def party_of(context: Context) -> int:

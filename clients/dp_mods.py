@@ -10,10 +10,8 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
-from privfl.config import Scenario
+from privfl.config import SCENARIO_KEY, scenario_from_json
 from privfl.dp import clip_l2, flatten, record_with_vector
-
-SCENARIO_KEY = "privfl.scenario"
 
 
 def clip_update_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -31,7 +29,7 @@ def clip_update_mod(msg: Message, context: Context, call_next: ClientAppCallable
     config = msg.content.config_records.get("config")
     if config is None or SCENARIO_KEY not in config:
         return reply
-    dp = Scenario.from_json(str(config[SCENARIO_KEY])).defense.dp
+    dp = scenario_from_json(str(config[SCENARIO_KEY])).defense.dp
     if not (dp.mode == "distributed" or (dp.mode == "global" and dp.clipping == "client")):
         return reply
     sent = msg.content.array_records["arrays"]

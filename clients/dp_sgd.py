@@ -117,7 +117,7 @@ def run_dp_sgd_steps(
     module.train()
     try:
         for _ in range(steps):
-            idx = np.flatnonzero(sampling.uniform(n) < sample_rate)
+            idx = poisson_batch(sampling, n, sample_rate)
             # An empty Poisson batch still releases a (noise-only) step.
             idx_t = torch.from_numpy(idx).to(images.device)
             x, y = images[idx_t], labels[idx_t]
@@ -252,9 +252,21 @@ def dp_sgd_round_batches(
 
     if scenario.defense.dp.secure_noise:
         raise ValueError("defense.dp.secure_noise: DP-SGD batches are not reproducible")
+    q, sampling = _round_sampling(scenario, party, server_round, n)
+    return [poisson_batch(sampling, n, q) for _ in range(local_steps(n, scenario))]
+
+
+def poisson_batch(sampling: KeyStream, n: int, sample_rate: float) -> np.ndarray:
+    """Indices of one Poisson batch: each of ``n`` records independently at ``sample_rate``."""
+    return np.flatnonzero(sampling.uniform(n) < sample_rate)
+
+
+def _round_sampling(
+    scenario: Scenario, party: int, server_round: int, n: int
+) -> tuple[float, KeyStream]:
+    """Sampling rate and batch-sampling stream of a party's DP-SGD round."""
     q = min(1.0, scenario.training.batch_size / n)
-    sampling = KeyStream(noise_key(scenario, "dp-sgd-sampling", party, server_round))
-    return [np.flatnonzero(sampling.uniform(n) < q) for _ in range(local_steps(n, scenario))]
+    return q, KeyStream(noise_key(scenario, "dp-sgd-sampling", party, server_round))
 
 
 def dp_sgd_round(
@@ -287,12 +299,12 @@ def dp_sgd_round(
     """
     from privfl.training import local_steps  # the spine's step rule, shared with plain SGD
 
-    dp, t = scenario.defense.dp, scenario.training
+    dp = scenario.defense.dp
     if dp.mode != "client":
         raise ValueError(f"dp_sgd_round: defense.dp.mode is {dp.mode!r}, not 'client'")
     n = int(data.labels.shape[0])
     steps = local_steps(n, scenario)
-    q = min(1.0, t.batch_size / n)
+    q, sampling = _round_sampling(scenario, party, server_round, n)
     sigma, hist = _load_history(state)
     if sigma is None:
         sigma = dp.noise_multiplier
@@ -324,7 +336,7 @@ def dp_sgd_round(
         noise_multiplier=sigma,
         clip=dp.clip,
         optimizer=opt,
-        sampling=KeyStream(noise_key(scenario, "dp-sgd-sampling", party, server_round)),
+        sampling=sampling,
         generator=_noise_generator(
             noise_key(scenario, "dp-sgd-noise", party, server_round), device, dp.secure_noise
         ),

@@ -19,7 +19,6 @@ secrets live in ``context.state`` and persist across rounds.
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Callable
 from typing import Any
@@ -27,7 +26,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from privfl.config import Scenario
+from privfl.config import SCENARIO_KEY, Scenario, scenario_from_json
 from privfl.fixedpoint import FixedPointCodec
 from privfl.secagg import wire
 from privfl.secagg.additive import AdditiveParty
@@ -45,14 +44,7 @@ def _config(msg: Message) -> ConfigRecord | None:
 
 
 def _scenario(cfg: ConfigRecord) -> Scenario:
-    return _parse_scenario(str(cfg["privfl.scenario"]))
-
-
-@functools.lru_cache(maxsize=8)
-def _parse_scenario(text: str) -> Scenario:
-    # Every stage message carries the scenario; parsing and validating it costs ~5 ms,
-    # and a Scenario is frozen, so parse each distinct text once per process.
-    return Scenario.from_json(text)
+    return scenario_from_json(str(cfg[SCENARIO_KEY]))
 
 
 def _party(context: Context) -> int:
@@ -177,7 +169,7 @@ def make_secagg_mod(
         msg: Message, context: Context, call_next: Callable[[Message, Context], Message]
     ) -> Message:
         cfg = _config(msg)
-        if msg.metadata.message_type != "train" or cfg is None or "privfl.scenario" not in cfg:
+        if msg.metadata.message_type != "train" or cfg is None or SCENARIO_KEY not in cfg:
             return call_next(msg, context)
         scenario = _scenario(cfg)
         if scenario.defense.secure_aggregation == "none":
@@ -236,7 +228,7 @@ def _stage_context(
     msg: Message, context: Context
 ) -> tuple[ConfigRecord, Scenario, int, FixedPointCodec]:
     cfg = _config(msg)
-    if cfg is None or "privfl.scenario" not in cfg:
+    if cfg is None or SCENARIO_KEY not in cfg:
         raise SecAggClientError(
             f"node {context.node_id}: {msg.metadata.message_type} message without a scenario"
         )

@@ -9,6 +9,7 @@ the key (``data.parties``) and what would be accepted.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import tomllib
 import types
@@ -750,6 +751,18 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> None:
             if not isinstance(node, dict):
                 raise ScenarioError(f"override {item!r}: {p} is not a table")
         node[parts[-1]] = value
+
+
+# Config key under which every server message carries the resolved scenario (JSON).
+SCENARIO_KEY = "privfl.scenario"
+
+
+@functools.lru_cache(maxsize=8)
+def scenario_from_json(text: str) -> Scenario:
+    """:meth:`Scenario.from_json`, parsed once per distinct text: parties receive the
+    scenario in every message and validating it costs milliseconds; a Scenario is
+    frozen, so sharing one is safe."""
+    return Scenario.from_json(text)
 
 
 def load_scenario(path: str | Path, overrides: Iterable[str] = ()) -> Scenario:

@@ -19,7 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from privfl import __version__
-from privfl.config import Scenario, load_scenario, resolve_scenario_path
+from privfl.config import SCENARIO_KEY, Scenario, load_scenario, resolve_scenario_path
 from privfl.data import load_federation
 from privfl.models import build_model
 from privfl.results import AttackReport
@@ -27,7 +27,6 @@ from privfl.training import evaluate, resolve_device
 
 log = logging.getLogger("privfl")
 
-SCENARIO_KEY = "privfl.scenario"
 HELLO = "query.privfl_hello"
 
 

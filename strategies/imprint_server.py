@@ -32,9 +32,8 @@ from privfl.attacks.imprint import (
 )
 from privfl.strategies.wrapper import StrategyWrapper
 
-from privfl.config import Scenario
+from privfl.config import SCENARIO_KEY, Scenario
 from privfl.results import AttackReport
-from privfl.server import SCENARIO_KEY
 
 _KEYS = (WEIGHT_KEY, BIAS_KEY)
 _BLOCK_PREFIX = "imprint."
@@ -64,11 +63,12 @@ class ImprintServer(StrategyWrapper):
         super().__init__(inner)
         self.scenario = scenario
         self.party_of = dict(party_of)
-        self._sent: dict[str, torch.Tensor] | None = None
+        # What the attack round asks the parties for (the server's own hyper-parameters).
+        self._attack_scenario = attack_round_scenario(scenario)
+        self._sent: ArrayRecord | None = None  # the global model of the attack round
         self._reports: list[AttackReport] = []
         # The block as first shipped (attack.imprint.rearm puts it back every round).
         self._armed: dict[str, Array] | None = None
-        self._sent_record: ArrayRecord | None = None
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -79,8 +79,7 @@ class ImprintServer(StrategyWrapper):
                 k: Array(a.numpy().copy()) for k, a in arrays.items() if k.startswith(_BLOCK_PREFIX)
             }
         if server_round == self.scenario.attack.imprint.round:
-            self._sent = _arrays(arrays)
-            self._sent_record = arrays
+            self._sent = arrays
             config = self._attack_config(config)
         return self.inner.configure_train(server_round, arrays, config, grid)
 
@@ -95,11 +94,11 @@ class ImprintServer(StrategyWrapper):
                 self._reports.append(self._report_nothing("the round produced no aggregate"))
             else:
                 self._reports.append(self._attack(arrays, self._parties(replies)))
-            self._sent = None
-            if arrays is not None and attack_round_scenario(self.scenario) is not self.scenario:
+            if arrays is not None and self._attack_scenario is not self.scenario:
                 # The round ran on the server's own hyper-parameters (one big step on a
                 # few samples): keep the model it sent rather than set training back.
-                arrays = self._sent_record
+                arrays = self._sent
+            self._sent = None
         if arrays is not None and self.scenario.attack.imprint.rearm and self._armed:
             arrays = self._rearm(arrays)
         return arrays, metrics
@@ -112,11 +111,10 @@ class ImprintServer(StrategyWrapper):
     def _attack_config(self, config: ConfigRecord) -> ConfigRecord:
         """The attack round's train config: the scenario with the server's own local
         steps / batch size (``attack.imprint.local_steps``, ``batch_size``)."""
-        chosen = attack_round_scenario(self.scenario)
-        if chosen is self.scenario or SCENARIO_KEY not in config:
+        if self._attack_scenario is self.scenario or SCENARIO_KEY not in config:
             return config
         out = ConfigRecord(dict(config.items()))
-        out[SCENARIO_KEY] = chosen.to_json()
+        out[SCENARIO_KEY] = self._attack_scenario.to_json()
         return out
 
     def _rearm(self, arrays: ArrayRecord) -> ArrayRecord:
@@ -144,16 +142,15 @@ class ImprintServer(StrategyWrapper):
         from privfl.training import round_batch_data
 
         assert self._sent is not None
-        new = _arrays(arrays)
-        update = {k: new[k].double() - self._sent[k].double() for k in _KEYS}
-        recon = reconstruct_from_update(
-            update, ImprintInfo.from_state(new), noise_std=aggregate_noise_std(self.scenario)
-        )
+        new, sent = _arrays(arrays), _arrays(self._sent)
+        update = {k: new[k].double() - sent[k].double() for k in _KEYS}
+        info = ImprintInfo.from_state(new)
+        recon = reconstruct_from_update(update, info, noise_std=aggregate_noise_std(self.scenario))
         im = self.scenario.attack.imprint
         bins = imprint_bins_of(self.scenario)
         notes = [f"attacked the aggregate of round {im.round} over parties {parties}"]
         total = None
-        chosen = attack_round_scenario(self.scenario)
+        chosen = self._attack_scenario
         if self.scenario.defense.dp.mode == "client":
             # DP-SGD batches are Poisson samples drawn inside each party.
             fed = load_federation(self.scenario)
@@ -184,7 +181,7 @@ class ImprintServer(StrategyWrapper):
             # Nothing verified (a DP-noised update fails the rank-one test everywhere):
             # score the readouts of the bins the attacker would bet on instead.
             expect = imprinted_samples(self.scenario)
-            images = strongest_bins_readout(update, ImprintInfo.from_state(new), expect)
+            images = strongest_bins_readout(update, info, expect)
             notes.append(
                 f"no bin passed the single-sample test; scored the unverified readouts of "
                 f"the {images.shape[0]} strongest bins (the attacker expects {expect} samples)"

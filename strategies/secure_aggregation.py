@@ -25,7 +25,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from privfl.strategies.wrapper import StrategyWrapper
 
-from privfl.config import Scenario
+from privfl.config import SCENARIO_KEY, Scenario
 from privfl.fixedpoint import FixedPointCodec
 from privfl.secagg import wire
 from privfl.secagg.additive import AdditiveServer, RoundAbortedError
@@ -139,7 +139,7 @@ class SecureAggregation(StrategyWrapper):
         msgs = []
         scenario_json = self.scenario.to_json()
         for party, cfg in configs.items():
-            cfg["privfl.scenario"] = scenario_json
+            cfg[SCENARIO_KEY] = scenario_json
             cfg["server-round"] = server_round
             content = RecordDict({"config": cfg, **(extra or {}).get(party, {})})
             msgs.append(
@@ -294,7 +294,7 @@ class SecureAggregation(StrategyWrapper):
             if party not in self._parties:
                 continue
             cfg = ConfigRecord(dict(m.content.config_records.get("config", ConfigRecord())))
-            cfg.setdefault("privfl.scenario", self.scenario.to_json())
+            cfg.setdefault(SCENARIO_KEY, self.scenario.to_json())
             cfg["server-round"] = server_round
             cfg[wire.PREFIX + "session"] = ep["session"]
             cfg[wire.PREFIX + "parties"] = self._parties

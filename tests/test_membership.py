@@ -104,9 +104,9 @@ def test_qmia_calibrates_fpr_on_held_out_non_members(qmia_case):
 
 def test_qmia_holds_out_enough_public_records_for_its_operating_point():
     # Two allowed false positives at the operating FPR, between 10% and 30% of the data.
-    assert M.qmia_val_fraction(0.001, 8000) == pytest.approx(0.25)
-    assert M.qmia_val_fraction(0.001, 1000) == 0.3
-    assert M.qmia_val_fraction(0.05, 8000) == 0.1
+    assert M.calibration_fraction(0.001, 8000) == pytest.approx(0.25)
+    assert M.calibration_fraction(0.001, 1000) == 0.3
+    assert M.calibration_fraction(0.05, 8000) == 0.1
     rng = np.random.default_rng(6)
     x, _, s = _synthetic(2000, rng, 0)
     y = torch.zeros(2000, dtype=torch.int64)
@@ -134,7 +134,7 @@ def test_shipped_membership_scenarios_evaluate_balanced_sets(name):
         assert mi.eval_samples == mi.members
         assert math.floor(0.001 * mi.non_members) >= 1
         # QMIA's held-out public split resolves its operating FPR.
-        held_out = M.qmia_val_fraction(mi.operating_fpr, mi.public_samples) * mi.public_samples
+        held_out = M.calibration_fraction(mi.operating_fpr, mi.public_samples) * mi.public_samples
         assert mi.operating_fpr * held_out >= 1
     else:
         from privfl.data import load_federation
