@@ -224,6 +224,10 @@ class QuantileMIA:
     epochs, lr, batch_size, hidden, weight_decay
         Regressor training; the epoch with the best loss on a held-out split of the
         public data is kept.
+    schedule : {"cosine", "constant"}
+        Learning rate over the epochs. Cosine annealing settles the extreme quantile
+        outputs, whose pinball gradients are tiny and which jitter at a constant rate;
+        measured on seed_mia it raised AUC by about 0.01 on both seeds tried.
     val_fraction : float
         Share of the public data held out: it picks the epoch and calibrates the operating
         point (:meth:`operating_threshold`), so it must hold at least ``1 / fpr`` records
@@ -245,6 +249,7 @@ class QuantileMIA:
         batch_size: int = 128,
         hidden: int = 128,
         weight_decay: float = 1e-4,
+        schedule: Literal["constant", "cosine"] = "cosine",
         val_fraction: float = 0.1,
         seed: int = 0,
         device: torch.device | str = "cpu",
@@ -260,6 +265,9 @@ class QuantileMIA:
         self.head = head
         self.epochs, self.lr, self.batch_size = epochs, lr, batch_size
         self.hidden, self.weight_decay = hidden, weight_decay
+        if schedule not in ("constant", "cosine"):
+            raise ValueError(f"schedule: must be 'constant' or 'cosine', got {schedule!r}")
+        self.schedule = schedule
         self.val_fraction = val_fraction
         self.seed = seed
         self.device = torch.device(device)
@@ -322,6 +330,11 @@ class QuantileMIA:
         xv, yv, tv = x[val].to(dev), y[val].to(dev), t[val].to(dev)
         net = self._build(x).to(dev)
         opt = torch.optim.Adam(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        sched = (
+            torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.epochs)
+            if self.schedule == "cosine"
+            else None
+        )
         best, best_state = math.inf, copy.deepcopy(net.state_dict())
         for _ in range(self.epochs):
             net.train()
@@ -332,6 +345,8 @@ class QuantileMIA:
                 loss = self._loss(self._raw(net, x[b].to(dev), y[b].to(dev)), t[b].to(dev))
                 loss.backward()
                 opt.step()
+            if sched is not None:
+                sched.step()
             net.eval()
             with torch.no_grad():
                 v = float(self._loss(self._raw(net, xv, yv), tv))
@@ -612,25 +627,62 @@ def _take(s: LabelledImages, idx: np.ndarray) -> _Labelled:
     return _Labelled(s.images[t], s.labels[t])
 
 
-def _split(scenario: Scenario, federation: Any, rng: np.random.Generator) -> _Split:
+def _stratified(idx: np.ndarray, labels: np.ndarray, first: int) -> np.ndarray:
+    """Reorder ``idx`` so its first ``first`` records hold each label in the same share as
+    the rest (up to rounding), keeping the given order within a label.
+
+    A target trained on a random half of a small pool inherits that half's class
+    histogram: a weak model (DP-SGD on 250 records) then scores over-represented classes
+    higher, which separates members from non-members as a group, not record by record.
+    Splitting every label in the same proportion removes that channel, so the evaluation
+    measures what record-level DP bounds.
+    """
+    frac = first / max(1, idx.size)
+    head, tail, carry = [], [], 0.0
+    for c in np.unique(labels[idx]):
+        of_c = idx[labels[idx] == c]
+        # Largest-remainder rounding keeps the head at exactly ``first`` records.
+        want = of_c.size * frac + carry
+        n = int(np.floor(want + 1e-9))
+        carry = want - n
+        head.append(of_c[:n])
+        tail.append(of_c[n:])
+    h, t = np.concatenate(head), np.concatenate(tail)
+    if h.size < first:  # float leftovers: move the last ones over
+        h, t = np.concatenate([h, t[: first - h.size]]), t[first - h.size :]
+    return np.concatenate([h, t])
+
+
+def _split(scenario: Scenario, federation: Any, rng: np.random.Generator) -> list[_Split]:
+    """One :class:`_Split` per target; all share the attacker's public data, which is
+    disjoint from every target's members and scored non-members."""
     mi = scenario.attack.membership
     pool = federation.train_pool
     n_pool = int(pool.labels.shape[0])
     if mi.target == "single":
-        # No federation trains here: the train pool is split into members, held-out
-        # non-members and extra public data; federation.public is public as well.
+        # No federation trains here: the train pool is split into each target's members and
+        # held-out non-members, the rest is public like federation.public.
         need = mi.members + mi.non_members
-        if need > n_pool:
+        if need * mi.targets > n_pool:
             raise ValueError(
-                f"attack.membership: members + non-members scored = {need} exceeds the train "
-                f"pool ({n_pool} records)"
+                f"attack.membership: {mi.targets} target(s) x (members + non-members scored "
+                f"= {need}) = {need * mi.targets} exceeds the train pool ({n_pool} records)"
             )
         perm = rng.permutation(n_pool)
-        members = _take(pool, perm[: mi.members])
-        eval_in = _take(members, rng.choice(mi.members, size=mi.eval_samples, replace=False))
-        eval_out = _take(pool, perm[mi.members : need])
-        public = _cat(federation.public, _take(pool, perm[need:]))
-        target = "hospital-api"
+        labels = pool.labels.numpy()
+        picks = []
+        for k in range(mi.targets):
+            mine = _stratified(perm[k * need : (k + 1) * need], labels, mi.members)
+            members = _take(pool, mine[: mi.members])
+            eval_in = _take(members, rng.choice(mi.members, size=mi.eval_samples, replace=False))
+            eval_out = _take(pool, mine[mi.members :])
+            picks.append((members, eval_in, eval_out))
+        public = _cat(federation.public, _take(pool, perm[need * mi.targets :]))
+        targets = (
+            ["hospital-api"]
+            if mi.targets == 1
+            else [f"hospital-api-{k}" for k in range(mi.targets)]
+        )
     else:
         party = federation.parties[mi.target_party]
         members = _Labelled(party.train.images, party.train.labels)
@@ -657,11 +709,12 @@ def _split(scenario: Scenario, federation: Any, rng: np.random.Generator) -> _Sp
         eval_out = _take(candidates, np.arange(mi.non_members))
         spare = _take(candidates, np.arange(mi.non_members, n_cand))
         public = _cat(federation.public, spare)
-        target = f"global-model/party-{mi.target_party}"
+        picks = [(members, eval_in, eval_out)]
+        targets = [f"global-model/party-{mi.target_party}"]
     n_pub = int(public.labels.shape[0])
     if n_pub > mi.public_samples:
         public = _take(public, np.sort(rng.choice(n_pub, size=mi.public_samples, replace=False)))
-    return _Split(members, eval_in, eval_out, public, target)
+    return [_Split(m, i, o, public, t) for (m, i, o), t in zip(picks, targets, strict=True)]
 
 
 def _train_model(
@@ -738,21 +791,23 @@ def _evaluate(
     name: str,
     scores_in: np.ndarray,
     scores_out: np.ndarray,
-    threshold: float,
+    flag_in: np.ndarray,
+    flag_out: np.ndarray,
     *,
     seed: int,
 ) -> dict[str, Any]:
+    """ROC metrics of the statistics and the operating point given by the flags (each
+    target's own calibrated threshold, so pooled targets keep their own operating points)."""
     m: dict[str, Any] = {"attack": name}
     _put_estimate(m, "auc", roc.auc_ci(scores_in, scores_out, seed=seed))
     for key, f in (("tpr_at_0.1pct_fpr", 0.001), ("tpr_at_1pct_fpr", 0.01)):
         _put_estimate(m, key, roc.tpr_at_fpr(scores_in, scores_out, f))
-    tp = int(np.sum(scores_in > threshold))
-    p = roc.precision_at(scores_in, scores_out, threshold)
+    f_in, f_out = flag_in.astype(np.float64), flag_out.astype(np.float64)
+    tp = int(flag_in.sum())
+    p = roc.precision_at(f_in, f_out, 0.5)
     _put_estimate(m, "precision", p)
-    _put_estimate(
-        m, "precision_balanced", roc.balanced_precision_at(scores_in, scores_out, threshold)
-    )
-    _put_estimate(m, "operating_observed_fpr", roc.fpr_at(scores_out, threshold))
+    _put_estimate(m, "precision_balanced", roc.balanced_precision_at(f_in, f_out, 0.5))
+    _put_estimate(m, "operating_observed_fpr", roc.fpr_at(f_out, 0.5))
     m.update(
         operating_tpr=tp / scores_in.size,
         flagged=p.trials,
@@ -786,10 +841,14 @@ def run_membership(
     -------
     list[AttackReport]
         ``name = "membership-inference"``, ``role = "query-only"``, ``target`` =
-        ``"<hospital-api | global-model/party-i>/<attack>"``; ``recovered`` = members
-        flagged at the attack's operating point (FPR ``operating_fpr`` as calibrated by the
-        attacker on public data), ``total`` = members scored. The first report carries the
-        combined log-log ROC figure.
+        ``"<hospital-api | hospital-api-xK | global-model/party-i>/<attack>"``;
+        ``recovered`` = members flagged at the attack's operating point (FPR
+        ``operating_fpr`` as calibrated by the attacker on public data), ``total`` =
+        members scored. With ``attack.membership.targets = K > 1`` (single targets) K
+        independent hospitals are attacked, each with its own QMIA regressor and
+        thresholds (LiRA's shadows are shared: they never see a target) and the records
+        of all K are pooled into one ROC, as in the LiRA paper's many-target evaluation.
+        The first report carries the combined log-log ROC figure.
     """
     mi = scenario.attack.membership
     device = torch.device(device)
@@ -805,112 +864,162 @@ def run_membership(
         raise ValueError(
             "attack.membership.target = 'single' trains its own target; pass no target_model"
         )
+    given_model = target_model
 
     from privfl.training import derive_seed
 
     seed = scenario.scenario.seed
     rng = np.random.default_rng(derive_seed(seed, "membership-split"))
-    split = _split(scenario, federation, rng)
+    splits = _split(scenario, federation, rng)
+    public = splits[0].public
     num_classes = int(federation.num_classes)
-    epsilon = None
-    if target_model is None:
-        from privfl.models import build_model
+    y_pub = public.labels.numpy()
+    n_pub = int(y_pub.size)
 
-        target_model, epsilon = _train_model(
-            scenario,
-            build_model(scenario, num_classes),
-            split.members,
-            device,
-            derive_seed(seed, "mia-target"),
-        )
-    api = QueryAPI(target_model, device)
-    del target_model  # from here on the attacker only queries
+    lira: OfflineLiRA | None = None
+    lira_notes: list[str] = []
+    cal = torch.zeros(0, dtype=torch.int64)
+    if "lira" in mi.attacks:
+        # Shadows depend only on the public data and the training recipe, so one set
+        # serves every target. Public records held out from every shadow calibrate the
+        # operating point (calibration_fraction); the shadows sample the rest.
+        n_trained = int(splits[0].members.labels.shape[0])
+        if mi.target == "federated":
+            n_trained = sum(int(p.train.labels.shape[0]) for p in federation.parties)
+        n_cal = int(n_pub * calibration_fraction(mi.operating_fpr, n_pub))
+        gen = torch.Generator().manual_seed(derive_seed(seed, "lira-calibration"))
+        perm = torch.randperm(n_pub, generator=gen)
+        cal, pool = perm[:n_cal], perm[n_cal:]
+        shadow_pool = _Labelled(public.images[pool], public.labels[pool])
+        subset = max(1, min(n_trained, int(pool.numel()) // 2))
+        lira = OfflineLiRA(
+            _shadow_trainer(scenario, num_classes, device, derive_seed(seed, "lira-shadows")),
+            shadow_models=mi.shadow_models,
+            fixed_variance=mi.fixed_variance,
+            seed=derive_seed(seed, "lira"),
+            device=device,
+        ).fit(shadow_pool, subset)
+        var = "fixed" if mi.fixed_variance else "per-record"
+        lira_notes = [
+            f"offline, {mi.shadow_models} shadows on {subset} public records, {var} "
+            f"variance; operating point calibrated on {n_cal} public records no shadow "
+            f"trained on"
+        ]
 
-    y_in, y_out, y_pub = (s.labels.numpy() for s in (split.eval_in, split.eval_out, split.public))
-    logits_in = api.query(split.eval_in.images)
-    logits_out = api.query(split.eval_out.images)
-    logits_pub = api.query(split.public.images)
-    common = {
-        "members_scored": int(y_in.size),
-        "non_members_scored": int(y_out.size),
-        "public_records": int(y_pub.size),
-        "operating_fpr": mi.operating_fpr,
-        "target_train_accuracy": _accuracy(api, split.members),
-        "target_test_accuracy": _accuracy(api, split.eval_out),
+    # Per attack: pooled statistics of members and non-members, and whether the attack
+    # flagged each record at its own target's operating point.
+    pooled: dict[str, dict[str, list[np.ndarray]]] = {
+        a: {"in": [], "out": [], "flag_in": [], "flag_out": []} for a in mi.attacks
     }
-    if epsilon is not None:
-        common["epsilon"] = epsilon
-    h_in, h_out, h_pub = (
-        hinge_score(z, y) for z, y in ((logits_in, y_in), (logits_out, y_out), (logits_pub, y_pub))
-    )
+    notes_of: dict[str, list[str]] = {"lira": lira_notes}
+    train_acc, test_acc, epsilons = [], [], []
+    for k, split in enumerate(splits):
+        target_model = given_model
+        if target_model is None:
+            from privfl.models import build_model
 
-    results: list[tuple[str, np.ndarray, np.ndarray, float, list[str]]] = []
+            tag = "mia-target" if k == 0 else f"mia-target-{k}"
+            target_model, eps = _train_model(
+                scenario,
+                build_model(scenario, num_classes),
+                split.members,
+                device,
+                derive_seed(seed, tag),
+            )
+            if eps is not None:
+                epsilons.append(eps)
+        api = QueryAPI(target_model, device)
+        del target_model  # from here on the attacker only queries
+        train_acc.append(_accuracy(api, split.members))
+        test_acc.append(_accuracy(api, split.eval_out))
+
+        y_in, y_out = split.eval_in.labels.numpy(), split.eval_out.labels.numpy()
+        logits_in = api.query(split.eval_in.images)
+        logits_out = api.query(split.eval_out.images)
+        logits_pub = api.query(public.images)
+        h_in, h_out, h_pub = (
+            hinge_score(z, y)
+            for z, y in ((logits_in, y_in), (logits_out, y_out), (logits_pub, y_pub))
+        )
+        for name in mi.attacks:
+            if name == "qmia":
+                qmia = QuantileMIA(
+                    num_classes,
+                    levels=mi.quantile_levels,
+                    head=mi.qmia_head,
+                    epochs=mi.qmia_epochs,
+                    val_fraction=calibration_fraction(mi.operating_fpr, n_pub),
+                    seed=derive_seed(seed, "qmia") if k == 0 else derive_seed(seed, "qmia", k),
+                    device=device,
+                ).fit(public.images, public.labels, h_pub)
+                s_in = qmia.membership_scores(split.eval_in.images, split.eval_in.labels, h_in)
+                s_out = qmia.membership_scores(split.eval_out.images, split.eval_out.labels, h_out)
+                thr = qmia.operating_threshold(mi.operating_fpr)
+                n_val = 0 if qmia._val_scores is None else qmia._val_scores.size
+                per = " per target" if len(splits) > 1 else ""
+                notes_of[name] = [
+                    f"hinge score; {mi.qmia_head} head, {mi.quantile_levels} levels; "
+                    f"operating point calibrated on {n_val} held-out public records{per}"
+                ]
+            elif name == "loss":
+                thr = roc.threshold_at_fpr(loss_attack(logits_pub, y_pub), mi.operating_fpr)
+                s_in, s_out = loss_attack(logits_in, y_in), loss_attack(logits_out, y_out)
+                notes_of[name] = ["negated cross-entropy; threshold = public non-members' quantile"]
+            else:
+                assert lira is not None
+                s_in = lira.membership_scores(split.eval_in.images, split.eval_in.labels, h_in)
+                s_out = lira.membership_scores(split.eval_out.images, split.eval_out.labels, h_out)
+                thr = lira.operating_threshold(
+                    public.images[cal], public.labels[cal], h_pub[cal.numpy()], mi.operating_fpr
+                )
+            # Each statistic is kept as its distance past this target's own calibrated
+            # threshold: one target's ROC is unchanged by the shift, and pooled targets
+            # are ranked on a common scale anchored at the operating point instead of a
+            # scale that drifts from one regressor (or one target's scores) to the next.
+            got = pooled[name]
+            got["in"].append(s_in - thr)
+            got["out"].append(s_out - thr)
+            got["flag_in"].append(s_in > thr)
+            got["flag_out"].append(s_out > thr)
+
+    common: dict[str, Any] = {
+        "targets": len(splits),
+        "members_scored": int(sum(s.eval_in.labels.shape[0] for s in splits)),
+        "non_members_scored": int(sum(s.eval_out.labels.shape[0] for s in splits)),
+        "public_records": n_pub,
+        "operating_fpr": mi.operating_fpr,
+        "target_train_accuracy": float(np.mean(train_acc)),
+        "target_test_accuracy": float(np.mean(test_acc)),
+    }
+    if epsilons:
+        common["epsilon"] = float(max(epsilons))
+    target_name = splits[0].target if len(splits) == 1 else f"hospital-api-x{len(splits)}"
+    results: list[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]] = []
     for name in mi.attacks:
-        if name == "qmia":
-            qmia = QuantileMIA(
-                num_classes,
-                levels=mi.quantile_levels,
-                head=mi.qmia_head,
-                epochs=mi.qmia_epochs,
-                val_fraction=calibration_fraction(mi.operating_fpr, int(y_pub.size)),
-                seed=derive_seed(seed, "qmia"),
-                device=device,
-            ).fit(split.public.images, split.public.labels, h_pub)
-            s_in = qmia.membership_scores(split.eval_in.images, split.eval_in.labels, h_in)
-            s_out = qmia.membership_scores(split.eval_out.images, split.eval_out.labels, h_out)
-            n_val = 0 if qmia._val_scores is None else qmia._val_scores.size
-            notes = [
-                f"hinge score; {mi.qmia_head} head, {mi.quantile_levels} levels; operating "
-                f"point calibrated on {n_val} held-out public records"
-            ]
-            results.append((name, s_in, s_out, qmia.operating_threshold(mi.operating_fpr), notes))
-        elif name == "loss":
-            pub = loss_attack(logits_pub, y_pub)
-            thr = roc.threshold_at_fpr(pub, mi.operating_fpr)
-            notes = ["negated cross-entropy; threshold = public non-members' quantile"]
-            results.append(
-                (name, loss_attack(logits_in, y_in), loss_attack(logits_out, y_out), thr, notes)
+        got = pooled[name]
+        notes = list(notes_of[name])
+        if len(splits) > 1:
+            notes.append(
+                f"{len(splits)} independent targets, each trained on its own "
+                f"{mi.members} records; statistics and operating-point flags pooled"
             )
-        elif name == "lira":
-            n_trained = int(split.members.labels.shape[0])
-            if mi.target == "federated":
-                n_trained = sum(int(p.train.labels.shape[0]) for p in federation.parties)
-            # Public records held out from every shadow calibrate the operating point
-            # (calibration_fraction); the shadows sample the rest.
-            n_pub = int(y_pub.size)
-            n_cal = int(n_pub * calibration_fraction(mi.operating_fpr, n_pub))
-            gen = torch.Generator().manual_seed(derive_seed(seed, "lira-calibration"))
-            perm = torch.randperm(n_pub, generator=gen)
-            cal, pool = perm[:n_cal], perm[n_cal:]
-            shadow_pool = _Labelled(split.public.images[pool], split.public.labels[pool])
-            subset = max(1, min(n_trained, int(pool.numel()) // 2))
-            lira = OfflineLiRA(
-                _shadow_trainer(scenario, num_classes, device, derive_seed(seed, "lira-shadows")),
-                shadow_models=mi.shadow_models,
-                fixed_variance=mi.fixed_variance,
-                seed=derive_seed(seed, "lira"),
-                device=device,
-            ).fit(shadow_pool, subset)
-            s_in = lira.membership_scores(split.eval_in.images, split.eval_in.labels, h_in)
-            s_out = lira.membership_scores(split.eval_out.images, split.eval_out.labels, h_out)
-            thr = lira.operating_threshold(
-                split.public.images[cal],
-                split.public.labels[cal],
-                h_pub[cal.numpy()],
-                mi.operating_fpr,
+        results.append(
+            (
+                name,
+                np.concatenate(got["in"]),
+                np.concatenate(got["out"]),
+                np.concatenate(got["flag_in"]),
+                np.concatenate(got["flag_out"]),
+                notes,
             )
-            var = "fixed" if mi.fixed_variance else "per-record"
-            notes = [
-                f"offline, {mi.shadow_models} shadows on {subset} public records, {var} "
-                f"variance; operating point calibrated on {n_cal} public records no shadow "
-                f"trained on"
-            ]
-            results.append((name, s_in, s_out, thr, notes))
+        )
 
     reports = []
     curves = {}
-    for name, s_in, s_out, thr, notes in results:
-        metrics = _evaluate(name, s_in, s_out, thr, seed=derive_seed(seed, "auc-boot", name))
+    for name, s_in, s_out, f_in, f_out, notes in results:
+        metrics = _evaluate(
+            name, s_in, s_out, f_in, f_out, seed=derive_seed(seed, "auc-boot", name)
+        )
         metrics.update(common)
         curves[f"{name} (AUC {metrics['auc']:.3f})"] = roc.roc_curve(s_in, s_out)
         notes = [
@@ -931,7 +1040,7 @@ def run_membership(
             AttackReport(
                 name="membership-inference",
                 role="query-only",
-                target=f"{split.target}/{name}",
+                target=f"{target_name}/{name}",
                 recovered=metrics["true_positives"],
                 total=int(s_in.size),
                 metrics=metrics,
@@ -939,6 +1048,6 @@ def run_membership(
             )
         )
     if reports:
-        fig = roc.roc_figure(curves, title=f"Membership inference: {split.target}")
-        reports[0].figures[f"membership_roc_{split.target.replace('/', '_')}.png"] = fig
+        fig = roc.roc_figure(curves, title=f"Membership inference: {target_name}")
+        reports[0].figures[f"membership_roc_{target_name.replace('/', '_')}.png"] = fig
     return reports

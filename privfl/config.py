@@ -498,6 +498,9 @@ class MembershipSection:
     target_party: int = 0
     # single target: records it is trained on (members) and epochs of training.
     members: int = 500
+    # single target: independent small hospitals attacked, each with its own members and
+    # non-members; their records are pooled so that low FPRs can be resolved.
+    targets: int = 1
     epochs: int = 30
     # Evaluation set: this many members and ``eval_non_members`` non-members (0 = as many
     # as members). More non-members than members resolve low FPRs: 0.1% of n non-members
@@ -545,6 +548,14 @@ class MembershipSection:
         ):
             if getattr(self, name) < 1:
                 _fail(f"{key}.{name}", f"must be >= 1, got {getattr(self, name)}")
+        if self.targets < 1:
+            _fail(f"{key}.targets", f"must be >= 1, got {self.targets}")
+        if self.targets > 1 and self.target != "single":
+            _fail(
+                f"{key}.targets",
+                f"pooling {self.targets} targets needs target = 'single' (a federated run "
+                f"has one global model), got target = {self.target!r}",
+            )
         if self.eval_non_members < 0:
             _fail(
                 f"{key}.eval_non_members",

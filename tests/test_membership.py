@@ -120,6 +120,8 @@ def test_qmia_holds_out_enough_public_records_for_its_operating_point():
     assert low.operating_threshold(0.01) < q.threshold(0.01)
     with pytest.raises(ValueError, match="val_fraction"):
         M.QuantileMIA(1, val_fraction=1.0)
+    with pytest.raises(ValueError, match="schedule"):
+        M.QuantileMIA(1, schedule="step")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("name", ["seed_mia", "seed_mia_dp", "seed_mia_fl"])
@@ -130,9 +132,10 @@ def test_shipped_membership_scenarios_evaluate_balanced_sets(name):
     mi = sc.attack.membership
     assert mi.eval_samples == mi.non_members
     if mi.target == "single":
-        # Every member is scored, and 0.1% FPR allows at least one false positive.
+        # Every member is scored, and 0.1% FPR of the pooled non-members allows at least
+        # one false positive.
         assert mi.eval_samples == mi.members
-        assert math.floor(0.001 * mi.non_members) >= 1
+        assert math.floor(0.001 * mi.non_members * mi.targets) >= 1
         # QMIA's held-out public split resolves its operating FPR.
         held_out = M.calibration_fraction(mi.operating_fpr, mi.public_samples) * mi.public_samples
         assert mi.operating_fpr * held_out >= 1
@@ -321,6 +324,48 @@ def test_end_to_end_single_target_on_synthetic_images():
     assert len(reports[0].figures) == 1
     with pytest.raises(ValueError, match="single"):
         M.run_membership(sc, federation=fed, target_model=nn.Linear(1, 1))
+
+
+def test_pooled_targets_are_independent_hospitals_scored_together():
+    fed = _federation(np.random.default_rng(2))
+    sc = _scenario("single").replace(
+        ["attack.membership.targets=3", "attack.membership.attacks=['loss', 'qmia']"]
+    )
+    reports = M.run_membership(sc, federation=fed)
+    for r in reports:
+        m = r.metrics
+        assert r.target == f"hospital-api-x3/{m['attack']}"
+        assert (r.total, m["members_scored"], m["non_members_scored"]) == (150, 150, 150)
+        assert m["targets"] == 3
+        # Flags come from each target's own threshold; the counts still add up.
+        assert m["true_positives"] == r.recovered <= m["flagged"]
+        assert m["operating_tpr"] == pytest.approx(r.recovered / 150)
+        assert m["target_train_accuracy"] == 1.0  # mean over the three targets
+    with pytest.raises(ValueError, match="exceeds the train pool"):
+        M.run_membership(sc.replace(["attack.membership.targets=6"]), federation=fed)
+
+
+def test_members_and_non_members_share_each_label_equally() -> None:
+    from privfl.attacks.membership import _stratified
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 3000)
+    for n, first in ((500, 250), (501, 250), (37, 20), (10, 1)):
+        idx = rng.permutation(3000)[:n]
+        out = _stratified(idx, labels, first)
+        assert sorted(out.tolist()) == sorted(idx.tolist())
+        head = np.bincount(labels[out[:first]], minlength=10)
+        tail = np.bincount(labels[out[first:]], minlength=10)
+        assert head.sum() == first
+        # Every label split in the head's share, up to one record of rounding.
+        assert np.all(np.abs(head - (head + tail) * first / n) < 1.0 + 1e-9)
+
+
+def test_pooled_targets_are_validated() -> None:
+    with pytest.raises(ValueError, match="targets"):
+        _scenario("single").replace(["attack.membership.targets=0"])
+    with pytest.raises(ValueError, match="attack.membership.targets"):
+        _scenario("federated").replace(["attack.membership.targets=2"])
 
 
 def test_end_to_end_federated_target_uses_party_records():
