@@ -545,7 +545,13 @@ class OfflineLiRA:
         return float(stats.norm.isf(fpr))
 
     def operating_threshold(
-        self, images: torch.Tensor, labels: torch.Tensor, target_scores: np.ndarray, fpr: float
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        target_scores: np.ndarray,
+        fpr: float,
+        *,
+        shadow_scores: np.ndarray | None = None,
     ) -> float:
         """The operating point at FPR ``fpr``, calibrated on public non-members that no
         shadow trained on: their empirical ``1 - fpr`` quantile of membership scores.
@@ -553,12 +559,19 @@ class OfflineLiRA:
         The Gaussian z of :meth:`threshold` assumes each record's OUT scores are exactly
         Gaussian with the fitted spread; on real targets it flags about ten times the
         aimed FPR. Falls back to it when the records cannot resolve ``fpr`` (fewer than
-        one allowed false positive).
+        one allowed false positive). ``shadow_scores``: the shadows' (S, N) scores of these
+        records (:meth:`shadow_scores`) when one calibration set serves several targets.
         """
         n = int(np.asarray(target_scores).size)
         if fpr * n < 1:
             return self.threshold(fpr)
-        return roc.threshold_at_fpr(self.membership_scores(images, labels, target_scores), fpr)
+        if shadow_scores is None:
+            z = self.membership_scores(images, labels, target_scores)
+        else:
+            z = lira_offline_scores(
+                target_scores, shadow_scores, fixed_variance=self.fixed_variance
+            )
+        return roc.threshold_at_fpr(z, fpr)
 
 
 @dataclass(frozen=True, eq=False)
@@ -641,7 +654,8 @@ def _stratified(idx: np.ndarray, labels: np.ndarray, first: int) -> np.ndarray:
     head, tail, carry = [], [], 0.0
     for c in np.unique(labels[idx]):
         of_c = idx[labels[idx] == c]
-        # Largest-remainder rounding keeps the head at exactly ``first`` records.
+        # The rounding remainder carries over to the next label, so the head ends at
+        # ``first`` records (bar float error, mended below).
         want = of_c.size * frac + carry
         n = int(np.floor(want + 1e-9))
         carry = want - n
@@ -879,6 +893,7 @@ def run_membership(
     lira: OfflineLiRA | None = None
     lira_notes: list[str] = []
     cal = torch.zeros(0, dtype=torch.int64)
+    cal_shadow = np.zeros((0, 0))
     if "lira" in mi.attacks:
         # Shadows depend only on the public data and the training recipe, so one set
         # serves every target. Public records held out from every shadow calibrate the
@@ -899,6 +914,8 @@ def run_membership(
             seed=derive_seed(seed, "lira"),
             device=device,
         ).fit(shadow_pool, subset)
+        # The same for every target: only the target's own scores of these records differ.
+        cal_shadow = lira.shadow_scores(public.images[cal], public.labels[cal])
         var = "fixed" if mi.fixed_variance else "per-record"
         lira_notes = [
             f"offline, {mi.shadow_models} shadows on {subset} public records, {var} "
@@ -918,6 +935,7 @@ def run_membership(
         if target_model is None:
             from privfl.models import build_model
 
+            # Target 0 keeps the single-target seeds, so K = 1 reproduces earlier runs.
             tag = "mia-target" if k == 0 else f"mia-target-{k}"
             target_model, eps = _train_model(
                 scenario,
@@ -970,7 +988,11 @@ def run_membership(
                 s_in = lira.membership_scores(split.eval_in.images, split.eval_in.labels, h_in)
                 s_out = lira.membership_scores(split.eval_out.images, split.eval_out.labels, h_out)
                 thr = lira.operating_threshold(
-                    public.images[cal], public.labels[cal], h_pub[cal.numpy()], mi.operating_fpr
+                    public.images[cal],
+                    public.labels[cal],
+                    h_pub[cal.numpy()],
+                    mi.operating_fpr,
+                    shadow_scores=cal_shadow,
                 )
             # Each statistic is kept as its distance past this target's own calibrated
             # threshold: one target's ROC is unchanged by the shift, and pooled targets

@@ -92,15 +92,20 @@ def test_train_dp_sgd_needs_a_privacy_target():
         )
 
 
-def test_dp_sgd_round_keeps_state_and_epsilon_grows():
-    sc = Scenario.from_dict(
+def _client_dp(seed: int, **training: float) -> Scenario:
+    """Two parties, two rounds, DP-SGD on every party at ε = 3."""
+    return Scenario.from_dict(
         {
-            "scenario": {"rounds": 2, "seed": 1},
+            "scenario": {"rounds": 2, "seed": seed},
             "data": {"parties": 2},
-            "training": {"batch_size": 30, "local_steps": 5, "lr": 0.3},
+            "training": training,
             "defense": {"dp": {"mode": "client", "epsilon": 3.0, "clip": 1.0}},
         }
     )
+
+
+def test_dp_sgd_round_keeps_state_and_epsilon_grows():
+    sc = _client_dp(1, batch_size=30, local_steps=5, lr=0.3)
     data, model, state = _data(), _model(), RecordDict()
     n1, loss1, eps1 = dp_sgd_round(
         model, data, sc, party=0, server_round=1, state=state, device="cpu"
@@ -119,14 +124,7 @@ def test_dp_sgd_round_keeps_state_and_epsilon_grows():
 def test_dp_sgd_round_batches_are_the_batches_trained_on():
     from privfl.clients.dp_sgd import dp_sgd_round_batches
 
-    sc = Scenario.from_dict(
-        {
-            "scenario": {"rounds": 2, "seed": 3},
-            "data": {"parties": 2},
-            "training": {"batch_size": 20, "local_steps": 4, "lr": 0.1},
-            "defense": {"dp": {"mode": "client", "epsilon": 3.0, "clip": 1.0}},
-        }
-    )
+    sc = _client_dp(3, batch_size=20, local_steps=4, lr=0.1)
     n = 200
     data = _data(n)
     # Pixel (0, 0) of image i carries i, so the inputs the model sees name the records.
