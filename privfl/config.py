@@ -516,6 +516,9 @@ class MembershipSection:
     # QMIA regressor: pinball loss on many quantile levels, or a Gaussian (mean, std) head.
     qmia_head: Literal["pinball", "gaussian"] = "pinball"
     qmia_epochs: int = 30
+    # Regressors averaged per target (each qmia_epochs long): lowers the variance of the
+    # predicted quantiles at the cost of training this many.
+    qmia_ensemble: int = 1
 
     @property
     def non_members(self) -> int:
@@ -527,6 +530,8 @@ class MembershipSection:
             _fail(f"{key}.operating_fpr", f"must be in (0, 0.5), got {self.operating_fpr}")
         if self.qmia_epochs < 1:
             _fail(f"{key}.qmia_epochs", f"must be >= 1, got {self.qmia_epochs}")
+        if self.qmia_ensemble < 1:
+            _fail(f"{key}.qmia_ensemble", f"must be >= 1 regressor, got {self.qmia_ensemble}")
         if "lira" in self.attacks and self.shadow_models < 2:
             _fail(
                 f"{key}.shadow_models", f"LiRA needs >= 2 shadow models, got {self.shadow_models}"

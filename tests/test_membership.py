@@ -157,6 +157,31 @@ def test_qmia_gaussian_head_calibrates():
     assert lo <= 0.05 <= hi
 
 
+def test_qmia_ensemble_averages_its_members() -> None:
+    rng = np.random.default_rng(4)
+    x, _, s = _synthetic(1500, rng, 0)
+    y = torch.zeros(1500, dtype=torch.int64)
+    kw = dict(levels=8, alpha_min=0.01, epochs=4, hidden=16, lr=3e-3, seed=5)
+    single = M.QuantileMIA(1, **kw).fit(x, y, s)
+    ens = M.QuantileMIA(1, ensemble=3, **kw).fit(x, y, s)
+    xh, _, _ = _synthetic(200, rng, 0)
+    yh = torch.zeros(200, dtype=torch.int64)
+    with torch.no_grad():
+        members = [ens._raw(net, xh, yh).double().numpy() for net in ens._nets]
+    # Member 0 is the single regressor (ensemble = 1 reproduces earlier runs); the others
+    # start elsewhere, and the ensemble predicts their mean.
+    assert np.allclose(members[0], single._predict(xh, yh))
+    assert not np.allclose(members[0], members[1])
+    mean_q = np.mean(members, axis=0) * ens._scale + ens._shift
+    assert np.allclose(ens.predict_quantiles(xh, yh), mean_q)
+    # One held-out split for all members: the ensemble is calibrated on records none saw.
+    assert ens._val_scores.size == single._val_scores.size
+    with pytest.raises(ValueError, match="ensemble"):
+        M.QuantileMIA(1, ensemble=0)
+    with pytest.raises(ValueError, match="attack.membership.qmia_ensemble"):
+        _scenario("single").replace(["attack.membership.qmia_ensemble=0"])
+
+
 def test_lira_matches_calibrated_analytic_roc():
     rng = np.random.default_rng(4)
     n, shadows = 4000, 64
@@ -250,6 +275,38 @@ def test_offline_lira_trains_shadows_on_public_subsets_only():
     assert lira.shadow_scores(x, y).shape == (3, 6)
     with pytest.raises(ValueError, match="shadow_models"):
         M.OfflineLiRA(train_fn, shadow_models=1)
+    # The fixed deviation is set once at fit: a record's statistic does not depend on
+    # which other records are scored with it (members and non-members are scored apart).
+    assert lira.sigma is not None and lira.sigma > 0
+    t = np.random.default_rng(0).normal(size=6)
+    np.testing.assert_allclose(
+        lira.membership_scores(x[:2], y[:2], t[:2]), lira.membership_scores(x, y, t)[:2]
+    )
+
+
+def test_offline_lira_fixed_sigma_pools_out_scores_only() -> None:
+    rng = np.random.default_rng(2)
+    n, shadows = 30, 4
+    out_scores = rng.normal(0, 2.0, (shadows, n))
+
+    class Fixed(M.OfflineLiRA):
+        def shadow_scores(self, images, labels):
+            # A shadow's score of a record it trained on is wildly off; it must not count.
+            return np.where(self.in_mask, 1e3, out_scores)
+
+    lira = Fixed(lambda data: nn.Identity(), shadow_models=shadows, seed=3)
+    # Recompute the subsets fit() will draw, to know the IN entries.
+    draw = np.random.default_rng(3)
+    lira.in_mask = np.zeros((shadows, n), dtype=bool)
+    for i in range(shadows):
+        lira.in_mask[i, draw.choice(n, size=10, replace=False)] = True
+    public = SimpleNamespace(
+        images=torch.zeros(n, 1, 2, 2), labels=torch.zeros(n, dtype=torch.int64)
+    )
+    lira.fit(public, 10)
+    k = (~lira.in_mask).sum(0)
+    var = [np.var(out_scores[~lira.in_mask[:, j], j], ddof=1) for j in range(n) if k[j] >= 2]
+    assert lira.sigma == pytest.approx(np.sqrt(np.mean(var)))
 
 
 # --------------------------------------------------------------------------- end to end
@@ -432,3 +489,31 @@ def test_lira_operating_point_is_calibrated_on_held_out_public_records() -> None
     assert float(np.mean(fresh >= lira.threshold(0.01))) > 0.03
     # Too few records to resolve the FPR: the Gaussian threshold.
     assert lira.operating_threshold(None, None, cal[:50], 0.01) == lira.threshold(0.01)
+
+
+def test_bench_summarises_attacks_over_seeds() -> None:
+    from privfl.bench.membership import _seed_list, seed_summary
+
+    def row(seed, attack, auc, tpr):
+        return {
+            "scenario": "seed_mia",
+            "seed": seed,
+            "attack": attack,
+            "auc": auc,
+            "tpr_at_0.1pct_fpr": tpr,
+            "tpr_at_1pct_fpr": 2 * tpr,
+            "precision": 0.9,
+        }
+
+    rows = [
+        row(0, "qmia", 0.66, 0.013),
+        row(0, "lira", 0.65, 0.024),
+        row(1, "qmia", 0.68, 0.025),
+        row(1, "lira", 0.66, 0.020),
+    ]
+    lines = seed_summary(rows)
+    assert "seed_mia     qmia  over 2 seeds: AUC 0.670 ± 0.010, TPR@0.1% 0.019 ± 0.006" in lines[0]
+    assert lines[-1].startswith("seed_mia     QMIA's TPR@0.1% >= LiRA's on 1/2 seeds (seeds 1)")
+    assert _seed_list("0, 1,4") == [0, 1, 4]
+    with pytest.raises(Exception, match="--seeds"):
+        _seed_list("0,x")

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -78,8 +79,9 @@ def membership_bench_rows(
     *,
     device: str = "cpu",
     overrides: Sequence[str] = (),
+    seeds: Sequence[int] | None = None,
 ) -> list[dict[str, Any]]:
-    """Rows for ``privfl bench seed``: one per (scenario, attack).
+    """Rows for ``privfl bench seed``: one per (scenario, attack[, seed]).
 
     Parameters
     ----------
@@ -89,6 +91,8 @@ def membership_bench_rows(
         Where targets, shadows and the quantile regressor train.
     overrides : Sequence[str]
         ``section.key=value`` overrides applied to every scenario.
+    seeds : Sequence[int], optional
+        Run every scenario once per seed (``scenario.seed``); rows carry ``seed``.
 
     Returns
     -------
@@ -101,8 +105,14 @@ def membership_bench_rows(
     from privfl.runner import resolve
 
     rows: list[dict[str, Any]] = []
-    for name in scenarios:
-        sc = resolve(name, overrides)
+    runs = (
+        [(name, None) for name in scenarios]
+        if seeds is None
+        else [(name, seed) for name in scenarios for seed in seeds]
+    )
+    for name, seed in runs:
+        extra = [] if seed is None else [f"scenario.seed={seed}"]
+        sc = resolve(name, [*overrides, *extra])
         if sc.attack.kind != "membership-inference":
             raise ValueError(
                 f"scenario {sc.scenario.name!r}: attack.kind is not membership-inference"
@@ -116,6 +126,7 @@ def membership_bench_rows(
         for r in reports:
             row = {
                 "scenario": sc.scenario.name,
+                "seed": sc.scenario.seed,
                 "attack": r.metrics["attack"],
                 "target": r.target,
                 "recovered": r.recovered,
@@ -128,25 +139,73 @@ def membership_bench_rows(
     return rows
 
 
+def seed_summary(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Lines summarising rows of several seeds: per (scenario, attack) the mean and
+    standard deviation over seeds, and on how many seeds QMIA's TPR at 0.1% FPR is at
+    least LiRA's (a single seed's TPR there rests on a handful of non-members)."""
+    lines = []
+    for scenario in dict.fromkeys(r["scenario"] for r in rows):
+        mine = [r for r in rows if r["scenario"] == scenario]
+        by_attack: dict[str, dict[int, dict[str, Any]]] = {}
+        for r in mine:
+            by_attack.setdefault(r["attack"], {})[r["seed"]] = r
+        n = len({r["seed"] for r in mine})
+        for attack, per_seed in by_attack.items():
+            parts = []
+            for key, label in (
+                ("auc", "AUC"),
+                ("tpr_at_0.1pct_fpr", "TPR@0.1%"),
+                ("tpr_at_1pct_fpr", "TPR@1%"),
+                ("precision", "precision"),
+            ):
+                v = np.array([r[key] for r in per_seed.values()], dtype=np.float64)
+                parts.append(f"{label} {np.nanmean(v):.3f} ± {np.nanstd(v):.3f}")
+            lines.append(
+                f"{scenario:<12} {attack:<5} over {len(per_seed)} seeds: " + ", ".join(parts)
+            )
+        if "qmia" in by_attack and "lira" in by_attack:
+            common = sorted(set(by_attack["qmia"]) & set(by_attack["lira"]))
+            wins = [
+                s
+                for s in common
+                if by_attack["qmia"][s]["tpr_at_0.1pct_fpr"]
+                >= by_attack["lira"][s]["tpr_at_0.1pct_fpr"]
+            ]
+            lines.append(
+                f"{scenario:<12} QMIA's TPR@0.1% >= LiRA's on {len(wins)}/{len(common)} seeds"
+                f" (seeds {', '.join(map(str, wins)) or 'none'}); {n} seeds run"
+            )
+    return lines
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="privfl bench membership", description=__doc__)
     p.add_argument("scenarios", nargs="*", default=list(DEFAULT_SCENARIOS))
     p.add_argument("--device", default="cpu")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument(
+        "--seeds",
+        type=_seed_list,
+        default=None,
+        metavar="S[,S...]",
+        help="run each scenario once per seed and summarise over seeds (e.g. 0,1,2,3,4)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    rows = membership_bench_rows(args.scenarios, device=args.device, overrides=args.set)
+    rows = membership_bench_rows(
+        args.scenarios, device=args.device, overrides=args.set, seeds=args.seeds
+    )
     print("privfl bench membership")
     print(
-        f"{'scenario':<12} {'attack':<5} {'AUC [95% CI]':<22} {'TPR@0.1% [95% CI]':<22} "
-        f"{'TPR@1% [95% CI]':<22} "
+        f"{'scenario':<12} {'seed':>4} {'attack':<5} {'AUC [95% CI]':<22} "
+        f"{'TPR@0.1% [95% CI]':<22} {'TPR@1% [95% CI]':<22} "
         f"{'flagged':>9} {'prec. [95% CI]':<22} {'1:1':>5} {'obs.FPR':>7} {'acc':>5} "
         f"{'eps':>5} {'s':>5}"
     )
     for i, r in enumerate(rows):
         eps = f"{r['epsilon']:.2f}" if r["epsilon"] is not None else "-"
         print(
-            f"{r['scenario']:<12} {r['attack']:<5} "
+            f"{r['scenario']:<12} {r['seed']:>4} {r['attack']:<5} "
             f"{r['auc']:.3f} [{r['auc_low']:.3f}, {r['auc_high']:.3f}]   "
             f"{r['tpr_at_0.1pct_fpr']:.3f} [{r['tpr_at_0.1pct_fpr_low']:.3f}, "
             f"{r['tpr_at_0.1pct_fpr_high']:.3f}]   "
@@ -157,11 +216,27 @@ def main(argv: list[str]) -> int:
             f"{r['precision_balanced']:>5.3f} {r['operating_observed_fpr']:>7.4f} "
             f"{r['target_test_accuracy']:>5.3f} {eps:>5} {r['seconds']:>5.0f}"
         )
-        last = i + 1 == len(rows) or rows[i + 1]["scenario"] != r["scenario"]
-        if last:
+        nxt = rows[i + 1] if i + 1 < len(rows) else None
+        if nxt is None or (nxt["scenario"], nxt["seed"]) != (r["scenario"], r["seed"]):
             print(
                 f"{'':<12} {r['members_scored']} members : {r['non_members_scored']} "
                 f"non-members scored; founding document: "
                 f"{FOUNDING_FIGURE.get(r['scenario'], '(no figure)')}"
             )
+    if args.seeds is not None and len(args.seeds) > 1:
+        print()
+        for line in seed_summary(rows):
+            print(line)
     return 0
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--seeds: expected comma-separated integers, got {text!r}"
+        ) from None
+    if not seeds:
+        raise argparse.ArgumentTypeError("--seeds: no seed given")
+    return seeds
