@@ -237,7 +237,8 @@ class QuantileMIA:
         point (:meth:`operating_threshold`), so it must hold at least ``1 / fpr`` records
         to resolve a target FPR ``fpr``.
     seed : int
-        Seeds initialisation, the validation split and batch order.
+        Seeds the validation split and the first regressor's initialisation and batch
+        order; further ensemble members use seeds derived from it.
     device : torch.device or str
     """
 
