@@ -235,8 +235,8 @@ def _seed_list(text: str) -> list[int]:
         seeds = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"--seeds: expected comma-separated integers, got {text!r}"
+            f"expected comma-separated integers, got {text!r}"
         ) from None
     if not seeds:
-        raise argparse.ArgumentTypeError("--seeds: no seed given")
+        raise argparse.ArgumentTypeError("no seed given")
     return seeds
