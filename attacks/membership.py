@@ -35,6 +35,7 @@ from torch import nn
 from privfl.config import Scenario
 from privfl.metrics import roc
 from privfl.results import AttackReport
+from privfl.training import derive_seed
 
 __all__ = [
     "LabelledImages",
@@ -339,7 +340,7 @@ class QuantileMIA:
         for m in range(self.ensemble):
             # Every member holds out the same split, so it stays unseen by the ensemble
             # and still calibrates it; members differ in initialisation and batch order.
-            seed_m = self.seed if m == 0 else _member_seed(self.seed, m)
+            seed_m = self.seed if m == 0 else derive_seed(self.seed, "qmia-member", m)
             g = gen if m == 0 else torch.Generator().manual_seed(seed_m)
             nets.append(self._train_one(x, y, t, tr, val, seed_m, g))
         self._nets = nets
@@ -464,12 +465,6 @@ class QuantileMIA:
         return roc.threshold_at_fpr(self._val_scores, fpr)
 
 
-def _member_seed(seed: int, member: int) -> int:
-    from privfl.training import derive_seed
-
-    return derive_seed(seed, "qmia-member", member)
-
-
 def _interp_extrap(x: np.ndarray | float, xp: np.ndarray, fp: np.ndarray) -> np.ndarray:
     """Piecewise-linear interpolation through (xp, fp) (xp increasing), extrapolated linearly."""
     x = np.asarray(x, dtype=np.float64)
@@ -580,18 +575,16 @@ class OfflineLiRA:
         if self.fixed_variance:
             # One pooled OUT deviation for every record the attack will ever score, taken
             # from each public record's scores under the shadows that did not train on it.
-            sh = self.shadow_scores(public.images, public.labels)
-            out = ~trained_on
-            k = out.sum(axis=0)
-            ok = k >= 2
+            out = np.ma.masked_array(
+                self.shadow_scores(public.images, public.labels), mask=trained_on
+            )
+            ok = out.count(axis=0) >= 2
             if not ok.any():
                 raise ValueError(
                     "OfflineLiRA.fit: no public record is OUT for two shadows; use a "
                     "smaller subset_size or more public records"
                 )
-            mean = np.where(out, sh, 0.0).sum(axis=0)[ok] / k[ok]
-            dev = np.where(out[:, ok], sh[:, ok] - mean, 0.0)
-            self.sigma = float(np.sqrt(np.mean((dev**2).sum(axis=0) / (k[ok] - 1))))
+            self.sigma = float(np.sqrt(out.var(axis=0, ddof=1)[ok].mean()))
         return self
 
     def shadow_scores(self, images: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
@@ -952,8 +945,6 @@ def run_membership(
             "attack.membership.target = 'single' trains its own target; pass no target_model"
         )
     given_model = target_model
-
-    from privfl.training import derive_seed
 
     seed = scenario.scenario.seed
     rng = np.random.default_rng(derive_seed(seed, "membership-split"))
