@@ -9,7 +9,9 @@ Attacks (all scores: higher = "member"):
 - :class:`QuantileMIA` (Bertran et al., NeurIPS 2023): a regressor trained on public
   non-members predicts, for each (image, label), quantiles of the target's hinge score at
   many levels near 1. A record whose score exceeds its predicted ``1 - α`` quantile is
-  flagged at FPR ``α``; no shadow model is trained.
+  flagged at FPR ``α``; no shadow model is trained. Optionally (``mimics``) the
+  regressor works around a location: the hinge of mimics distilled from the target's
+  logits on the same public records, so it only has to model what they miss.
 - :func:`loss_attack` (Yeom et al. 2018): the negated cross-entropy, one global threshold
   calibrated on the public scores.
 - :class:`OfflineLiRA` (Carlini et al. 2022): shadow models trained on public subsets give
@@ -213,6 +215,14 @@ class QuantileMIA:
     increments). ``head="gaussian"`` instead predicts a mean and a standard deviation and
     trains on the Gaussian likelihood; its quantiles are ``μ + σ Φ⁻¹(1 - α)``.
 
+    With ``mimics = M > 0`` the quantiles are ``g(x, y) + r_k(x, y)``: ``g`` is the mean
+    hinge score of ``M`` mimic classifiers, each distilled (mean squared error on
+    row-centred logits) from the target's logits on the public training split, and the
+    regressor fits the residual quantiles ``r_k``. A mimic reproduces the target's
+    behaviour on records it did not train on, including atypical ones that a regressor
+    fitted to scores alone extrapolates to; it never sees a member, so a member's
+    memorised margin stays in the residual.
+
     Parameters
     ----------
     num_classes : int
@@ -233,13 +243,20 @@ class QuantileMIA:
         Regressors trained (different initialisation and batch order, the same held-out
         split) whose predictions are averaged. Each fits the target's scores with its own
         error; the mean's is smaller, which sharpens the per-record quantiles.
+    mimics : int
+        Mimic classifiers averaged for the location (0: none, the regressor fits the
+        scores themselves). :meth:`fit` then needs the target's logits on the public
+        records.
+    mimic_factory : callable, optional
+        Builds one untrained mimic (input -> ``num_classes`` logits). Default: a CNN like
+        the regressor's body for 28×28 images, an MLP otherwise.
     val_fraction : float
         Share of the public data held out: it picks the epoch and calibrates the operating
         point (:meth:`operating_threshold`), so it must hold at least ``1 / fpr`` records
-        to resolve a target FPR ``fpr``.
+        to resolve a target FPR ``fpr``. Mimics never train on it either.
     seed : int
         Seeds the validation split and the first regressor's initialisation and batch
-        order; further ensemble members use seeds derived from it.
+        order; further ensemble members and the mimics use seeds derived from it.
     device : torch.device or str
     """
 
@@ -257,6 +274,8 @@ class QuantileMIA:
         weight_decay: float = 1e-4,
         schedule: Literal["constant", "cosine"] = "cosine",
         ensemble: int = 1,
+        mimics: int = 0,
+        mimic_factory: Callable[[], nn.Module] | None = None,
         val_fraction: float = 0.1,
         seed: int = 0,
         device: torch.device | str = "cpu",
@@ -278,10 +297,15 @@ class QuantileMIA:
         if ensemble < 1:
             raise ValueError(f"ensemble: must be >= 1 regressor, got {ensemble}")
         self.ensemble = ensemble
+        if mimics < 0:
+            raise ValueError(f"mimics: must be >= 0, got {mimics}")
+        self.mimics, self.mimic_factory = mimics, mimic_factory
         self.val_fraction = val_fraction
         self.seed = seed
         self.device = torch.device(device)
         self._nets: list[nn.Module] = []
+        # (mimic, its logit scale): outputs times scale are in the target's logit units.
+        self._mimic_nets: list[tuple[nn.Module, float]] = []
         self._shift = 0.0
         self._scale = 1.0
         self._val_scores: np.ndarray | None = None
@@ -314,8 +338,23 @@ class QuantileMIA:
         diff = target[:, None] - pred
         return torch.maximum(tau * diff, (tau - 1.0) * diff).mean()
 
-    def fit(self, inputs: torch.Tensor, labels: torch.Tensor, scores: np.ndarray) -> QuantileMIA:
+    def fit(
+        self,
+        inputs: torch.Tensor,
+        labels: torch.Tensor,
+        scores: np.ndarray,
+        logits: np.ndarray | None = None,
+    ) -> QuantileMIA:
         """Train on public non-members: their inputs, labels and the target's scores.
+
+        Parameters
+        ----------
+        inputs, labels : torch.Tensor
+            The public records.
+        scores : np.ndarray
+            (N,) the target's scores of them (hinge).
+        logits : np.ndarray, optional
+            (N, num_classes) the target's outputs for them; required when ``mimics > 0``.
 
         Returns
         -------
@@ -330,12 +369,30 @@ class QuantileMIA:
                 f"QuantileMIA.fit: needs >= 10 matching inputs/labels/scores, got "
                 f"{x.shape[0]}, {y.shape[0]}, {s.size}"
             )
-        self._shift, self._scale = float(s.mean()), float(s.std() + 1e-8)
-        t = torch.as_tensor((s - self._shift) / self._scale, dtype=torch.float32)
+        if self.mimics:
+            if logits is None:
+                raise ValueError(
+                    f"QuantileMIA.fit: mimics = {self.mimics} needs the target's logits on "
+                    f"the public records (logits=...)"
+                )
+            z = np.asarray(logits, dtype=np.float64)
+            if z.shape != (s.size, self.num_classes) or not np.all(np.isfinite(z)):
+                raise ValueError(
+                    f"QuantileMIA.fit: logits must be finite, shape ({s.size}, "
+                    f"{self.num_classes}), got {z.shape}"
+                )
         gen = torch.Generator().manual_seed(self.seed)
         perm = torch.randperm(s.size, generator=gen)
         n_val = min(s.size - 1, max(1, int(s.size * self.val_fraction)))
         val, tr = perm[:n_val], perm[n_val:]
+        self._mimic_nets = [
+            self._train_mimic(x, z, tr, val, derive_seed(self.seed, "qmia-mimic", j))
+            for j in range(self.mimics)
+        ]
+        # The regressor models what the mimics miss: the residual of the target's score.
+        r = s - self._location(x, y)
+        self._shift, self._scale = float(r.mean()), float(r.std() + 1e-8)
+        t = torch.as_tensor((r - self._shift) / self._scale, dtype=torch.float32)
         nets = []
         for m in range(self.ensemble):
             # Every member holds out the same split, so it stays unseen by the ensemble
@@ -346,6 +403,65 @@ class QuantileMIA:
         self._nets = nets
         self._val_scores = self.membership_scores(x[val], y[val], s[val.numpy()])
         return self
+
+    def _train_mimic(
+        self, x: torch.Tensor, logits: np.ndarray, tr: torch.Tensor, val: torch.Tensor, seed: int
+    ) -> tuple[nn.Module, float]:
+        """Distil the target's logits on the training split (the epoch with the best
+        held-out error is kept). Rows are centred (the hinge ignores a shared offset) and
+        scaled to unit spread; the scale is returned to map outputs back."""
+        dev = self.device
+        z = torch.as_tensor(logits - logits.mean(1, keepdims=True), dtype=torch.float32)
+        scale = float(z[tr].std() + 1e-8)
+        z = z / scale
+        torch.manual_seed(seed)
+        if self.mimic_factory is not None:
+            net = self.mimic_factory()
+        elif x.ndim == 4 and tuple(x.shape[1:]) == (1, 28, 28):
+            net = nn.Sequential(_ImageRegressor(self.num_classes, 1, self.hidden), nn.Flatten())
+        else:
+            net = nn.Sequential(
+                _VectorRegressor(int(np.prod(x.shape[1:])), self.num_classes, 1, self.hidden),
+                nn.Flatten(),
+            )
+        net = net.to(dev)
+        opt = torch.optim.Adam(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.epochs)
+        gen = torch.Generator().manual_seed(seed)
+        xv, zv = x[val].to(dev), z[val].to(dev)
+        best, best_state = math.inf, copy.deepcopy(net.state_dict())
+        for _ in range(self.epochs):
+            net.train()
+            order = tr[torch.randperm(tr.numel(), generator=gen)]
+            for i in range(0, order.numel(), self.batch_size):
+                b = order[i : i + self.batch_size]
+                opt.zero_grad(set_to_none=True)
+                nn.functional.mse_loss(net(x[b].to(dev)), z[b].to(dev)).backward()
+                opt.step()
+            sched.step()
+            net.eval()
+            with torch.no_grad():
+                v = float(nn.functional.mse_loss(net(xv), zv))
+            if v < best:
+                best, best_state = v, copy.deepcopy(net.state_dict())
+        net.load_state_dict(best_state)
+        return net.eval(), scale
+
+    def _location(self, inputs: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+        """The mimics' mean hinge score per record, in the target's units (zeros without
+        mimics)."""
+        x = torch.as_tensor(inputs, dtype=torch.float32)
+        y = np.asarray(labels, dtype=np.int64).ravel()
+        if not self._mimic_nets:
+            return np.zeros(y.size)
+        total = np.zeros(y.size)
+        with torch.no_grad():
+            for net, scale in self._mimic_nets:
+                out = torch.cat(
+                    [net(x[i : i + 1024].to(self.device)).cpu() for i in range(0, len(x), 1024)]
+                )
+                total += hinge_score(out.double().numpy() * scale, y)
+        return total / len(self._mimic_nets)
 
     def _train_one(
         self,
@@ -419,7 +535,7 @@ class QuantileMIA:
             q = mu + sigma * stats.norm.isf(a)[None, :]
         else:
             q = np.stack([self._interp_quantile(row, a) for row in raw])
-        return q * self._scale + self._shift
+        return q * self._scale + self._shift + self._location(inputs, labels)[:, None]
 
     def _interp_quantile(self, q_row: np.ndarray, a: np.ndarray) -> np.ndarray:
         # Quantile as a function of -log α, linear between levels, extrapolated outside.
@@ -434,7 +550,8 @@ class QuantileMIA:
         A record is flagged at FPR ``α`` exactly when its score exceeds its predicted
         ``1 - α`` quantile, i.e. when the membership score exceeds ``-log α``.
         """
-        s = (np.asarray(scores, dtype=np.float64).ravel() - self._shift) / self._scale
+        r = np.asarray(scores, dtype=np.float64).ravel() - self._location(inputs, labels)
+        s = (r - self._shift) / self._scale
         raw = self._predict(inputs, labels)
         if self.head == "gaussian":
             z = (s - raw[:, 0]) / np.exp(np.clip(raw[:, 1], -7.0, 7.0))
@@ -954,6 +1071,12 @@ def run_membership(
     y_pub = public.labels.numpy()
     n_pub = int(y_pub.size)
 
+    def mimic_factory() -> nn.Module:
+        # Like LiRA's shadows, QMIA's mimics know the target's architecture, not its weights.
+        from privfl.models import build_task_model
+
+        return build_task_model(scenario.model.name, num_classes, scenario.model.hidden)
+
     lira: OfflineLiRA | None = None
     lira_notes: list[str] = []
     cal = torch.zeros(0, dtype=torch.int64)
@@ -1036,18 +1159,26 @@ def run_membership(
                     head=mi.qmia_head,
                     epochs=mi.qmia_epochs,
                     ensemble=mi.qmia_ensemble,
+                    mimics=mi.qmia_mimics,
+                    mimic_factory=mimic_factory,
                     val_fraction=calibration_fraction(mi.operating_fpr, n_pub),
                     seed=derive_seed(seed, "qmia") if k == 0 else derive_seed(seed, "qmia", k),
                     device=device,
-                ).fit(public.images, public.labels, h_pub)
+                ).fit(public.images, public.labels, h_pub, logits=logits_pub)
                 s_in = qmia.membership_scores(split.eval_in.images, split.eval_in.labels, h_in)
                 s_out = qmia.membership_scores(split.eval_out.images, split.eval_out.labels, h_out)
                 thr = qmia.operating_threshold(mi.operating_fpr)
                 n_val = 0 if qmia._val_scores is None else qmia._val_scores.size
                 per = " per target" if len(splits) > 1 else ""
                 ens = f", mean of {mi.qmia_ensemble} regressors" if mi.qmia_ensemble > 1 else ""
+                loc = (
+                    f"; location: mean hinge of {mi.qmia_mimics} mimic(s) of the target's "
+                    f"architecture distilled from its public logits"
+                    if mi.qmia_mimics
+                    else ""
+                )
                 notes_of[name] = [
-                    f"hinge score; {mi.qmia_head} head, {mi.quantile_levels} levels{ens}; "
+                    f"hinge score; {mi.qmia_head} head, {mi.quantile_levels} levels{ens}{loc}; "
                     f"operating point calibrated on {n_val} held-out public records{per}"
                 ]
             elif name == "loss":

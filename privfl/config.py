@@ -519,6 +519,9 @@ class MembershipSection:
     # Regressors averaged per target (each qmia_epochs long): lowers the variance of the
     # predicted quantiles at the cost of training this many.
     qmia_ensemble: int = 1
+    # Mimic classifiers (the target's architecture, distilled from its logits on the
+    # public records) whose mean hinge is the regressor's location; 0 = none.
+    qmia_mimics: int = 0
 
     @property
     def non_members(self) -> int:
@@ -532,6 +535,8 @@ class MembershipSection:
             _fail(f"{key}.qmia_epochs", f"must be >= 1, got {self.qmia_epochs}")
         if self.qmia_ensemble < 1:
             _fail(f"{key}.qmia_ensemble", f"must be >= 1 regressor, got {self.qmia_ensemble}")
+        if self.qmia_mimics < 0:
+            _fail(f"{key}.qmia_mimics", f"must be >= 0 (0 = none), got {self.qmia_mimics}")
         if "lira" in self.attacks and self.shadow_models < 2:
             _fail(
                 f"{key}.shadow_models", f"LiRA needs >= 2 shadow models, got {self.shadow_models}"

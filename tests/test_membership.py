@@ -18,6 +18,7 @@ from torch import nn
 
 from privfl.config import Scenario
 from privfl.metrics import roc
+from privfl.models import build_task_model
 
 torch.set_num_threads(1)
 
@@ -180,6 +181,54 @@ def test_qmia_ensemble_averages_its_members() -> None:
         M.QuantileMIA(1, ensemble=0)
     with pytest.raises(ValueError, match="attack.membership.qmia_ensemble"):
         _scenario("single").replace(["attack.membership.qmia_ensemble=0"])
+
+
+def _logit_case(n, rng, member, a):
+    """A target whose logits are ``A x`` plus noise; members' correct logit is raised by δ
+    (the memorised margin). Returns inputs, labels, observed logits and the noiseless hinge."""
+    x = rng.normal(0, 1, (n, a.shape[1]))
+    y = rng.integers(0, a.shape[0], n)
+    clean = x @ a.T
+    z = clean + rng.normal(0, 0.35, clean.shape)
+    z[np.arange(n), y] += DELTA * member
+    return torch.tensor(x, dtype=torch.float32), torch.tensor(y), z, M.hinge_score(clean, y)
+
+
+def test_qmia_mimic_location_reaches_the_oracle_residual() -> None:
+    rng = np.random.default_rng(8)
+    a = rng.normal(0, 1.5, (3, 6))
+    x, y, z, _ = _logit_case(4000, rng, 0, a)
+    kw = dict(levels=16, alpha_min=0.005, epochs=30, hidden=32, lr=3e-3, seed=2)
+    mimic = M.QuantileMIA(3, mimics=2, **kw).fit(x, y, M.hinge_score(z, y.numpy()), logits=z)
+    plain = M.QuantileMIA(3, **kw).fit(x, y, M.hinge_score(z, y.numpy()))
+    n = 3000
+    xi, yi, zi, ci = _logit_case(n, rng, 1, a)
+    xo, yo, zo, co = _logit_case(n, rng, 0, a)
+    hi, ho = M.hinge_score(zi, yi.numpy()), M.hinge_score(zo, yo.numpy())
+    # The mimics' hinge locates each record's score (here: the noiseless hinge of A x).
+    assert np.median(np.abs(mimic._location(xo, yo) - co)) < 0.15
+    med = mimic.predict_quantiles(xo, yo, [0.5])[:, 0]
+    assert np.median(np.abs(med - co)) < 0.15
+    # Then the attack is as good as the oracle that knows A (score minus clean hinge), and
+    # better than the regressor that must learn the hinge's max-of-others from scores.
+    auc = roc.auc(mimic.membership_scores(xi, yi, hi), mimic.membership_scores(xo, yo, ho))
+    assert auc == pytest.approx(roc.auc(hi - ci, ho - co), abs=0.02)
+    auc_plain = roc.auc(plain.membership_scores(xi, yi, hi), plain.membership_scores(xo, yo, ho))
+    assert auc > auc_plain + 0.015
+    # Calibrated: the held-out public quantile holds its FPR on fresh non-members.
+    fresh = float(np.mean(mimic.membership_scores(xo, yo, ho) > mimic.operating_threshold(0.05)))
+    n_val = mimic._val_scores.size
+    lo, hi_ = roc.clopper_pearson(math.floor(0.05 * n_val), n_val, 0.99)
+    assert lo <= fresh <= hi_
+    # Bad input is named.
+    with pytest.raises(ValueError, match="logits"):
+        M.QuantileMIA(3, mimics=1, **kw).fit(x, y, M.hinge_score(z, y.numpy()))
+    with pytest.raises(ValueError, match=r"logits must be finite, shape \(4000, 3\)"):
+        M.QuantileMIA(3, mimics=1, **kw).fit(x, y, M.hinge_score(z, y.numpy()), logits=z[:, :2])
+    with pytest.raises(ValueError, match="mimics"):
+        M.QuantileMIA(3, mimics=-1)
+    with pytest.raises(ValueError, match="attack.membership.qmia_mimics"):
+        _scenario("single").replace(["attack.membership.qmia_mimics=-1"])
 
 
 def test_lira_matches_calibrated_analytic_roc():
@@ -381,6 +430,32 @@ def test_end_to_end_single_target_on_synthetic_images():
     assert len(reports[0].figures) == 1
     with pytest.raises(ValueError, match="single"):
         M.run_membership(sc, federation=fed, target_model=nn.Linear(1, 1))
+
+
+def test_end_to_end_qmia_with_mimics(monkeypatch) -> None:
+    fed = _federation(np.random.default_rng(0))
+    sc = _scenario("single").replace(
+        ["attack.membership.attacks=['qmia']", "attack.membership.qmia_mimics=2"]
+    )
+    built = []
+    fit = M.QuantileMIA.fit
+
+    def spy(self, inputs, labels, scores, logits=None):
+        built.append((self.mimic_factory(), logits))
+        return fit(self, inputs, labels, scores, logits)
+
+    monkeypatch.setattr(M.QuantileMIA, "fit", spy)
+    (rep,) = M.run_membership(sc, federation=fed)
+    (plain,) = M.run_membership(sc.replace(["attack.membership.qmia_mimics=0"]), federation=fed)
+    # The mimics have the target's architecture and learn from its logits on public data.
+    mimic, logits = built[0]
+    target = build_task_model(sc.model.name, fed.num_classes, sc.model.hidden)
+    assert [p.shape for p in mimic.parameters()] == [p.shape for p in target.parameters()]
+    assert logits.shape == (sc.attack.membership.public_samples, fed.num_classes)
+    assert "mean hinge of 2 mimic(s)" in rep.notes[0]
+    assert rep.metrics["auc"] != plain.metrics["auc"]
+    (again,) = M.run_membership(sc, federation=fed)
+    assert again.metrics == rep.metrics  # same seed, same numbers
 
 
 def test_pooled_targets_are_independent_hospitals_scored_together():
