@@ -424,28 +424,16 @@ class QuantileMIA:
                 _VectorRegressor(int(np.prod(x.shape[1:])), self.num_classes, 1, self.hidden),
                 nn.Flatten(),
             )
-        net = net.to(dev)
-        opt = torch.optim.Adam(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.epochs)
-        gen = torch.Generator().manual_seed(seed)
         xv, zv = x[val].to(dev), z[val].to(dev)
-        best, best_state = math.inf, copy.deepcopy(net.state_dict())
-        for _ in range(self.epochs):
-            net.train()
-            order = tr[torch.randperm(tr.numel(), generator=gen)]
-            for i in range(0, order.numel(), self.batch_size):
-                b = order[i : i + self.batch_size]
-                opt.zero_grad(set_to_none=True)
-                nn.functional.mse_loss(net(x[b].to(dev)), z[b].to(dev)).backward()
-                opt.step()
-            sched.step()
-            net.eval()
-            with torch.no_grad():
-                v = float(nn.functional.mse_loss(net(xv), zv))
-            if v < best:
-                best, best_state = v, copy.deepcopy(net.state_dict())
-        net.load_state_dict(best_state)
-        return net.eval(), scale
+        net = self._train_best(
+            net.to(dev),
+            tr,
+            torch.Generator().manual_seed(seed),
+            lambda n, b: nn.functional.mse_loss(n(x[b].to(dev)), z[b].to(dev)),
+            lambda n: nn.functional.mse_loss(n(xv), zv),
+            cosine=True,
+        )
+        return net, scale
 
     def _location(self, inputs: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
         """The mimics' mean hinge score per record, in the target's units (zeros without
@@ -475,28 +463,44 @@ class QuantileMIA:
     ) -> nn.Module:
         dev = self.device
         xv, yv, tv = x[val].to(dev), y[val].to(dev), t[val].to(dev)
-        net = self._build(x, seed).to(dev)
+        return self._train_best(
+            self._build(x, seed).to(dev),
+            tr,
+            gen,
+            lambda n, b: self._loss(self._raw(n, x[b].to(dev), y[b].to(dev)), t[b].to(dev)),
+            lambda n: self._loss(self._raw(n, xv, yv), tv),
+            cosine=self.schedule == "cosine",
+        )
+
+    def _train_best(
+        self,
+        net: nn.Module,
+        tr: torch.Tensor,
+        gen: torch.Generator,
+        batch_loss: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+        val_loss: Callable[[nn.Module], torch.Tensor],
+        *,
+        cosine: bool,
+    ) -> nn.Module:
+        """Adam over ``self.epochs`` shuffled passes of the training indices ``tr``; the
+        epoch with the lowest held-out loss is kept (regressors and mimics alike)."""
         opt = torch.optim.Adam(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         sched = (
-            torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.epochs)
-            if self.schedule == "cosine"
-            else None
+            torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.epochs) if cosine else None
         )
         best, best_state = math.inf, copy.deepcopy(net.state_dict())
         for _ in range(self.epochs):
             net.train()
             order = tr[torch.randperm(tr.numel(), generator=gen)]
             for i in range(0, order.numel(), self.batch_size):
-                b = order[i : i + self.batch_size]
                 opt.zero_grad(set_to_none=True)
-                loss = self._loss(self._raw(net, x[b].to(dev), y[b].to(dev)), t[b].to(dev))
-                loss.backward()
+                batch_loss(net, order[i : i + self.batch_size]).backward()
                 opt.step()
             if sched is not None:
                 sched.step()
             net.eval()
             with torch.no_grad():
-                v = float(self._loss(self._raw(net, xv, yv), tv))
+                v = float(val_loss(net))
             if v < best:
                 best, best_state = v, copy.deepcopy(net.state_dict())
         net.load_state_dict(best_state)
