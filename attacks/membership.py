@@ -311,9 +311,12 @@ class QuantileMIA:
         self._val_scores: np.ndarray | None = None
 
     # ---------------------------------------------------------------- training
-    def _build(self, inputs: torch.Tensor, seed: int) -> nn.Module:
+    def _build(self, inputs: torch.Tensor, seed: int, outputs: int | None = None) -> nn.Module:
+        """The regressor (``outputs`` per class; default: what the head needs) for these
+        inputs, initialised from ``seed``."""
         torch.manual_seed(seed)
-        outputs = 2 if self.head == "gaussian" else self.alphas.size
+        if outputs is None:
+            outputs = 2 if self.head == "gaussian" else self.alphas.size
         if inputs.ndim == 4 and tuple(inputs.shape[1:]) == (1, 28, 28):
             return _ImageRegressor(self.num_classes, outputs, self.hidden)
         return _VectorRegressor(
@@ -369,6 +372,11 @@ class QuantileMIA:
                 f"QuantileMIA.fit: needs >= 10 matching inputs/labels/scores, got "
                 f"{x.shape[0]}, {y.shape[0]}, {s.size}"
             )
+        gen = torch.Generator().manual_seed(self.seed)
+        perm = torch.randperm(s.size, generator=gen)
+        n_val = min(s.size - 1, max(1, int(s.size * self.val_fraction)))
+        val, tr = perm[:n_val], perm[n_val:]
+        self._mimic_nets = []
         if self.mimics:
             if logits is None:
                 raise ValueError(
@@ -381,14 +389,10 @@ class QuantileMIA:
                     f"QuantileMIA.fit: logits must be finite, shape ({s.size}, "
                     f"{self.num_classes}), got {z.shape}"
                 )
-        gen = torch.Generator().manual_seed(self.seed)
-        perm = torch.randperm(s.size, generator=gen)
-        n_val = min(s.size - 1, max(1, int(s.size * self.val_fraction)))
-        val, tr = perm[:n_val], perm[n_val:]
-        self._mimic_nets = [
-            self._train_mimic(x, z, tr, val, derive_seed(self.seed, "qmia-mimic", j))
-            for j in range(self.mimics)
-        ]
+            self._mimic_nets = [
+                self._train_mimic(x, z, tr, val, derive_seed(self.seed, "qmia-mimic", j))
+                for j in range(self.mimics)
+            ]
         # The regressor models what the mimics miss: the residual of the target's score.
         r = s - self._location(x, y)
         self._shift, self._scale = float(r.mean()), float(r.std() + 1e-8)
@@ -414,16 +418,11 @@ class QuantileMIA:
         z = torch.as_tensor(logits - logits.mean(1, keepdims=True), dtype=torch.float32)
         scale = float(z[tr].std() + 1e-8)
         z = z / scale
-        torch.manual_seed(seed)
         if self.mimic_factory is not None:
+            torch.manual_seed(seed)
             net = self.mimic_factory()
-        elif x.ndim == 4 and tuple(x.shape[1:]) == (1, 28, 28):
-            net = nn.Sequential(_ImageRegressor(self.num_classes, 1, self.hidden), nn.Flatten())
-        else:
-            net = nn.Sequential(
-                _VectorRegressor(int(np.prod(x.shape[1:])), self.num_classes, 1, self.hidden),
-                nn.Flatten(),
-            )
+        else:  # the regressor's body with one output per class: logits
+            net = nn.Sequential(self._build(x, seed, outputs=1), nn.Flatten())
         xv, zv = x[val].to(dev), z[val].to(dev)
         net = self._train_best(
             net.to(dev),
