@@ -1,22 +1,48 @@
 """The privfl ClientApp: one honest party (a hospital) of a scenario.
 
-Every message carries the resolved scenario; the party index is the SuperNode's
-``partition-id``. Which defenses run is decided by the scenario, through the mods on
-the train handler (outermost first): secure aggregation, then update clipping.
+A party's defenses come from its own copy of the scenario, never from a server message:
+:func:`make_client_app` hands every simulated party its policy directly, and the app
+``flwr run`` loads reads it from the SuperNode's node config (``policy``: a scenario
+file or the name of a shipped one, ``policy-overrides``; ``identity-key``, ``roster``
+and ``lab-secret`` for its keys) or, failing that, from the run config of a local
+simulation. The party index is the SuperNode's ``partition-id``. Mods on the train
+handler, outermost first: the policy (refuses what would weaken it), secure
+aggregation, the malicious participant (a no-op on honest parties), update clipping.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from privfl.clients.dp_mods import clip_update_mod
+from privfl.clients.dp_sgd import BudgetExhaustedError, dp_sgd_round
+from privfl.clients.malicious_participant import participant_mod
+from privfl.clients.policy import (
+    PartyPolicy,
+    RefusalError,
+    make_policy_mod,
+    party_record,
+    refusal_reply,
+    simulation_policy,
+)
+from privfl.clients.secagg import EPSILON_SIDE, register_secure_aggregation, secagg_mod
 
-from privfl.config import SCENARIO_KEY, Scenario, scenario_from_json
+from privfl.config import (
+    SCENARIO_KEY,
+    Scenario,
+    load_scenario,
+    resolve_scenario_path,
+    scenario_from_json,
+)
 from privfl.data import load_federation
 from privfl.models import build_model
+from privfl.secagg.identity import load_roster
 from privfl.training import evaluate, resolve_device, train_local
 
-EPSILON_RECORD = "privfl.side.dp-epsilon"
+EPSILON_RECORD = EPSILON_SIDE
 
 
 def scenario_of(msg: Message) -> Scenario:
@@ -55,21 +81,6 @@ def _setup(msg: Message, context: Context) -> tuple[Scenario, int, torch.nn.Modu
     return scenario, party, model, resolve_device(scenario.scenario.device)
 
 
-def _train_mods() -> list:
-    # Outermost first: secure aggregation encodes what the inner mods leave, so the
-    # update is clipped (DP) before it is shared; the participant mod is a no-op on
-    # honest parties.
-    from privfl.clients.dp_mods import clip_update_mod
-    from privfl.clients.malicious_participant import participant_mod
-    from privfl.clients.secagg import secagg_mod
-
-    return [secagg_mod, participant_mod, clip_update_mod]
-
-
-app = ClientApp()
-
-
-@app.query("privfl_hello")
 def hello(msg: Message, context: Context) -> Message:
     """Tell the server which party this node is."""
     return Message(
@@ -77,42 +88,48 @@ def hello(msg: Message, context: Context) -> Message:
     )
 
 
-@app.train(mods=_train_mods())
 def train(msg: Message, context: Context) -> Message:
     """One round of local training: plain SGD, or DP-SGD when ``defense.dp.mode = client``."""
     scenario, party, model, device = _setup(msg, context)
     data = load_federation(scenario).parties[party].train
     server_round = int(msg.content["config"]["server-round"])
     epsilon: float | None = None
-    if scenario.defense.dp.mode == "client":
-        from privfl.clients.dp_sgd import dp_sgd_round
-
-        num, loss, epsilon = dp_sgd_round(
-            model,
-            data,
-            scenario,
-            party=party,
-            server_round=server_round,
-            state=context.state,
-            device=device,
-        )
+    record = party_record(context)
+    dp_mode = scenario.defense.dp.mode
+    if dp_mode == "client":
+        try:
+            num, loss, epsilon = dp_sgd_round(
+                model,
+                data,
+                scenario,
+                party=party,
+                server_round=server_round,
+                state=context.state,
+                device=device,
+                noise_secret=record.noise_secret if record else None,
+            )
+        except BudgetExhaustedError as exc:
+            return refusal_reply(msg, str(exc))
         metrics = {"num-examples": num, "train-loss": loss}
     else:
         stats = train_local(
             model, data, scenario, party=party, server_round=server_round, device=device
         )
         metrics = {"num-examples": stats.num_examples, "train-loss": stats.loss}
+    if dp_mode != "none" and not (record and record.trust_server):
+        # Under DP nothing un-noised leaves the party: every party weighs 1 and the
+        # training loss is withheld.
+        metrics = {"num-examples": 1, "train-loss": 0.0}
     content = RecordDict(
         {"arrays": ArrayRecord(model.cpu().state_dict()), "metrics": MetricRecord(metrics)}
     )
     if epsilon is not None:
         # Privacy spent is public by design; the side channel reaches the server in the
         # clear even under secure aggregation, which hides metrics.
-        content[EPSILON_RECORD] = ConfigRecord({"epsilon": epsilon})
+        content[EPSILON_RECORD] = ConfigRecord({"epsilon": epsilon, "party": party})
     return Message(content, reply_to=msg)
 
 
-@app.evaluate()
 def evaluate_local(msg: Message, context: Context) -> Message:
     """Evaluate the global model on this party's local test split."""
     scenario, party, model, device = _setup(msg, context)
@@ -122,10 +139,69 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
-def _register_protocols() -> None:
-    from privfl.clients.secagg import register_secure_aggregation
+def node_policy(context: Context) -> PartyPolicy:
+    """The policy of a SuperNode started by ``flwr run`` or by hand (see the module doc)."""
+    party = party_of(context)
+    nc, rc = context.node_config, context.run_config
+    if "policy" in nc:
+        overrides = [o for o in str(nc.get("policy-overrides", "")).split(";") if o.strip()]
+        scenario = load_scenario(resolve_scenario_path(str(nc["policy"])), overrides)
+    elif "scenario" in rc:
+        # A local simulation: the operator's run config is the lab's own scenario.
+        overrides = [o for o in str(rc.get("overrides", "")).split(";") if o.strip()]
+        scenario = load_scenario(resolve_scenario_path(str(rc["scenario"])), overrides)
+    else:
+        raise RefusalError(
+            "node config has no 'policy' (the scenario file this party holds) and the run "
+            "config names no scenario"
+        )
+    secret = bytes.fromhex(str(nc["lab-secret"])) if "lab-secret" in nc else None
+    policy = simulation_policy(scenario, party, secret)
+    if "identity-key" in nc or "roster" in nc:
+        if not ("identity-key" in nc and "roster" in nc):
+            raise RefusalError("node config needs both 'identity-key' and 'roster', or neither")
+        key = bytes.fromhex(Path(str(nc["identity-key"])).read_text().strip())
+        policy = PartyPolicy(
+            scenario=scenario,
+            party=party,
+            identity_key=key,
+            roster=load_roster(str(nc["roster"])),
+            lab_secret=policy.lab_secret,
+        )
+    return policy
 
-    register_secure_aggregation(app)
+
+def make_client_app(scenario: Scenario | None = None, *, secret: bytes | None = None) -> ClientApp:
+    """The privfl ClientApp.
+
+    Parameters
+    ----------
+    scenario : Scenario, optional
+        Every party's own copy of the scenario (a simulated federation: the runner hands
+        it to the parties directly). None: each SuperNode reads its policy from its node
+        config (:func:`node_policy`).
+    secret : bytes, optional
+        The lab secret the simulated parties derive their identity keys and lab-mode
+        noise from (default: this machine's, :func:`privfl.clients.policy.lab_secret`).
+    """
+    if scenario is None:
+        policy_of = node_policy
+    else:
+        cache: dict[int, PartyPolicy] = {}
+
+        def policy_of(context: Context) -> PartyPolicy:
+            party = party_of(context)
+            if party not in cache:
+                cache[party] = simulation_policy(scenario, party, secret)
+            return cache[party]
+
+    policy = make_policy_mod(policy_of)
+    app = ClientApp()
+    app.query("privfl_hello")(hello)
+    app.train(mods=[policy, secagg_mod, participant_mod, clip_update_mod])(train)
+    app.evaluate(mods=[policy])(evaluate_local)
+    register_secure_aggregation(app, mods=[policy])
+    return app
 
 
-_register_protocols()
+app = make_client_app()

@@ -6,17 +6,15 @@ device as tensors (no DataLoader). Per-sample clipping and the Gaussian noise ar
 Opacus' (``DPOptimizer`` and its grad-sample engines: ``hooks``, ``functorch``, ``ew``,
 ``ghost``). Accounting: Opacus' RDP or PRV accountant over the steps actually taken.
 
-Noise generator: in lab mode a ``torch.Generator`` seeded from the scenario key (same
-seed, same numbers). With ``defense.dp.secure_noise`` Opacus runs in ``secure_mode``
-(its floating-point-attack mitigation) with a ``torchcsprng`` generator when that
-package is installed; otherwise a generator seeded from ``os.urandom``, and a warning.
+Noise: Opacus' Gaussian noise is drawn from an AES-CTR keystream (:class:`KeyStream`),
+never from torch's generator. A federated party keys it, and its sampling coins, from
+its own secret (``party.noise = "lab"``: reproducible on its machine) or from the OS
+(``"os"``, the default); the key never comes from a server message.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import warnings
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -26,11 +24,12 @@ import torch
 from flwr.app import ConfigRecord
 from opacus.grad_sample import prepare_module
 from opacus.optimizers import get_optimizer_class
+from opacus.optimizers.optimizer import DPOptimizer, _check_processed_flag, _mark_as_processed
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from torch import nn
 
 from privfl.config import Scenario
-from privfl.dp import KeyStream, calibrate_noise, epsilon_of_history, noise_key
+from privfl.dp import KeyStream, calibrate_noise, epsilon_of_history, noise_key, seed_secret
 from privfl.training import make_optimizer
 
 STATE_KEY = "privfl.dp-sgd"
@@ -53,22 +52,24 @@ class DPTrainResult:
     loss: float
 
 
-def _noise_generator(key: bytes, device: torch.device, secure: bool) -> torch.Generator:
-    if secure:
-        try:
-            import torchcsprng  # type: ignore[import-not-found]
+class BudgetExhaustedError(RuntimeError):
+    """A round would take the party past its own ε budget; it refuses to train."""
 
-            return torchcsprng.create_random_device_generator("/dev/urandom")
-        except ImportError:
-            warnings.warn(
-                "defense.dp.secure_noise: torchcsprng is not installed; Opacus' noise uses a "
-                "torch generator seeded from os.urandom (unpredictable seed, not a CSPRNG)",
-                stacklevel=3,
-            )
-            seed = int.from_bytes(os.urandom(8), "little") >> 1
-    else:
-        seed = int.from_bytes(key[:8], "little") >> 1
-    return torch.Generator(device=device).manual_seed(seed)
+
+def _keystream_noise(dp_opt: DPOptimizer, stream: KeyStream) -> None:
+    """Make ``dp_opt`` draw its Gaussian noise from ``stream`` (a CSPRNG) instead of a
+    torch generator; everything else of Opacus' step is unchanged."""
+
+    def add_noise() -> None:
+        std = dp_opt.noise_multiplier * dp_opt.max_grad_norm
+        for p in dp_opt.params:
+            _check_processed_flag(p.summed_grad)
+            ref = p.summed_grad
+            z = torch.from_numpy(stream.normal(ref.numel())).to(ref.device, ref.dtype)
+            p.grad = (ref + std * z.view_as(ref)).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+    dp_opt.add_noise = add_noise  # type: ignore[method-assign]
 
 
 def run_dp_sgd_steps(
@@ -82,14 +83,14 @@ def run_dp_sgd_steps(
     clip: float,
     optimizer: torch.optim.Optimizer,
     sampling: KeyStream,
-    generator: torch.Generator,
-    secure_mode: bool = False,
+    noise: KeyStream,
     grad_sample_mode: str = "hooks",
 ) -> float:
     """``steps`` DP-SGD steps on ``model`` (trained in place; Opacus hooks removed after).
 
     ``images``/``labels`` are on the model's device; ``optimizer`` is a plain optimizer
-    over ``model.parameters()``. Returns the mean training loss.
+    over ``model.parameters()``; ``sampling`` draws the Poisson coins and ``noise`` the
+    Gaussian noise. Returns the mean training loss.
     """
     if grad_sample_mode not in GRAD_SAMPLE_MODES:
         raise ValueError(
@@ -107,9 +108,8 @@ def run_dp_sgd_steps(
         max_grad_norm=clip,
         expected_batch_size=max(1, round(sample_rate * n)),
         loss_reduction="mean",
-        generator=generator,
-        secure_mode=secure_mode,
     )
+    _keystream_noise(dp_opt, noise)
     criterion = nn.CrossEntropyLoss()
     if ghost:
         criterion = DPLossFastGradientClipping(module, dp_opt, criterion, "mean")
@@ -168,9 +168,10 @@ def train_dp_sgd(
         Per-sample gradient norm bound.
     accountant : {"rdp", "prv"}
     seed : int
-        Keys the sampling coins and Opacus' noise generator (lab mode).
+        Keys the sampling coins and the noise (reproducible; this is one in-house model,
+        not a federated party).
     secure_noise : bool
-        Keys the coins from ``os.urandom`` and runs Opacus in ``secure_mode``.
+        Keys the coins and the noise from ``os.urandom`` instead.
 
     Returns
     -------
@@ -190,7 +191,6 @@ def train_dp_sgd(
         )
     device = torch.device(device)
     model.to(device)
-    key = _key(seed, "dp-sgd", secure_noise)
     loss = run_dp_sgd_steps(
         model,
         data.images.to(device),
@@ -201,8 +201,7 @@ def train_dp_sgd(
         clip=clip,
         optimizer=torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum),
         sampling=KeyStream(_key(seed, "dp-sgd-sampling", secure_noise)),
-        generator=_noise_generator(key, device, secure_noise),
-        secure_mode=secure_noise,
+        noise=KeyStream(_key(seed, "dp-sgd", secure_noise)),
         grad_sample_mode=grad_sample_mode,
     )
     eps = epsilon_of_history([(noise_multiplier, q, steps)], delta=delta, accountant=accountant)
@@ -210,8 +209,8 @@ def train_dp_sgd(
 
 
 def _key(seed: int, purpose: str, secure: bool) -> bytes:
-    raw: dict[str, Any] = {"scenario": {"seed": seed}, "defense": {"dp": {"secure_noise": secure}}}
-    return noise_key(Scenario.from_dict(raw), purpose, 0, 0)
+    sc = Scenario.from_dict({"scenario": {"seed": seed}})
+    return noise_key(sc, purpose, 0, 0, secret=None if secure else seed_secret(sc))
 
 
 # --------------------------------------------------------------------------- federated
@@ -236,23 +235,17 @@ def _store_history(
 
 
 def dp_sgd_round_batches(
-    scenario: Scenario, party: int, server_round: int, n: int
+    scenario: Scenario, party: int, server_round: int, n: int, *, secret: bytes
 ) -> list[np.ndarray]:
     """The Poisson batches (indices into the party's ``n`` train records) of one round of
-    :func:`dp_sgd_round`, as its lab-mode sampling stream draws them.
+    :func:`dp_sgd_round`, as a party whose coins are keyed by ``secret`` draws them.
 
-    For evaluators (ground truth of what a party trained on), never for attackers.
-
-    Raises
-    ------
-    ValueError
-        Under ``defense.dp.secure_noise`` the stream is keyed from the OS: not reproducible.
+    For evaluators (ground truth of what a party trained on, in a lab run whose parties
+    key their coins from the lab secret), never for attackers.
     """
     from privfl.training import local_steps
 
-    if scenario.defense.dp.secure_noise:
-        raise ValueError("defense.dp.secure_noise: DP-SGD batches are not reproducible")
-    q, sampling = _round_sampling(scenario, party, server_round, n)
+    q, sampling = _round_sampling(scenario, party, server_round, n, secret)
     return [poisson_batch(sampling, n, q) for _ in range(local_steps(n, scenario))]
 
 
@@ -262,11 +255,12 @@ def poisson_batch(sampling: KeyStream, n: int, sample_rate: float) -> np.ndarray
 
 
 def _round_sampling(
-    scenario: Scenario, party: int, server_round: int, n: int
+    scenario: Scenario, party: int, server_round: int, n: int, secret: bytes | None
 ) -> tuple[float, KeyStream]:
     """Sampling rate and batch-sampling stream of a party's DP-SGD round."""
     q = min(1.0, scenario.training.batch_size / n)
-    return q, KeyStream(noise_key(scenario, "dp-sgd-sampling", party, server_round))
+    key = noise_key(scenario, "dp-sgd-sampling", party, server_round, secret=secret)
+    return q, KeyStream(key)
 
 
 def dp_sgd_round(
@@ -278,8 +272,11 @@ def dp_sgd_round(
     server_round: int,
     state: MutableMapping[str, Any],
     device: str | torch.device,
+    noise_secret: bytes | None,
 ) -> tuple[int, float, float]:
     """One round of local DP-SGD for a party (``defense.dp.mode = "client"``).
+
+    ``noise_secret`` keys the party's sampling coins and noise (None: the OS CSPRNG).
 
     σ is calibrated once, for the whole run: ``scenario.rounds`` × local steps
     (:func:`privfl.training.local_steps`) at Poisson rate batch/N, to spend
@@ -293,9 +290,9 @@ def dp_sgd_round(
 
     Raises
     ------
-    RuntimeError
-        The round would take the party past ``defense.dp.epsilon`` (more rounds than
-        ``scenario.rounds``); the party refuses to train.
+    BudgetExhaustedError
+        The round would take the party past ``defense.dp.epsilon`` (more rounds or steps
+        than it calibrated for); the party refuses to train.
     """
     from privfl.training import local_steps  # the spine's step rule, shared with plain SGD
 
@@ -304,7 +301,7 @@ def dp_sgd_round(
         raise ValueError(f"dp_sgd_round: defense.dp.mode is {dp.mode!r}, not 'client'")
     n = int(data.labels.shape[0])
     steps = local_steps(n, scenario)
-    q, sampling = _round_sampling(scenario, party, server_round, n)
+    q, sampling = _round_sampling(scenario, party, server_round, n, noise_secret)
     sigma, hist = _load_history(state)
     if sigma is None:
         sigma = dp.noise_multiplier
@@ -320,8 +317,8 @@ def dp_sgd_round(
     if dp.epsilon > 0:
         after = epsilon_of_history(new_hist, delta=dp.delta, accountant=dp.accountant)
         if after > dp.epsilon * (1 + 1e-9):
-            raise RuntimeError(
-                f"party {party}: round {server_round} would spend ε={after:.4f} > "
+            raise BudgetExhaustedError(
+                f"party {party}: round {server_round} would spend ε={after:.4f} > my budget "
                 f"defense.dp.epsilon={dp.epsilon} (scenario.rounds={scenario.scenario.rounds})"
             )
     device = torch.device(device)
@@ -337,10 +334,9 @@ def dp_sgd_round(
         clip=dp.clip,
         optimizer=opt,
         sampling=sampling,
-        generator=_noise_generator(
-            noise_key(scenario, "dp-sgd-noise", party, server_round), device, dp.secure_noise
+        noise=KeyStream(
+            noise_key(scenario, "dp-sgd-noise", party, server_round, secret=noise_secret)
         ),
-        secure_mode=dp.secure_noise,
         grad_sample_mode=dp.grad_sample_mode,
     )
     _store_history(state, sigma, new_hist)

@@ -19,17 +19,24 @@ secrets live in ``context.state`` and persist across rounds.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import struct
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from privfl.clients.policy import PartyRecord, party_record
 
 from privfl.config import SCENARIO_KEY, Scenario, scenario_from_json
+from privfl.dp import distributed_epsilon
 from privfl.fixedpoint import FixedPointCodec
+from privfl.refusal import refusal_reply
 from privfl.secagg import wire
 from privfl.secagg.additive import AdditiveParty
+from privfl.secagg.channel import ChannelError
+from privfl.secagg.identity import IdentityError, sign_keys, verify_keys
 from privfl.secagg.masking import MaskingParty
 
 NoiseFn = Callable[..., np.ndarray]
@@ -98,11 +105,15 @@ def encode_update(
     parties: int,
     *,
     noise_fn: NoiseFn | None = None,
+    noise_secret: bytes | None = None,
+    min_parties: int | None = None,
 ) -> np.ndarray:
     """The ring vector a party contributes: ``[w * clip(Δ), w, w * loss]`` (+ DP noise).
 
     ``w`` is ``num-examples``, or 1 when ``defense.dp.mode`` is ``global`` or
-    ``distributed`` (the DP sensitivity is per party). Raises
+    ``distributed`` (the DP sensitivity is per party). Distributed noise is keyed by
+    ``noise_secret`` (None: the OS) and sized for ``min_parties`` parties (default
+    ``data.parties``). Raises
     :class:`~privfl.fixedpoint.EncodingError` (naming the party) on NaN/inf or a
     shape mismatch, before anything is shared.
     """
@@ -148,7 +159,13 @@ def encode_update(
     if dp_mode == "distributed":
         noise_fn = noise_fn or _default_noise()[0]
         noise = noise_fn(
-            delta.size, scenario=scenario, party=party, server_round=server_round, scale=codec.scale
+            delta.size,
+            scenario=scenario,
+            party=party,
+            server_round=server_round,
+            scale=codec.scale,
+            secret=noise_secret,
+            min_parties=min_parties or scenario.data.parties,
         )
         noise = np.asarray(noise)
         if noise.shape != (delta.size,) or noise.dtype.kind != "i":
@@ -158,6 +175,87 @@ def encode_update(
             )
         codec.add(body, codec.from_signed(noise), out=body)
     return vec
+
+
+_DDP_STATE = "privfl.distributed-dp"  # in context.state: rounds this party added noise in
+EPSILON_SIDE = wire.SIDE_PREFIX + "dp-epsilon"
+
+
+def _distributed_budget(
+    msg: Message, scenario: Scenario, party: int, context: Context
+) -> float | Message:
+    """ε this party will have spent after this round, or its refusal past its budget.
+
+    The party accounts for itself: one Gaussian release of its clipped update per round
+    it joins, with the noise it adds sized so any sum it enters carries at least σ (no
+    amplification is credited for the server's sampling).
+    """
+    rec = context.state.config_records.get(_DDP_STATE)
+    if rec is None:
+        rec = ConfigRecord({"rounds": 0})
+        context.state.config_records[_DDP_STATE] = rec
+    arrays = msg.content.array_records.get("arrays")
+    dim = sum(int(np.prod(a.shape)) for a in arrays.values()) if arrays is not None else 1
+    after = distributed_epsilon(scenario, dim, int(rec["rounds"]) + 1)
+    budget = scenario.defense.dp.epsilon
+    if budget > 0 and after > budget * (1 + 1e-9):
+        return refusal_reply(
+            msg,
+            f"party {party}: another round would spend ε={after:.4f} > my budget "
+            f"defense.dp.epsilon={budget}",
+        )
+    return after
+
+
+def _binding(msg: Message, rnd: int, parties: list[int], record: PartyRecord | None) -> bytes:
+    """Digest of what this party was told this round: the global model and the parties.
+
+    Bound into every ciphertext it seals this round (and expected on every one it opens),
+    so parties that were sent different models or party lists (the model inconsistency
+    attack) cannot complete the sum. Empty for a party that trusts the server.
+    """
+    if record is None or record.trust_server:
+        return b""
+    h = hashlib.sha256(b"privfl-round-binding-v1")
+    h.update(struct.pack(">q", rnd))
+    h.update(json.dumps(sorted(parties)).encode())
+    arrays = msg.content.array_records.get("arrays")
+    for key in sorted(arrays.keys()) if arrays is not None else []:
+        a = arrays[key]
+        h.update(json.dumps([key, a.dtype, list(a.shape)]).encode())
+        h.update(a.data)
+    return h.digest()
+
+
+def _check_directory(
+    cfg: ConfigRecord,
+    directory: dict[int, tuple[bytes, ...]],
+    *,
+    session: bytes,
+    me: Any,
+    record: PartyRecord | None,
+) -> None:
+    """Refuse a key directory unless every entry is signed by the party the roster names."""
+    own = directory.get(me.party)
+    mine = me.public_keys if isinstance(me, MaskingParty) else (me.public_key,)
+    if own is not None and tuple(own) != tuple(mine):
+        raise SecAggClientError(
+            f"party {me.party}: the key directory holds someone else's keys for me"
+        )
+    if record is None or record.trust_server:
+        return
+    sigs = [bytes(x) for x in cfg.get(wire.PREFIX + "dir_sigs", [])]
+    order = list(directory)
+    if len(sigs) != len(order):
+        raise SecAggClientError(
+            f"party {me.party}: the key directory carries {len(sigs)} signatures for "
+            f"{len(order)} parties; refusing unsigned keys"
+        )
+    try:
+        for p, sig in zip(order, sigs, strict=True):
+            verify_keys(record.roster, sig, session=session, party=p, keys=list(directory[p]))
+    except IdentityError as exc:
+        raise SecAggClientError(f"party {me.party}: {exc}") from None
 
 
 def make_secagg_mod(
@@ -183,35 +281,66 @@ def make_secagg_mod(
         parties = [int(p) for p in cfg[wire.PREFIX + "parties"]]
         if party not in parties:
             raise SecAggClientError(f"party {party}: not among this round's parties {parties}")
+        record = party_record(context)
         if wire.PREFIX + "dir_parties" in cfg:  # first round of an epoch (additive)
-            st["directory"] = {
-                str(p): bytes(k).hex()
+            directory = {
+                int(p): (bytes(k),)
                 for p, k in zip(
                     cfg[wire.PREFIX + "dir_parties"], cfg[wire.PREFIX + "dir_keys"], strict=True
                 )
             }
+            _check_directory(
+                cfg, directory, session=bytes.fromhex(st["session"]), me=proto, record=record
+            )
+            st["directory"] = {str(p): k[0].hex() for p, k in directory.items()}
         if wire.PREFIX + "ks_to" in cfg:  # first round of an epoch (masking)
             proto.receive_keyshares(wire.unpack_cts(cfg, wire.PREFIX + "ks_"))
+        bind = _binding(msg, rnd, parties, record)
+        st.setdefault("bind", {})[str(rnd)] = bind.hex()
+        spent = None
+        if scenario.defense.dp.mode == "distributed":
+            spent = _distributed_budget(msg, scenario, party, context)
+            if isinstance(spent, Message):
+                _save(context, proto, st)
+                return spent
         reply = call_next(msg, context)
         if reply.has_error():
             return reply
-        vec = encode_update(msg, reply, scenario, party, len(parties), noise_fn=noise_fn)
+        vec = encode_update(
+            msg,
+            reply,
+            scenario,
+            party,
+            len(parties),
+            noise_fn=noise_fn,
+            noise_secret=record.noise_secret if record else None,
+            min_parties=record.min_parties if record else None,
+        )
         content = RecordDict()
         if isinstance(proto, MaskingParty):
-            y, cts = proto.mask(vec, rnd=rnd, parties=parties, overwrite=True)
+            y, cts = proto.mask(vec, rnd=rnd, parties=parties, overwrite=True, bind=bind)
             content[wire.VECTOR] = wire.vector_record(y)
         else:
             context.state.array_records[wire.CACHE] = wire.vector_record(vec)
             directory = {int(p): bytes.fromhex(k) for p, k in st["directory"].items()}
-            cts = proto.share(vec, rnd=rnd, attempt=0, parties=parties, directory=directory)
+            cts = proto.share(
+                vec, rnd=rnd, attempt=0, parties=parties, directory=directory, bind=bind
+            )
         if isinstance(proto, MaskingParty):
-            content[wire.PAYLOAD] = ConfigRecord({"round": rnd, **wire.pack_cts(cts)})
+            content[wire.PAYLOAD] = ConfigRecord(
+                {"round": rnd, "commit": proto.last_commitment, **wire.pack_cts(cts)}
+            )
         else:
             content[wire.PAYLOAD] = ConfigRecord({"round": rnd, "attempt": 0})
             content[wire.SHARES] = wire.pack_shares(cts)
         for key, rec in reply.content.items():
             if key.startswith(wire.SIDE_PREFIX):
                 content[key] = rec
+        if spent is not None:
+            # The party's own account of what it released; public by design.
+            rounds = int(context.state.config_records[_DDP_STATE]["rounds"]) + 1
+            context.state.config_records[_DDP_STATE] = ConfigRecord({"rounds": rounds})
+            content[EPSILON_SIDE] = ConfigRecord({"epsilon": spent, "party": party})
         _save(context, proto, st)
         return Message(content, reply_to=msg)
 
@@ -246,16 +375,23 @@ def handle_setup(
     protocol = scenario.defense.secure_aggregation
     if stage == "advertise":
         if scenario.defense.dp.mode == "distributed":
+            record = party_record(context)
             (check_fn or _default_noise()[1])(
-                scenario, dim=int(cfg[wire.PREFIX + "dim"]), parties=int(cfg[wire.PREFIX + "n"])
+                scenario,
+                dim=int(cfg[wire.PREFIX + "dim"]),
+                parties=record.min_parties if record else int(cfg[wire.PREFIX + "n"]),
             )
         if protocol == "masking":
             proto: Any = MaskingParty(party, codec, session)
-            chan, mask = proto.public_keys
-            out = ConfigRecord({"chan_pk": chan, "mask_pk": mask})
+            keys = list(proto.public_keys)
+            out = ConfigRecord({"chan_pk": keys[0], "mask_pk": keys[1]})
         else:
             proto = AdditiveParty(party, codec, session)
-            out = ConfigRecord({"chan_pk": proto.public_key})
+            keys = [proto.public_key]
+            out = ConfigRecord({"chan_pk": keys[0]})
+        record = party_record(context)
+        if record is not None:
+            out["sig"] = sign_keys(record.identity_key, session=session, party=party, keys=keys)
         context.state.array_records.pop(wire.CACHE, None)
         _save(context, proto, {"protocol": protocol, "session": session.hex(), "directory": {}})
         return Message(RecordDict({wire.PAYLOAD: out}), reply_to=msg)
@@ -270,6 +406,9 @@ def handle_setup(
                 ps, cfg[wire.PREFIX + "dir_keys"], cfg[wire.PREFIX + "dir_mask_keys"], strict=True
             )
         }
+        _check_directory(
+            cfg, dict(directory), session=session, me=proto, record=party_record(context)
+        )
         cts = proto.share_keys(
             directory,
             threshold=int(cfg[wire.PREFIX + "threshold"]),
@@ -304,14 +443,20 @@ def handle_partial_sum(msg: Message, context: Context) -> Message:
     cfg, _, party, codec = _stage_context(msg, context)
     proto, st = _load(context, party, codec)
     directory = {int(p): bytes.fromhex(k) for p, k in st["directory"].items()}
-    total = proto.partial_sum(
-        wire.unpack_shares(msg.content),
-        rnd=int(cfg["server-round"]),
-        attempt=int(cfg[wire.PREFIX + "attempt"]),
-        parties=[int(p) for p in cfg[wire.PREFIX + "parties"]],
-        directory=directory,
-        dim=int(cfg[wire.PREFIX + "dim"]),
-    )
+    rnd = int(cfg["server-round"])
+    try:
+        total = proto.partial_sum(
+            wire.unpack_shares(msg.content),
+            rnd=rnd,
+            attempt=int(cfg[wire.PREFIX + "attempt"]),
+            parties=[int(p) for p in cfg[wire.PREFIX + "parties"]],
+            directory=directory,
+            dim=int(cfg[wire.PREFIX + "dim"]),
+            bind=_stored_bind(st, rnd),
+        )
+    except ChannelError as exc:
+        _save(context, proto, st)
+        raise SecAggClientError(f"no partial sum released: {exc}") from None
     _save(context, proto, st)
     return Message(RecordDict({wire.VECTOR: wire.vector_record(total)}), reply_to=msg)
 
@@ -320,19 +465,35 @@ def handle_unmask(msg: Message, context: Context) -> Message:
     """Masking: reveal self-mask shares of survivors and mask-key shares of dropped parties."""
     cfg, _, party, codec = _stage_context(msg, context)
     proto, st = _load(context, party, codec)
+    rnd = int(cfg["server-round"])
     rev = proto.unmask(
-        rnd=int(cfg["server-round"]),
+        rnd=rnd,
         survivors=[int(p) for p in cfg[wire.PREFIX + "survivors"]],
         dropped=[int(p) for p in cfg.get(wire.PREFIX + "dropped", [])],
         incoming=wire.unpack_cts(cfg, wire.PREFIX + "in_"),
+        bind=_stored_bind(st, rnd),
     )
     _save(context, proto, st)
-    payload = ConfigRecord({**wire.pack_cts(rev["b"], "b_"), **wire.pack_cts(rev["sk"], "sk_")})
+    payload = ConfigRecord(
+        {
+            **wire.pack_cts(rev["b"], "b_"),
+            **wire.pack_cts(rev["sk"], "sk_"),
+            "bad_from": sorted(rev["bad"]),
+            "bad_why": [rev["bad"][p] for p in sorted(rev["bad"])],
+        }
+    )
     return Message(RecordDict({wire.PAYLOAD: payload}), reply_to=msg)
 
 
-def register_secure_aggregation(app: Any, *, check_fn: Callable[..., None] | None = None) -> None:
-    """Register the secure-aggregation stage handlers on a Flower ``ClientApp``."""
+def _stored_bind(st: dict[str, Any], rnd: int) -> bytes:
+    return bytes.fromhex(st.get("bind", {}).get(str(rnd), ""))
+
+
+def register_secure_aggregation(
+    app: Any, *, check_fn: Callable[..., None] | None = None, mods: list[Any] | None = None
+) -> None:
+    """Register the secure-aggregation stage handlers on a Flower ``ClientApp``
+    (``mods``: the party's policy mod, so it guards every stage too)."""
 
     def setup(msg: Message, context: Context) -> Message:
         return handle_setup(msg, context, check_fn=check_fn)
@@ -340,4 +501,4 @@ def register_secure_aggregation(app: Any, *, check_fn: Callable[..., None] | Non
     for msg_type, fn in zip(
         wire.STAGE_TYPES, (setup, handle_reshare, handle_partial_sum, handle_unmask), strict=True
     ):
-        app.train(msg_type.split(".", 1)[1])(fn)
+        app.train(msg_type.split(".", 1)[1], mods=list(mods or []))(fn)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import tomllib
 from pathlib import Path
@@ -18,6 +19,7 @@ BENCH_SUITES = {
     "inversion": "privfl.bench.inversion",
     "imprint": "privfl.bench.imprint",
     "membership": "privfl.bench.membership",
+    "audit": "privfl.bench.audit",
 }
 
 
@@ -68,6 +70,27 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_keys(args: argparse.Namespace) -> int:
+    from privfl.secagg.identity import generate_identity, public_identity, save_roster
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    roster = {}
+    for p in range(args.parties):
+        key = generate_identity()
+        roster[p] = public_identity(key)
+        path = out / f"party-{p}.key"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(key.hex())
+    save_roster(out / "roster.json", roster)
+    print(
+        f"wrote {args.parties} identity keys (party-<i>.key, keep each with its party only) "
+        f"and roster.json (give it to every party) to {out}"
+    )
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     module = importlib.import_module(BENCH_SUITES[args.suite])
     return int(module.main(args.rest) or 0)
@@ -101,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="re-render report.md from a run folder")
     rep.add_argument("dir")
     rep.set_defaults(func=_cmd_report)
+
+    keys = sub.add_parser(
+        "keys", help="make identity keys and the roster for a deployed federation"
+    )
+    keys.add_argument("--parties", type=int, required=True, help="number of parties")
+    keys.add_argument("--out", required=True, help="folder for party-<i>.key and roster.json")
+    keys.set_defaults(func=_cmd_keys)
 
     bench = sub.add_parser("bench", help="benchmarks: " + ", ".join(BENCH_SUITES))
     bench.add_argument("suite", choices=sorted(BENCH_SUITES))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import tomllib
 import types
 import typing
@@ -320,9 +321,6 @@ class DPSection:
     mechanism: Literal["discrete-gaussian", "skellam"] = "skellam"
     # Stop the run cleanly once the budget is spent (global mode).
     stop_when_exhausted: bool = True
-    # Secret noise keyed from os.urandom; false = lab mode (keyed from scenario.seed, so
-    # the same scenario gives the same noise). Client mode: Opacus secure_mode.
-    secure_noise: bool = False
     # distributed mode: largest accepted probability that a coordinate of the noisy sum
     # wraps around the ring in a round (checked up front against defense.secagg).
     max_wrap_probability: float = 1e-9
@@ -578,17 +576,108 @@ class MembershipSection:
             )
 
 
-ATTACKS = ("none", "gradient-inversion", "imprint", "membership-inference")
+@dataclass(frozen=True)
+class PartySection:
+    """What every party holds locally and enforces, whatever the server asks (``party``).
+
+    A party takes its defenses (``defense.*``), data and model from its own copy of the
+    scenario, never from a server message; the server may choose only the training
+    hyper-parameters (``training.*``), within the bounds below. A request that asks for
+    less is refused: nothing derived from the data leaves the party.
+    """
+
+    # Teaching mode: do whatever the server's messages ask (defenses, noise keys, sums of
+    # any size, repeated rounds), as a party that trusts the server would.
+    trust_server: bool = False
+    # Fewest parties whose inputs a sum may hold before this party lets its input into it;
+    # distributed DP sizes each party's noise share for it. 0 = automatic:
+    # max(2, floor(2n/3) + 1) for n = data.parties (the masking threshold's rule).
+    min_parties: int = 0
+    # Where DP noise and DP sampling coins come from: "os" (the OS CSPRNG, secret and not
+    # reproducible) or "lab" (an AES-CTR stream keyed from a party-local lab secret and
+    # the scenario seed: reproducible on this machine, never in a message or results.json).
+    noise: Literal["os", "lab"] = "os"
+    # Bounds on what the server may ask for (0 = no bound).
+    max_local_steps: int = 0
+    min_batch_size: int = 1
+    max_lr: float = 0.0
+    # Answer evaluate requests (loss, accuracy, test-set size in plaintext): "auto"
+    # withholds them under DP and releases them otherwise.
+    evaluation: Literal["auto", "release", "withhold"] = "auto"
+
+    def validate(self, key: str) -> None:
+        if self.min_parties < 0:
+            _fail(f"{key}.min_parties", f"must be >= 0 (0 = automatic), got {self.min_parties}")
+        if self.min_parties == 1:
+            _fail(
+                f"{key}.min_parties",
+                "must be >= 2: a sum of one party is that party's input (0 = automatic)",
+            )
+        if self.max_local_steps < 0:
+            _fail(
+                f"{key}.max_local_steps", f"must be >= 0 (0 = no bound), got {self.max_local_steps}"
+            )
+        if self.min_batch_size < 1:
+            _fail(f"{key}.min_batch_size", f"must be >= 1, got {self.min_batch_size}")
+        if self.max_lr < 0:
+            _fail(f"{key}.max_lr", f"must be >= 0 (0 = no bound), got {self.max_lr}")
+
+    def resolve_min_parties(self, parties: int) -> int:
+        """The fewest parties this party accepts in a sum, for a federation of ``parties``."""
+        if self.min_parties:
+            return self.min_parties
+        return min(parties, max(2, (2 * parties) // 3 + 1))
+
+
+ACTIVE_ATTACKS = (
+    "downgrade",
+    "noise_strip",
+    "key_mitm",
+    "isolation",
+    "round_replay",
+    "model_inconsistency",
+)
+
+
+@dataclass(frozen=True)
+class ActiveServerSection:
+    """A malicious server that breaks the protocol to reach one party (``attack.active_server``)."""
+
+    method: Literal[
+        "downgrade", "noise_strip", "key_mitm", "isolation", "round_replay", "model_inconsistency"
+    ] = "downgrade"
+    target_party: int = 0
+    # The round in which the server attacks (>= 1).
+    round: int = 1
+
+    def validate(self, key: str) -> None:
+        if self.target_party < 0:
+            _fail(f"{key}.target_party", f"must be >= 0, got {self.target_party}")
+        if self.round < 1:
+            _fail(f"{key}.round", f"must be >= 1, got {self.round}")
+
+
+ATTACKS = (
+    "none",
+    "gradient-inversion",
+    "imprint",
+    "membership-inference",
+    "active-server",
+)
 
 
 @dataclass(frozen=True)
 class AttackSection:
-    kind: Literal["none", "gradient-inversion", "imprint", "membership-inference"] = "none"
+    kind: Literal[
+        "none", "gradient-inversion", "imprint", "membership-inference", "active-server"
+    ] = "none"
     gradient_inversion: GradientInversionSection = field(default_factory=GradientInversionSection)
     imprint: ImprintSection = field(default_factory=ImprintSection)
     membership: MembershipSection = field(default_factory=MembershipSection)
+    active_server: ActiveServerSection = field(default_factory=ActiveServerSection)
 
     def validate(self, key: str) -> None:
+        self.active_server.validate(f"{key}.active_server")
         self.gradient_inversion.validate(f"{key}.gradient_inversion")
         self.imprint.validate(f"{key}.imprint")
         self.membership.validate(f"{key}.membership")
@@ -603,6 +692,7 @@ class Scenario:
     model: ModelSection = field(default_factory=ModelSection)
     training: TrainingSection = field(default_factory=TrainingSection)
     defense: DefenseSection = field(default_factory=DefenseSection)
+    party: PartySection = field(default_factory=PartySection)
     attack: AttackSection = field(default_factory=AttackSection)
 
     def validate(self) -> None:
@@ -652,6 +742,19 @@ class Scenario:
         if sa != "none" and n < 2:
             _fail("defense.secure_aggregation", f"needs at least 2 parties, data.parties is {n}")
         self.defense.secagg.validate_for("defense.secagg", self)
+        if self.party.min_parties > n:
+            _fail(
+                "party.min_parties", f"must be <= data.parties ({n}), got {self.party.min_parties}"
+            )
+        act = self.attack.active_server
+        if self.attack.kind == "active-server":
+            if act.target_party >= n:
+                _fail("attack.active_server.target_party", f"must be < data.parties ({n})")
+            if act.round > self.scenario.rounds:
+                _fail(
+                    "attack.active_server.round",
+                    f"must be <= scenario.rounds ({self.scenario.rounds})",
+                )
         if self.data.samples_per_party and self.training.batch_size > self.data.samples_per_party:
             _fail(
                 "training.batch_size",
@@ -732,6 +835,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             _fail(key, f"must be a number, got {value!r}")
+        if not math.isfinite(value):
+            _fail(key, f"must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -802,10 +907,16 @@ def load_scenario(path: str | Path, overrides: Iterable[str] = ()) -> Scenario:
 def scenario_dir() -> Path:
     """Folder of the scenarios shipped with privfl (checkout or installed package)."""
     here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "scenarios", here / "scenarios"):
-        if candidate.is_dir():
-            return candidate
-    raise FileNotFoundError("privfl's scenarios/ folder was not found")
+    # Installed: privfl/scenarios/. A checkout keeps them beside privfl/, next to
+    # pyproject.toml (so an unrelated scenarios/ in site-packages is never picked).
+    if (here / "scenarios").is_dir():
+        return here / "scenarios"
+    if (here.parent / "scenarios").is_dir() and (here.parent / "pyproject.toml").is_file():
+        return here.parent / "scenarios"
+    raise FileNotFoundError(
+        f"privfl's scenarios folder was not found (looked in {here / 'scenarios'} and "
+        f"{here.parent / 'scenarios'}); reinstall privfl"
+    )
 
 
 def resolve_scenario_path(name: str | Path) -> Path:

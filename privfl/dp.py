@@ -2,19 +2,20 @@
 and privacy accounting through Opacus' accountants.
 
 Randomness
-    Every noise draw comes from an AES-256-CTR keystream (:class:`KeyStream`). In lab
-    mode (``defense.dp.secure_noise = false``, the default) the key is
-    HKDF-SHA256(scenario.seed, purpose, party, round), so a scenario reproduces its
-    numbers exactly; this is for experiments only, since anyone who knows the seed knows
-    the noise. With ``secure_noise = true`` every key comes from ``os.urandom``.
+    Every noise draw comes from an AES-256-CTR keystream (:class:`KeyStream`) whose key
+    (:func:`noise_key`) is fresh from ``os.urandom`` by default (``party.noise = "os"``),
+    or, in lab mode (``party.noise = "lab"``), HKDF-SHA256 of a party-local secret with
+    the seed, purpose, party and round: a lab run reproduces its numbers while no message
+    or result holds what is needed to regenerate the noise.
 
 Mechanisms
     * :class:`GaussianAggregateMechanism` (DP-FedAvg, McMahan et al. 2018): clip each
       party's update to L2 norm C, add N(0, (σC/n)²) to the unweighted mean.
-    * Distributed DP inside secure aggregation: each of n parties adds integer noise of
-      variance σ²C²s²/n in ring units (s = 2**frac_bits) to its encoded update before
-      masking; the decoded sum carries noise of standard deviation σCs, i.e. σC in real
-      units. Skellam noise sums to Skellam noise exactly; discrete Gaussians sum to a
+    * Distributed DP inside secure aggregation: each party adds integer noise of
+      variance σ²C²s²/m in ring units (s = 2**frac_bits) to its encoded update before
+      masking, m being the fewest parties it lets into a sum (``party.min_parties``);
+      any sum it enters carries noise of standard deviation at least σCs, i.e. σC in
+      real units. Skellam noise sums to Skellam noise exactly; discrete Gaussians sum to a
       distribution within a negligible distance of a discrete Gaussian at these scales.
 
 Accounting
@@ -55,17 +56,30 @@ _LAB_SALT = b"privfl/dp/lab-mode/v1"
 # --------------------------------------------------------------------------- randomness
 
 
-def noise_key(scenario: Scenario, purpose: str, party: int, server_round: int) -> bytes:
+def seed_secret(scenario: Scenario) -> bytes:
+    """The scenario seed as key material: public, known to anyone holding the scenario.
+
+    Only a party that trusts the server (``party.trust_server``) keys its noise from it;
+    :func:`privfl.clients.policy` hands every other party a secret of its own.
+    """
+    return scenario.scenario.seed.to_bytes(16, "big", signed=True)
+
+
+def noise_key(
+    scenario: Scenario, purpose: str, party: int, server_round: int, *, secret: bytes | None
+) -> bytes:
     """The 32-byte key of one noise stream.
 
-    Lab mode: HKDF-SHA256 of the scenario seed with ``purpose|party|round`` as info
-    (reproducible, not secret). ``defense.dp.secure_noise``: ``os.urandom(32)``.
+    ``secret = None``: ``os.urandom(32)`` (secret, not reproducible). Otherwise
+    HKDF-SHA256 of ``secret`` with the scenario seed, ``purpose``, ``party`` and round as
+    info: reproducible by whoever holds ``secret`` and no one else.
     """
-    if scenario.defense.dp.secure_noise:
+    if secret is None:
         return os.urandom(32)
-    seed = scenario.scenario.seed.to_bytes(16, "big", signed=True)
     info = f"{purpose}|party={party}|round={server_round}".encode()
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=_LAB_SALT, info=info).derive(seed)
+    if secret != seed_secret(scenario):
+        info += b"|seed=" + seed_secret(scenario)
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=_LAB_SALT, info=info).derive(secret)
 
 
 class KeyStream:
@@ -311,17 +325,31 @@ class PartyAccountant:
         return self.history[server_round]
 
 
+def accounted_sampling_rate(scenario: Scenario) -> float:
+    """The party sampling rate the accountant may credit.
+
+    Under ``distributed`` DP the parties hold the guarantee against the server, which
+    draws the sample: no amplification is credited for it (1.0), unless the parties trust
+    the server (``party.trust_server``). ``global`` DP trusts the server by construction
+    (it adds the noise), so its sampling is credited.
+    """
+    dp = scenario.defense.dp
+    if dp.mode == "distributed" and not scenario.party.trust_server:
+        return 1.0
+    return dp.party_sampling_rate
+
+
 def global_noise_multiplier(scenario: Scenario) -> float:
     """σ of the party-level Gaussian mechanism for modes ``global`` / ``distributed``:
-    ``defense.dp.noise_multiplier`` if set, else calibrated so that
-    ``scenario.rounds`` rounds at ``party_sampling_rate`` spend ``defense.dp.epsilon``."""
+    ``defense.dp.noise_multiplier`` if set, else calibrated so that ``scenario.rounds``
+    rounds at :func:`accounted_sampling_rate` spend ``defense.dp.epsilon``."""
     dp = scenario.defense.dp
     if dp.noise_multiplier > 0:
         return dp.noise_multiplier
     return calibrate_noise(
         epsilon=dp.epsilon,
         delta=dp.delta,
-        sample_rate=dp.party_sampling_rate,
+        sample_rate=accounted_sampling_rate(scenario),
         steps=scenario.scenario.rounds,
         accountant=dp.accountant,
     )
@@ -337,7 +365,7 @@ def party_accountant(scenario: Scenario, noise_multiplier: float | None = None) 
     sigma = global_noise_multiplier(scenario) if noise_multiplier is None else noise_multiplier
     return PartyAccountant(
         noise_multiplier=sigma,
-        sample_rate=dp.party_sampling_rate,
+        sample_rate=accounted_sampling_rate(scenario),
         delta=dp.delta,
         accountant=dp.accountant,
         budget=dp.epsilon if dp.epsilon > 0 and dp.stop_when_exhausted else None,
@@ -436,7 +464,7 @@ def distributed_epsilon(scenario: Scenario, dim: int, rounds: int) -> float:
     dp = scenario.defense.dp
     return epsilon_spent(
         noise_multiplier=distributed_noise_multiplier(scenario, dim),
-        sample_rate=dp.party_sampling_rate,
+        sample_rate=accounted_sampling_rate(scenario),
         steps=rounds,
         delta=dp.delta,
         accountant=dp.accountant,
@@ -572,20 +600,32 @@ def check_distributed(scenario: Scenario, dim: int, parties: int) -> None:
 
 
 def distributed_noise(
-    size: int, *, scenario: Scenario, party: int, server_round: int, scale: float
+    size: int,
+    *,
+    scenario: Scenario,
+    party: int,
+    server_round: int,
+    scale: float,
+    secret: bytes | None,
+    min_parties: int,
 ) -> np.ndarray:
     """One party's share of the distributed-DP noise, int64 in ring units.
 
-    Variance σ²C²·scale²/n for n = ``data.parties``, so the n shares sum to noise of
-    standard deviation σ·C in real units. Add it to the encoded (fixed-point) update,
-    modulo the ring, before masking or secret sharing. ``scale`` is 2**frac_bits.
+    Variance σ²C²·scale²/m for m = ``min_parties``, the fewest parties the party lets its
+    input be summed with: any sum it enters holds at least m such shares, so at least
+    noise of standard deviation σ·C in real units, however many parties the server
+    really gathered. Add it to the encoded (fixed-point) update, modulo the ring, before
+    masking or secret sharing. ``scale`` is 2**frac_bits; ``secret`` keys the stream
+    (:func:`noise_key`; None = the OS CSPRNG).
     """
     dp = scenario.defense.dp
     if dp.mode != "distributed":
         raise ValueError(f"distributed_noise: defense.dp.mode is {dp.mode!r}, not 'distributed'")
-    n = scenario.data.parties
-    var = (global_noise_multiplier(scenario) * dp.clip * scale) ** 2 / n
-    stream = KeyStream(noise_key(scenario, f"distributed-{dp.mechanism}", party, server_round))
+    if min_parties < 1:
+        raise ValueError(f"distributed_noise: min_parties must be >= 1, got {min_parties}")
+    var = (global_noise_multiplier(scenario) * dp.clip * scale) ** 2 / min_parties
+    key = noise_key(scenario, f"distributed-{dp.mechanism}", party, server_round, secret=secret)
+    stream = KeyStream(key)
     if dp.mechanism == "skellam":
         return stream.skellam(var, size)
     return stream.discrete_gaussian(math.sqrt(var), size)

@@ -127,6 +127,25 @@ def render_report(out_dir: str | Path) -> Path:
     )
     if final.get("epsilon") is not None:
         lines.append(f"- privacy: ε = {final['epsilon']:.3g}, δ = {final.get('delta')}")
+    if final.get("party_epsilon"):
+        own = ", ".join(f"party {p}: {e:.3g}" for p, e in final["party_epsilon"].items())
+        lines.append(f"- each party's own account: {own}")
+    privacy = res.get("privacy", {})
+    if privacy:
+        who = (
+            "trust the server"
+            if privacy.get("parties_trust_server")
+            else "enforce their own policy"
+        )
+        lines.append(
+            f"- parties {who}; sums of at least {privacy.get('min_parties')} parties; "
+            f"DP noise: {privacy.get('noise')}"
+        )
+        if privacy.get("dp_mode", "none") != "none":
+            lines.append(f"- neighbouring datasets: {privacy.get('neighbouring')}")
+    faults = [(r["round"], f) for r in res.get("rounds", []) for f in r.get("faults", [])]
+    if faults:
+        lines.append(f"- refusals and faults: {len(faults)} (listed below)")
     if final.get("stopped_early"):
         lines.append(f"- stopped early: {final['stopped_early']}")
     timing = res.get("timing", {})
@@ -149,6 +168,20 @@ def render_report(out_dir: str | Path) -> Path:
             f"{_fmt(r.get('epsilon'))} | {_fmt(r.get('seconds'))} |"
             for r in rounds
         ]
+        lines.append("")
+
+    if faults:
+        lines += [
+            "## Refusals and faults",
+            "",
+            "| round | party | stage | reason |",
+            "|---|---|---|---|",
+        ]
+        for rnd, f in faults[:50]:
+            reason = str(f.get("reason", "")).replace("|", "/")
+            lines.append(f"| {rnd} | {_fmt(f.get('party'))} | {f.get('stage')} | {reason} |")
+        if len(faults) > 50:
+            lines.append(f"| … | | | {len(faults) - 50} more in results.json |")
         lines.append("")
 
     attacks = res.get("attacks", [])

@@ -88,8 +88,11 @@ def run_scenario(
 
     from flwr.simulation import run_simulation
 
-    from privfl.clients.app import app as client_app
+    from privfl.clients.app import make_client_app
 
+    # Every party is handed its own copy of the scenario here, locally: its defenses
+    # never come from the server's messages.
+    client_app = make_client_app(sc)
     _quiet_flower(verbose)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -22,6 +22,7 @@ from privfl import __version__
 from privfl.config import SCENARIO_KEY, Scenario, load_scenario, resolve_scenario_path
 from privfl.data import load_federation
 from privfl.models import build_model
+from privfl.refusal import refusal_reason
 from privfl.results import AttackReport
 from privfl.training import evaluate, resolve_device
 
@@ -56,10 +57,12 @@ class PrivflFedAvg(FedAvg):
 
     Records keyed ``privfl.side.*`` (what a malicious participant exfiltrates) are kept
     in ``side_channel[round]`` and stripped before Flower's reply validation.
+    ``evaluate=False`` asks the parties for no evaluation (their policy withholds it).
     """
 
-    def __init__(self, parties: int) -> None:
+    def __init__(self, parties: int, *, evaluate: bool = True) -> None:
         super().__init__(
+            fraction_evaluate=1.0 if evaluate else 0.0,
             min_train_nodes=parties,
             min_evaluate_nodes=parties,
             min_available_nodes=parties,
@@ -67,10 +70,30 @@ class PrivflFedAvg(FedAvg):
             evaluate_metrics_aggr_fn=_aggregate_metrics,
         )
         self.side_channel: dict[int, dict[str, Any]] = {}
+        self.faults: dict[int, list[dict[str, Any]]] = {}
+
+    def _record_refusals(self, server_round: int, stage: str, replies: list[Message]) -> None:
+        for msg in replies:
+            reason = refusal_reason(msg)
+            if reason is not None:
+                self.faults.setdefault(server_round, []).append(
+                    {
+                        "node": msg.metadata.src_node_id,
+                        "stage": stage,
+                        "reason": f"refused: {reason}",
+                    }
+                )
+
+    def aggregate_evaluate(self, server_round: int, replies: Any) -> MetricRecord | None:
+        replies = list(replies)
+        self._record_refusals(server_round, "evaluate", replies)
+        return super().aggregate_evaluate(server_round, replies)
 
     def aggregate_train(
         self, server_round: int, replies: Any
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        self._record_refusals(server_round, "train", replies)
         cleaned = []
         for msg in replies:
             if not msg.has_error():
@@ -94,7 +117,10 @@ def strategy_chain(strategy: Strategy) -> list[Strategy]:
 
 def build_strategy(scenario: Scenario, party_of: Mapping[int, int]) -> Strategy:
     """The server strategy a scenario asks for (see the module docstring for the order)."""
-    strategy: Strategy = PrivflFedAvg(scenario.data.parties)
+    # The parties' evaluation policy is public: a server does not ask for what they withhold.
+    ev = scenario.party.evaluation
+    withheld = ev == "withhold" or (ev == "auto" and scenario.defense.dp.mode != "none")
+    strategy: Strategy = PrivflFedAvg(scenario.data.parties, evaluate=not withheld)
     dp = scenario.defense.dp
     if dp.mode in ("global", "distributed"):
         from privfl.strategies.dp_global import DPGlobalUpdate
@@ -108,6 +134,10 @@ def build_strategy(scenario: Scenario, party_of: Mapping[int, int]) -> Strategy:
         from privfl.strategies.curious_server import CuriousServer
 
         strategy = CuriousServer(strategy, scenario=scenario, party_of=party_of)
+    elif scenario.attack.kind == "active-server":
+        from privfl.strategies.active_server import build_active_server
+
+        strategy = build_active_server(strategy, scenario=scenario, party_of=party_of)
     elif scenario.attack.kind == "imprint" and scenario.attack.imprint.role == "malicious-server":
         from privfl.strategies.imprint_server import ImprintServer
 
@@ -239,6 +269,7 @@ def run_federation(
         rounds = round_log.rounds
         _merge_client_metrics(rounds, result)
         _merge_epsilon(rounds, strategy_chain(strategy))
+        _merge_faults(rounds, strategy_chain(strategy), party_of)
         if result.arrays:  # empty when no round released a model (DP budget)
             model.load_state_dict(result.arrays.to_torch_state_dict())
         for s in strategy_chain(strategy):
@@ -261,6 +292,9 @@ def run_federation(
         if any("epsilon" in r for r in rounds):
             final["epsilon"] = max(r["epsilon"] for r in rounds if "epsilon" in r)
             final["delta"] = scenario.defense.dp.delta
+        party_eps = _party_epsilon(strategy_chain(strategy))
+        if party_eps:
+            final["party_epsilon"] = party_eps
         exhausted = [s for s in strategy_chain(strategy) if getattr(s, "exhausted", False)]
         if exhausted:
             final["stopped_early"] = "privacy budget exhausted"
@@ -270,6 +304,7 @@ def run_federation(
         "scenario": scenario.scenario.name,
         "seed": scenario.scenario.seed,
         "config": scenario.to_dict(),
+        "privacy": privacy_statement(scenario),
         "rounds": rounds,
         "final": final,
         "attacks": [r.to_json() for r in reports],
@@ -313,6 +348,70 @@ def _merge_epsilon(rounds: list[dict[str, Any]], chain: list[Strategy]) -> None:
             for row in rounds:
                 if row["round"] in history:
                     row["epsilon"] = float(history[row["round"]])
+
+
+NEIGHBOURING = {
+    "none": "no DP guarantee",
+    "client": (
+        "record-level: datasets differing by adding or removing one record of one party "
+        "(replacing a record costs twice the ε)"
+    ),
+    "global": (
+        "party-level: federations differing by adding or removing one party's whole "
+        "data (replacing a party costs twice the ε); the server adds the noise, so it must "
+        "be trusted to"
+    ),
+    "distributed": (
+        "party-level: federations differing by adding or removing one party's whole "
+        "data (replacing a party costs twice the ε); the parties add the noise inside "
+        "secure aggregation, so it holds against the server"
+    ),
+}
+
+
+def privacy_statement(scenario: Scenario) -> dict[str, Any]:
+    """What the run's DP guarantee covers, whose noise it is, and what the parties enforce."""
+    party = scenario.party
+    if party.trust_server:
+        noise = "keyed from the scenario seed (the parties trust the server: it can regenerate it)"
+    elif party.noise == "lab":
+        noise = "lab: keyed from each party's local secret and the seed (reproducible there)"
+    else:
+        noise = "os: each party's OS CSPRNG (secret, not reproducible)"
+    return {
+        "dp_mode": scenario.defense.dp.mode,
+        "neighbouring": NEIGHBOURING[scenario.defense.dp.mode],
+        "noise": noise,
+        "parties_trust_server": party.trust_server,
+        "min_parties": party.resolve_min_parties(scenario.data.parties),
+    }
+
+
+def _merge_faults(
+    rounds: list[dict[str, Any]], chain: list[Strategy], party_of: Mapping[int, int]
+) -> None:
+    """Every refusal, failed reply, exclusion and skipped round, per round."""
+    for s in chain:
+        for rnd, faults in getattr(s, "faults", {}).items():
+            for row in rounds:
+                if row["round"] == rnd:
+                    for f in faults:
+                        f = dict(f)
+                        if "node" in f:
+                            f["party"] = party_of.get(f.pop("node"))
+                        row.setdefault("faults", []).append(f)
+
+
+def _party_epsilon(chain: list[Strategy]) -> dict[str, float]:
+    """Each party's own account of the ε it spent (the largest it reported)."""
+    out: dict[str, float] = {}
+    for s in chain:
+        for records in getattr(s, "side_channel", {}).values():
+            for key, rec in records.items():
+                if key.endswith("dp-epsilon") and "party" in rec and "epsilon" in rec:
+                    p = str(int(rec["party"]))
+                    out[p] = max(out.get(p, 0.0), float(rec["epsilon"]))
+    return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
 
 
 def _participant_reports(scenario: Scenario, chain: list[Strategy]) -> list[AttackReport]:

@@ -45,6 +45,7 @@ from privfl.dp import (
     noise_key,
     party_accountant,
     record_with_vector,
+    seed_secret,
 )
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,9 @@ class DPGlobalUpdate(StrategyWrapper):
         self._accountant: PartyAccountant | None = None
         self._current: ArrayRecord | None = None
         self._secure = scenario.defense.secure_aggregation != "none"
+        # The server's own coins and (global mode) noise: global DP trusts the server by
+        # construction, so they are keyed from the scenario for reproducible lab runs.
+        self._secret = seed_secret(scenario)
 
     # ------------------------------------------------------------------ accounting
     @property
@@ -148,7 +152,9 @@ class DPGlobalUpdate(StrategyWrapper):
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         q = self.scenario.defense.dp.party_sampling_rate
         if q < 1.0:
-            coins = KeyStream(noise_key(self.scenario, "party-sampling", -1, server_round))
+            coins = KeyStream(
+                noise_key(self.scenario, "party-sampling", -1, server_round, secret=self._secret)
+            )
             keep = coins.uniform(len(messages)) < q
             messages = [m for m, k in zip(messages, keep, strict=True) if k]
         return messages
@@ -192,7 +198,9 @@ class DPGlobalUpdate(StrategyWrapper):
         arrays, metrics = self.inner.aggregate_train(server_round, valid) if valid else (None, None)
         eps = self._accountant.step(server_round)  # a configured round is a released step
         if arrays is not None and self.scenario.defense.dp.mode == "global":
-            stream = KeyStream(noise_key(self.scenario, "dp-fedavg", -1, server_round))
+            stream = KeyStream(
+                noise_key(self.scenario, "dp-fedavg", -1, server_round, secret=self._secret)
+            )
             mean = flatten(arrays.to_numpy_ndarrays()) - base
             arrays = record_with_vector(
                 arrays,

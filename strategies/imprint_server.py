@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
@@ -155,25 +154,14 @@ class ImprintServer(StrategyWrapper):
             # DP-SGD batches are Poisson samples drawn inside each party.
             fed = load_federation(self.scenario)
             trains = [fed.parties[p].train for p in parties]
-            if self.scenario.defense.dp.secure_noise:
-                # Not reproducible: score against every record the parties hold (a best
-                # match can only flatter the attacker).
-                truth = torch.cat([t.images for t in trains])
-                total = imprinted_samples(self.scenario)
-                notes.append(
-                    f"secure DP-SGD sampling: readouts matched against all {truth.shape[0]} "
-                    f"records the parties hold; total = the {total} samples expected"
-                )
-            else:
-                from privfl.clients.dp_sgd import dp_sgd_round_batches
-
-                truth = torch.cat(
-                    [
-                        t.images[torch.from_numpy(np.concatenate(b))]
-                        for p, t in zip(parties, trains, strict=True)
-                        for b in [dp_sgd_round_batches(chosen, p, im.round, len(t))]
-                    ]
-                )
+            # The parties' Poisson batches are drawn from their own secrets: score
+            # against every record they hold (a best match can only flatter the attacker).
+            truth = torch.cat([t.images for t in trains])
+            total = imprinted_samples(self.scenario)
+            notes.append(
+                f"DP-SGD batches are the parties' secret: readouts matched against all "
+                f"{truth.shape[0]} records the parties hold; total = the {total} samples expected"
+            )
         else:
             truth = torch.cat([round_batch_data(chosen, p, im.round).images for p in parties])
         images = recon.images

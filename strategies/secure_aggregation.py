@@ -27,6 +27,7 @@ from privfl.strategies.wrapper import StrategyWrapper
 
 from privfl.config import SCENARIO_KEY, Scenario
 from privfl.fixedpoint import FixedPointCodec
+from privfl.refusal import refusal_reason
 from privfl.secagg import wire
 from privfl.secagg.additive import AdditiveServer, RoundAbortedError
 from privfl.secagg.masking import MaskingError, MaskingServer
@@ -84,6 +85,10 @@ class SecureAggregation(StrategyWrapper):
         Override ``defense.secure_aggregation`` / ``defense.secagg`` values.
     timeout : float, optional
         Seconds per stage exchange (default ``scenario.timeout``).
+    on_failure : {"skip", "raise"}
+        A round whose sum cannot be completed (too few parties, refusals, corrupt
+        shares) is recorded in :attr:`faults` and releases nothing (``"skip"``, the run
+        goes on), or raises :class:`SecureAggregationError`.
     """
 
     def __init__(
@@ -97,8 +102,12 @@ class SecureAggregation(StrategyWrapper):
         neighbours: int | None = None,
         max_retries: int | None = None,
         timeout: float | None = None,
+        on_failure: str = "skip",
     ) -> None:
         sec = scenario.defense.secagg
+        if on_failure not in ("skip", "raise"):
+            raise ValueError(f"on_failure must be 'skip' or 'raise', got {on_failure!r}")
+        self.on_failure = on_failure
         super().__init__(inner)
         self.scenario = scenario
         self.party_of = dict(party_of)
@@ -119,6 +128,9 @@ class SecureAggregation(StrategyWrapper):
         self.server_view: dict[int, dict[int, dict[str, RecordDict]]] = {}
         self.round_trips: dict[int, int] = {}
         self.stage_seconds: dict[int, dict[str, float]] = {}
+        # Round -> what went wrong: {party, stage, reason} for every refusal, failed
+        # reply, exclusion and skipped round.
+        self.faults: dict[int, list[dict[str, Any]]] = {}
         self._grid: Grid | None = None
         self._global: ArrayRecord | None = None
         self._parties: list[int] = []
@@ -183,6 +195,12 @@ class SecureAggregation(StrategyWrapper):
             time.sleep(min(max(0.1 * spent, _MIN_POLL_S), cap))
         return replies
 
+    def fault(self, server_round: int, party: int | None, stage: str, reason: str) -> None:
+        """Record what went wrong in a round, and with whom where that is known."""
+        self.faults.setdefault(server_round, []).append(
+            {"party": party, "stage": stage, "reason": reason}
+        )
+
     def _record(
         self, server_round: int, stage: str, replies: Iterable[Message]
     ) -> dict[int, RecordDict]:
@@ -190,7 +208,16 @@ class SecureAggregation(StrategyWrapper):
         view = self.server_view.setdefault(server_round, {})
         for msg in replies:
             node = msg.metadata.src_node_id
-            if msg.has_error() or not msg.has_content() or node not in self.party_of:
+            if msg.has_error():
+                reason = refusal_reason(msg)
+                party = self.party_of.get(node)
+                if reason is not None:
+                    self.fault(server_round, party, stage, f"refused: {reason}")
+                else:
+                    last = str(msg.error.reason or "").strip().splitlines()
+                    self.fault(server_round, party, stage, f"failed: {last[-1] if last else ''}")
+                continue
+            if not msg.has_content() or node not in self.party_of:
                 continue
             view.setdefault(node, {})[stage] = wire.copy_content(msg.content)
             out[self.party_of[node]] = msg.content
@@ -214,17 +241,24 @@ class SecureAggregation(StrategyWrapper):
                 wire.SETUP,
                 {p: ConfigRecord(dict(cfg)) for p in parties},
             )
-            keys = {}
+            keys, sigs = {}, {}
             for p, c in got.items():
                 rec = c.config_records.get(wire.PAYLOAD)
                 if rec is not None and "chan_pk" in rec:
                     keys[p] = (bytes(rec["chan_pk"]), bytes(rec.get("mask_pk", b"")))
+                    sigs[p] = bytes(rec.get("sig", b""))
             ps = sorted(keys)
             if len(ps) < 2:
                 raise SecureAggregationError(
                     f"round {server_round}: only parties {ps} completed key setup; need 2"
                 )
-            epoch = {"session": session, "keys": keys, "parties": ps, "fresh": True}
+            epoch = {
+                "session": session,
+                "keys": keys,
+                "sigs": sigs,
+                "parties": ps,
+                "fresh": True,
+            }
             if self.protocol == "additive":
                 self._epoch = epoch
                 return
@@ -234,6 +268,7 @@ class SecureAggregation(StrategyWrapper):
                 wire.PREFIX + "dir_parties": ps,
                 wire.PREFIX + "dir_keys": [keys[p][0] for p in ps],
                 wire.PREFIX + "dir_mask_keys": [keys[p][1] for p in ps],
+                wire.PREFIX + "dir_sigs": [sigs[p] for p in ps],
                 wire.PREFIX + "threshold": self.threshold,
                 wire.PREFIX + "neighbours": self.neighbours,
             }
@@ -284,7 +319,14 @@ class SecureAggregation(StrategyWrapper):
         parties = sorted(self.party_of[m.metadata.dst_node_id] for m in msgs)
         ep = self._epoch
         if ep is None or not set(parties) <= set(ep["parties"]):
-            self._setup(server_round, parties)
+            try:
+                self._setup(server_round, parties)
+            except SecureAggregationError as exc:
+                if self.on_failure == "raise":
+                    raise
+                self._epoch = None
+                self.fault(server_round, None, "setup", f"round skipped: {exc}")
+                return []
             ep = self._epoch
         assert ep is not None
         self._parties = [p for p in parties if p in ep["parties"]]
@@ -301,6 +343,7 @@ class SecureAggregation(StrategyWrapper):
             if ep["fresh"] and self.protocol == "additive":
                 cfg[wire.PREFIX + "dir_parties"] = ep["parties"]
                 cfg[wire.PREFIX + "dir_keys"] = [ep["keys"][p][0] for p in ep["parties"]]
+                cfg[wire.PREFIX + "dir_sigs"] = [ep["sigs"][p] for p in ep["parties"]]
             if ep["fresh"] and self.protocol == "masking":
                 cfg.update(wire.pack_cts(ep["inbox"][party], wire.PREFIX + "ks_"))
             content = RecordDict({k: v for k, v in m.content.items() if k != "config"})
@@ -334,16 +377,24 @@ class SecureAggregation(StrategyWrapper):
                         side[f"{wire.SIDE_PREFIX}{msg.metadata.src_node_id}.{rest}"] = rec
         assert self._global is not None
         dim = sum(int(np.prod(a.shape)) for a in self._global.values()) + wire.EXTRA_COORDS
-        if self.protocol == "additive":
-            total, included = self._finish_additive(server_round, got, dim)
-        else:
-            total, included = self._finish_masking(server_round, got, dim)
-        vals = self.codec.decode(total)
-        weight, wloss = vals[-2], vals[-1]
-        if not weight > 0:
-            raise SecureAggregationError(
-                f"round {server_round}: decoded total weight is {weight}; nothing to average"
-            )
+        try:
+            if self.protocol == "additive":
+                total, included = self._finish_additive(server_round, got, dim)
+            else:
+                total, included = self._finish_masking(server_round, got, dim)
+            vals = self.codec.decode(total)
+            weight, wloss = vals[-2], vals[-1]
+            if not weight > 0:
+                raise SecureAggregationError(
+                    f"round {server_round}: decoded total weight is {weight}; nothing to average"
+                )
+        except SecureAggregationError as exc:
+            if self.on_failure == "raise":
+                raise
+            # No wrong sum, no crash: the round releases nothing and the run goes on.
+            self.fault(server_round, None, "aggregate", f"round skipped: {exc}")
+            self.included = {server_round: []}
+            return None, None
         arrays, off = ArrayRecord(), 0
         for k, a in self._global.items():
             g = a.numpy()
@@ -352,13 +403,10 @@ class SecureAggregation(StrategyWrapper):
             arrays[k] = Array((g.astype(np.float64) + upd).astype(g.dtype))
             off += size
         n_w = round(weight) if abs(weight - round(weight)) < 1e-3 else float(weight)
-        content = RecordDict(
-            {
-                "arrays": arrays,
-                "metrics": MetricRecord({"num-examples": n_w, "train-loss": float(wloss / weight)}),
-                **side,
-            }
-        )
+        metrics = MetricRecord({"num-examples": n_w})
+        if self.scenario.defense.dp.mode == "none":
+            metrics["train-loss"] = float(wloss / weight)  # under DP the parties withhold it
+        content = RecordDict({"arrays": arrays, "metrics": metrics, **side})
         self.included = {server_round: included}
         return self.inner.aggregate_train(
             server_round, [self._synthetic(server_round, content, replies)]
@@ -434,7 +482,7 @@ class SecureAggregation(StrategyWrapper):
         ep = self._epoch
         assert ep is not None
         server: MaskingServer = ep["server"]
-        masked, bsh = {}, {}
+        masked, bsh, commits = {}, {}, {}
         for p in self._parties:
             if p not in got:
                 continue
@@ -444,8 +492,19 @@ class SecureAggregation(StrategyWrapper):
                 cts = wire.unpack_cts(rec) if rec is not None else None
             except ValueError:
                 cts = None
-            if y is not None and y.shape == (dim,) and cts is not None:
-                masked[p], bsh[p] = y, cts
+            if y is None or y.shape != (dim,) or y.dtype != self.codec.dtype or cts is None:
+                what = "none" if y is None else f"{y.dtype} {tuple(y.shape)}"
+                self.fault(
+                    server_round,
+                    p,
+                    "train",
+                    f"excluded: malformed masked input ({what}; expected {self.codec.dtype} "
+                    f"({dim},) with share ciphertexts)",
+                )
+                continue
+            masked[p], bsh[p] = y, cts
+            if rec is not None and "commit" in rec:
+                commits[p] = bytes(rec["commit"])
         try:
             S, D, routed = server.plan_unmask(masked, bsh, self._parties)
         except MaskingError as exc:
@@ -467,11 +526,23 @@ class SecureAggregation(StrategyWrapper):
             try:
                 reveals[p] = {"b": wire.unpack_cts(rec, "b_"), "sk": wire.unpack_cts(rec, "sk_")}
             except (ValueError, AttributeError):
+                self.fault(server_round, p, "unmask", "excluded: malformed unmask reply")
                 continue
+            for sender, why in zip(rec.get("bad_from", []), rec.get("bad_why", []), strict=False):
+                self.fault(
+                    server_round,
+                    int(sender),
+                    "unmask",
+                    f"party {p} could not open its share of the self-mask seed: {why}",
+                )
+        server.faults.clear()
         try:
-            total = server.unmask(server_round, masked, S, D, reveals)
+            total = server.unmask(server_round, masked, S, D, reveals, commitments=commits)
         except MaskingError as exc:
             raise SecureAggregationError(f"round {server_round}: {exc}") from exc
+        finally:
+            for f in server.faults:
+                self.fault(server_round, f["party"], f["stage"], f["reason"])
         if server.revealed:
             self._epoch = None  # dropped parties' mask keys are known now: re-key
         return total, S

@@ -29,6 +29,7 @@ from privfl.dp import (
     flatten,
     global_noise_multiplier,
     noise_key,
+    seed_secret,
     wrap_probability_bound,
 )
 from privfl.secagg.loopback import LoopbackGrid
@@ -222,12 +223,22 @@ def test_mechanism_and_keystream_normals():
         mech.noise_std(0)
 
 
-def test_lab_mode_is_reproducible_and_secure_mode_is_not():
+def test_lab_mode_is_reproducible_and_os_mode_is_not():
     sc = _scenario({"mode": "global", "epsilon": 1.0})
-    assert noise_key(sc, "x", 1, 2) == noise_key(sc, "x", 1, 2)
-    assert noise_key(sc, "x", 1, 2) != noise_key(sc, "x", 2, 2)
-    sec = _scenario({"mode": "global", "epsilon": 1.0, "secure_noise": True})
-    assert noise_key(sec, "x", 1, 2) != noise_key(sec, "x", 1, 2)
+    secret = bytes(range(32))
+    assert noise_key(sc, "x", 1, 2, secret=secret) == noise_key(sc, "x", 1, 2, secret=secret)
+    assert noise_key(sc, "x", 1, 2, secret=secret) != noise_key(sc, "x", 2, 2, secret=secret)
+    # The seed alone (what every message carries) does not give a lab party's key.
+    assert noise_key(sc, "x", 1, 2, secret=secret) != noise_key(
+        sc, "x", 1, 2, secret=seed_secret(sc)
+    )
+    assert noise_key(sc, "x", 1, 2, secret=None) != noise_key(sc, "x", 1, 2, secret=None)
+
+
+def _dnoise(dim, sc, party, scale, n):
+    return distributed_noise(
+        dim, scenario=sc, party=party, server_round=1, scale=scale, secret=b"lab", min_parties=n
+    )
 
 
 def test_poisson_sampler_matches_reference_pmf():
@@ -260,7 +271,10 @@ def test_distributed_sum_has_variance_sigma_c(mechanism):
     )
     scale = 2.0**frac_bits
     shares = [
-        distributed_noise(dim, scenario=sc, party=p, server_round=1, scale=scale) for p in range(n)
+        distributed_noise(
+            dim, scenario=sc, party=p, server_round=1, scale=scale, secret=b"k", min_parties=n
+        )
+        for p in range(n)
     ]
     assert all(s.dtype == np.int64 for s in shares)
     assert not np.array_equal(shares[0], shares[1])
@@ -292,12 +306,10 @@ def test_distributed_sum_wraps_no_more_than_predicted(mechanism):
     signal = np.full(dim, round(1.0 * s), np.int64)
     ring = np.zeros(dim, np.int64)
     for p in range(n):
-        ring = (
-            ring + signal + distributed_noise(dim, scenario=sc, party=p, server_round=1, scale=s)
-        ) % mod
+        ring = (ring + signal + _dnoise(dim, sc, p, s, n)) % mod
     decoded = np.where(ring >= half, ring - mod, ring)
     true = n * signal + np.sum(
-        [distributed_noise(dim, scenario=sc, party=p, server_round=1, scale=s) for p in range(n)],
+        [_dnoise(dim, sc, p, s, n) for p in range(n)],
         axis=0,
     )
     wrapped = np.mean(decoded != true)

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from flwr.app import RecordDict
-from privfl.clients.dp_sgd import STATE_KEY, dp_sgd_round, train_dp_sgd
+from privfl.clients.dp_sgd import STATE_KEY, BudgetExhaustedError, dp_sgd_round, train_dp_sgd
 from torch import nn
 
 from privfl.config import Scenario
@@ -107,18 +107,17 @@ def _client_dp(seed: int, **training: float) -> Scenario:
 def test_dp_sgd_round_keeps_state_and_epsilon_grows():
     sc = _client_dp(1, batch_size=30, local_steps=5, lr=0.3)
     data, model, state = _data(), _model(), RecordDict()
-    n1, loss1, eps1 = dp_sgd_round(
-        model, data, sc, party=0, server_round=1, state=state, device="cpu"
-    )
+    kw = {"state": state, "device": "cpu", "noise_secret": None}
+    n1, loss1, eps1 = dp_sgd_round(model, data, sc, party=0, server_round=1, **kw)
     sigma = float(state[STATE_KEY]["noise-multiplier"])
-    n2, _, eps2 = dp_sgd_round(model, data, sc, party=0, server_round=2, state=state, device="cpu")
+    n2, _, eps2 = dp_sgd_round(model, data, sc, party=0, server_round=2, **kw)
     assert n1 == n2 == 300 and loss1 > 0
     assert 0 < eps1 < eps2 <= 3.0
     assert eps2 >= 3.0 * 0.99  # σ was calibrated for exactly the 2 rounds × 5 steps
     assert float(state[STATE_KEY]["noise-multiplier"]) == sigma
     assert list(state[STATE_KEY]["history"]) == [sigma, 0.1, 10.0]
-    with pytest.raises(RuntimeError, match="defense.dp.epsilon"):
-        dp_sgd_round(model, data, sc, party=0, server_round=3, state=state, device="cpu")
+    with pytest.raises(BudgetExhaustedError, match="defense.dp.epsilon"):
+        dp_sgd_round(model, data, sc, party=0, server_round=3, **kw)
 
 
 def test_dp_sgd_round_batches_are_the_batches_trained_on():
@@ -131,9 +130,25 @@ def test_dp_sgd_round_batches_are_the_batches_trained_on():
     data.images[:, 0, 0, 0] = torch.arange(n, dtype=torch.float32) / n
     model, seen = _model(), []
     model[1].register_forward_pre_hook(lambda _m, args: seen.append(args[0][:, 0].clone()))
-    dp_sgd_round(model, data, sc, party=1, server_round=2, state=RecordDict(), device="cpu")
+    secret = b"party-local lab secret"
+    dp_sgd_round(
+        model,
+        data,
+        sc,
+        party=1,
+        server_round=2,
+        state=RecordDict(),
+        device="cpu",
+        noise_secret=secret,
+    )
     trained = [sorted(torch.round(x * n).long().tolist()) for x in seen]
-    expected = [sorted(b.tolist()) for b in dp_sgd_round_batches(sc, 1, 2, n)]
+    expected = [sorted(b.tolist()) for b in dp_sgd_round_batches(sc, 1, 2, n, secret=secret)]
     assert len(expected) == 4 and sum(map(len, expected)) > 0
     assert trained == expected
-    assert expected != [sorted(b.tolist()) for b in dp_sgd_round_batches(sc, 0, 2, n)]
+    other = dp_sgd_round_batches(sc, 0, 2, n, secret=secret)
+    assert expected != [sorted(b.tolist()) for b in other]
+    # Whoever holds only the scenario (its seed) draws other batches.
+    from privfl.dp import seed_secret
+
+    guess = dp_sgd_round_batches(sc, 1, 2, n, secret=seed_secret(sc))
+    assert expected != [sorted(b.tolist()) for b in guess]

@@ -29,7 +29,7 @@ from torch import nn
 from privfl.clients.dp_sgd import dp_sgd_round, run_dp_sgd_steps, train_dp_sgd
 from privfl.config import Scenario
 from privfl.data import ImageSet, load_dataset
-from privfl.dp import KeyStream
+from privfl.dp import KeyStream, seed_secret
 from privfl.training import resolve_device
 
 # The founding document's EMNIST-letters figures, printed beside ours.
@@ -124,7 +124,7 @@ def _step_times(
             clip=0.1,
             optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
             sampling=KeyStream(bytes(32)),
-            generator=torch.Generator(device=device).manual_seed(0),
+            noise=KeyStream(bytes([1]) * 32),
             grad_sample_mode=mode,
         )
         try:
@@ -176,7 +176,14 @@ def _federated(
             local = TramerBonehCNN(num_classes).to(device)
             local.load_state_dict(glob.state_dict())
             n, _, e = dp_sgd_round(
-                local, shards[p], sc, party=p, server_round=rnd, state=states[p], device=device
+                local,
+                shards[p],
+                sc,
+                party=p,
+                server_round=rnd,
+                state=states[p],
+                device=device,
+                noise_secret=seed_secret(sc),
             )
             eps = max(eps, e)
             sd = {k: v.detach() * n for k, v in local.state_dict().items()}

@@ -36,7 +36,7 @@ def gradient_inversion_bench_rows(
     scenarios: list[str], seeds: list[int], overrides: list[str] | None = None
 ) -> list[dict[str, Any]]:
     """One row per (scenario, seed): recovered/total, PSNR, SSIM, labels, seconds."""
-    from privfl.clients.app import app
+    from privfl.clients.app import make_client_app
     from privfl.secagg.loopback import LoopbackGrid
     from privfl.server import run_federation
 
@@ -46,6 +46,7 @@ def gradient_inversion_bench_rows(
             sc = load_scenario(
                 resolve_scenario_path(name), [f"scenario.seed={seed}", *(overrides or [])]
             )
+            app = make_client_app(sc)
             grid = LoopbackGrid(app, {100 + p: p for p in range(sc.data.parties)})
             with tempfile.TemporaryDirectory() as out:
                 results = run_federation(grid, sc, Path(out), progress=False)

@@ -51,14 +51,18 @@ def _train(dim: int) -> Callable[[Message, Context], Message]:
 
 
 def _message_api_run(protocol: str, n: int, dim: int, rounds: int) -> dict[str, float]:
+    from privfl.clients.policy import make_policy_mod, simulation_policy
     from privfl.clients.secagg import register_secure_aggregation, secagg_mod
     from privfl.strategies.secure_aggregation import SecureAggregation
 
     sc = Scenario.from_dict({"data": {"parties": n}, "defense": {"secure_aggregation": protocol}})
+    policies = {p: simulation_policy(sc, p) for p in range(n)}
+    # The party's guards run as in a real party: policy checks, signed keys, model binding.
+    policy = make_policy_mod(lambda ctx: policies[int(ctx.node_config["partition-id"])])
     app = ClientApp()
-    mods = [] if protocol == "none" else [secagg_mod]
+    mods = [policy] if protocol == "none" else [policy, secagg_mod]
     app.train(mods=mods)(_train(dim))
-    register_secure_aggregation(app)
+    register_secure_aggregation(app, mods=[policy])
     nodes = {100 + i: i for i in range(n)}
     grid = LoopbackGrid(app, nodes)
     inner = FedAvg(fraction_evaluate=0.0, min_available_nodes=n, min_train_nodes=n)

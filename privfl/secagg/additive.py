@@ -89,10 +89,12 @@ class AdditiveParty:
         attempt: int,
         parties: Sequence[int],
         directory: Mapping[int, bytes],
+        bind: bytes = b"",
     ) -> dict[int, bytes]:
         """Split ``encoded`` among ``parties``; return ``{recipient: ciphertext}``.
 
         The party's own share is derived from a fresh seed kept for :meth:`partial_sum`.
+        ``bind`` is authenticated into every share (see :meth:`SecureChannel.seal`).
         """
         others = [p for p in parties if p != self.party]
         if self.party not in parties or len(others) != len(set(others)) or not others:
@@ -117,11 +119,16 @@ class AdditiveParty:
             s = prg.expand(os.urandom(prg.SEED_BYTES), x.size, bits)
             self.codec.sub(residual, s, out=residual)
             out[p] = self.channel.seal(
-                p, directory[p], memoryview(s).cast("B"), rnd=rnd, stage=_stage(attempt)
+                p, directory[p], memoryview(s).cast("B"), rnd=rnd, stage=_stage(attempt), bind=bind
             )
         last = others[-1]
         out[last] = self.channel.seal(
-            last, directory[last], memoryview(residual).cast("B"), rnd=rnd, stage=_stage(attempt)
+            last,
+            directory[last],
+            memoryview(residual).cast("B"),
+            rnd=rnd,
+            stage=_stage(attempt),
+            bind=bind,
         )
         return out
 
@@ -134,8 +141,14 @@ class AdditiveParty:
         parties: Sequence[int],
         directory: Mapping[int, bytes],
         dim: int,
+        bind: bytes = b"",
     ) -> np.ndarray:
-        """Sum of this party's own share and the shares addressed to it."""
+        """Sum of this party's own share and the shares addressed to it.
+
+        Every share is opened before anything is summed: one that fails authentication
+        raises :class:`~privfl.secagg.channel.ChannelError` naming its sender, and no
+        partial sum is released.
+        """
         key = f"{rnd}/{attempt}"
         if key not in self._own_seeds:
             raise ValueError(
@@ -151,7 +164,12 @@ class AdditiveParty:
         item = self.codec.dtype.itemsize
         for sender in sorted(incoming):
             pt = self.channel.open(
-                sender, directory[sender], incoming[sender], rnd=rnd, stage=_stage(attempt)
+                sender,
+                directory[sender],
+                incoming[sender],
+                rnd=rnd,
+                stage=_stage(attempt),
+                bind=bind,
             )
             if len(pt) != item * dim:
                 raise ValueError(

@@ -58,9 +58,11 @@ def agree(private: bytes, peer_public: bytes, *, salt: bytes, info: bytes) -> by
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info).derive(shared)
 
 
-def _aad(session: bytes, rnd: int, stage: str, sender: int, recipient: int, ctr: int) -> bytes:
+def _aad(
+    session: bytes, rnd: int, stage: str, sender: int, recipient: int, ctr: int, bind: bytes
+) -> bytes:
     return b"|".join(
-        [_LABEL, session, stage.encode(), struct.pack(">qIIQ", rnd, sender, recipient, ctr)]
+        [_LABEL, session, stage.encode(), struct.pack(">qIIQ", rnd, sender, recipient, ctr), bind]
     )
 
 
@@ -104,21 +106,40 @@ class SecureChannel:
         return self._keys[cache_key]
 
     def seal(
-        self, recipient: int, peer_public: bytes, plaintext: bytes, *, rnd: int, stage: str
+        self,
+        recipient: int,
+        peer_public: bytes,
+        plaintext: bytes,
+        *,
+        rnd: int,
+        stage: str,
+        bind: bytes = b"",
     ) -> bytes:
-        """Encrypt ``plaintext`` for ``recipient`` in round ``rnd`` and ``stage``."""
+        """Encrypt ``plaintext`` for ``recipient`` in round ``rnd`` and ``stage``.
+
+        ``bind`` is authenticated, not sent: the recipient opens the ciphertext only if it
+        passes the same bytes (e.g. a digest of the global model both received), so two
+        parties that were told different things cannot complete an exchange.
+        """
         if recipient == self.party:
             raise ChannelError(f"party {self.party}: refusing to seal a message to itself")
         self.send_counter += 1
         ctr = self.send_counter
         nonce = struct.pack(">IQ", self.party, ctr)
         ct = self._aead(recipient, peer_public).encrypt(
-            nonce, plaintext, _aad(self.session, rnd, stage, self.party, recipient, ctr)
+            nonce, plaintext, _aad(self.session, rnd, stage, self.party, recipient, ctr, bind)
         )
         return _HEADER.pack(ctr) + ct
 
     def open(
-        self, sender: int, peer_public: bytes, blob: bytes | memoryview, *, rnd: int, stage: str
+        self,
+        sender: int,
+        peer_public: bytes,
+        blob: bytes | memoryview,
+        *,
+        rnd: int,
+        stage: str,
+        bind: bytes = b"",
     ) -> bytes:
         """Decrypt and authenticate a ciphertext ``sender`` sealed for this party."""
         where = f"party {self.party}: ciphertext from party {sender} (round {rnd}, stage {stage!r})"
@@ -130,12 +151,13 @@ class SecureChannel:
             pt = self._aead(sender, peer_public).decrypt(
                 nonce,
                 memoryview(blob)[_HEADER.size :],  # no copy of megabyte shares
-                _aad(self.session, rnd, stage, sender, self.party, ctr),
+                _aad(self.session, rnd, stage, sender, self.party, ctr, bind),
             )
         except InvalidTag:
             raise ChannelError(
                 f"{where} failed authentication: tampered, misrouted, from another "
-                "round/stage/session, or not from that sender"
+                "round/stage/session, not from that sender, or sealed over a different "
+                "global model or party list"
             ) from None
         if ctr <= self.recv_high.get(sender, 0):
             raise ChannelError(

@@ -32,9 +32,11 @@ consistency round would be needed (not done here).
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import os
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -42,10 +44,29 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from privfl.fixedpoint import FixedPointCodec
 from privfl.secagg import prg, shamir
-from privfl.secagg.channel import SecureChannel, agree, private_bytes, public_bytes
+from privfl.secagg.channel import (
+    ChannelError,
+    SecureChannel,
+    agree,
+    private_bytes,
+    public_bytes,
+)
 
 KEYSHARE_STAGE = "masking/keyshare"
 BSHARE_STAGE = "masking/bshare"
+# Subsets of revealed shares tried to find the consistent ones when a share is corrupt.
+_MAX_SUBSETS = 4096
+
+
+def commit_seed(session: bytes, rnd: int, party: int, seed: bytes) -> bytes:
+    """Hiding, binding commitment to a self-mask seed (SHA-256 of a 256-bit secret).
+
+    Sent with the masked input, it lets the server tell a correctly reconstructed seed
+    from one corrupted by a bad share, even with exactly ``t`` shares.
+    """
+    return hashlib.sha256(
+        b"privfl-bseed|" + session + struct.pack(">qI", rnd, party) + seed
+    ).digest()
 
 
 class MaskingError(RuntimeError):
@@ -93,6 +114,13 @@ def _x(party: int) -> int:
     return party + 1  # Shamir point of a party (0 holds the secret)
 
 
+def _mask_public(key: bytes) -> bytes:
+    try:
+        return public_bytes(X25519PrivateKey.from_private_bytes(key))
+    except ValueError:
+        return b""
+
+
 class MaskingParty:
     """One party of the masking protocol (no networking; the caller relays bytes)."""
 
@@ -115,6 +143,7 @@ class MaskingParty:
         self.threshold = 0
         self.held_keyshares: dict[int, bytes] = {}
         self._own_bshares: dict[int, tuple[bytes, list[int]]] = {}
+        self.last_commitment = b""
 
     @property
     def public_keys(self) -> tuple[bytes, bytes]:
@@ -163,8 +192,12 @@ class MaskingParty:
         rnd: int,
         parties: Sequence[int] | None = None,
         overwrite: bool = False,
+        bind: bytes = b"",
     ) -> tuple[np.ndarray, dict[int, bytes]]:
         """Masked input ``y`` and encrypted shares of the fresh self-mask seed.
+
+        :attr:`last_commitment` then holds the seed's commitment (:func:`commit_seed`) to
+        send with ``y``; ``bind`` is authenticated into every share ciphertext.
 
         Only neighbours among this round's ``parties`` (default: all) take part, so
         parties not selected this round are not treated as dropped. ``overwrite=True``
@@ -194,9 +227,10 @@ class MaskingParty:
             y = prg.accumulate(np.empty_like(x), seeds, self.codec.ring_bits, base=x)
         shares = shamir.share_bytes(b, [_x(p) for p in [self.party, *active]], self.threshold)
         self._own_bshares[rnd] = (shares[_x(self.party)], active)
+        self.last_commitment = commit_seed(self.session, rnd, self.party, b)
         cts = {
             p: self.channel.seal(
-                p, self.directory[p][0], shares[_x(p)], rnd=rnd, stage=BSHARE_STAGE
+                p, self.directory[p][0], shares[_x(p)], rnd=rnd, stage=BSHARE_STAGE, bind=bind
             )
             for p in active
         }
@@ -226,8 +260,14 @@ class MaskingParty:
         survivors: Sequence[int],
         dropped: Sequence[int],
         incoming: Mapping[int, bytes],
-    ) -> dict[str, dict[int, bytes]]:
-        """Reveal shares: of ``b_i`` for surviving neighbours, of ``sk_d`` for dropped ones."""
+        bind: bytes = b"",
+    ) -> dict[str, Any]:
+        """Reveal shares: of ``b_i`` for surviving neighbours, of ``sk_d`` for dropped ones.
+
+        A share ciphertext that fails authentication is left out and its sender named
+        under ``"bad"`` (``{sender: reason}``): the honest recipient still reveals the rest,
+        so one bad share costs at most that one share, never this party's whole reply.
+        """
         S, D = set(survivors), set(dropped)
         me = f"party {self.party}"
         if S & D:
@@ -253,10 +293,16 @@ class MaskingParty:
                 f"{me}: expected self-mask shares from {sorted(expected)}, got {sorted(incoming)}"
             )
         bshares = {self.party: own_share}
+        bad: dict[int, str] = {}
         for s, ct in incoming.items():
-            bshares[s] = self.channel.open(s, self.directory[s][0], ct, rnd=rnd, stage=BSHARE_STAGE)
+            try:
+                bshares[s] = self.channel.open(
+                    s, self.directory[s][0], ct, rnd=rnd, stage=BSHARE_STAGE, bind=bind
+                )
+            except ChannelError as exc:
+                bad[s] = str(exc)
         skshares = {d: self.held_keyshares[d] for d in sorted(D & hood)}
-        return {"b": bshares, "sk": skshares}
+        return {"b": bshares, "sk": skshares, "bad": bad}
 
     def to_state(self) -> dict[str, Any]:
         """JSON-able state for ``context.state``."""
@@ -318,6 +364,8 @@ class MaskingServer:
         size = len(next(iter(self.graph.values()))) + 1
         self.threshold = resolve_threshold(threshold, size)
         self.revealed: set[int] = set()
+        # What went wrong, and who is to blame where that can be told: {party, stage, reason}.
+        self.faults: list[dict[str, Any]] = []
 
     def plan_unmask(
         self,
@@ -343,7 +391,21 @@ class MaskingServer:
                     routed[r][s] = ct
         return S, D, routed
 
-    def _recover(self, what: str, owner: int, shares: dict[int, bytes]) -> bytes:
+    def _recover(
+        self,
+        what: str,
+        owner: int,
+        shares: dict[int, bytes],
+        check: Callable[[bytes], bool],
+    ) -> bytes:
+        """The secret behind ``shares``, verified by ``check``; corrupt shares are named.
+
+        ``check`` (a commitment or a public key) tells a right secret from a wrong one, so
+        a corrupted share is always detected. With more than ``t`` shares the consistent
+        ``t``-subset is searched for and the holders of the others are recorded in
+        :attr:`faults`; with exactly ``t`` it cannot be told whose share is bad, and
+        :class:`MaskingError` says so.
+        """
         t = self.threshold
         if len(shares) < t:
             raise MaskingError(
@@ -351,15 +413,36 @@ class MaskingServer:
                 f"threshold is {t}; the sum cannot be recovered"
             )
         pts = {_x(p): v for p, v in shares.items()}
-        try:
-            secret = shamir.reconstruct_bytes(pts, t)
-            # More than t shares: a second subset must agree, else a share is corrupt.
-            again = shamir.reconstruct_bytes(dict(sorted(pts.items())[-t:]), t)
-        except shamir.ShamirError as exc:
-            raise MaskingError(f"masking: bad shares of {what} of party {owner}: {exc}") from None
-        if again != secret:
-            raise MaskingError(f"masking: inconsistent shares of {what} of party {owner}")
-        return secret
+        for tries, subset in enumerate(itertools.combinations(sorted(pts), t)):
+            if tries >= _MAX_SUBSETS:
+                break
+            try:
+                secret = shamir.reconstruct_bytes({x: pts[x] for x in subset}, t)
+            except shamir.ShamirError:
+                continue
+            if not check(secret):
+                continue
+            for x in sorted(set(pts) - set(subset)):
+                probe = {**{y: pts[y] for y in subset[: t - 1]}, x: pts[x]}
+                try:
+                    ok = shamir.reconstruct_bytes(probe, t) == secret
+                except shamir.ShamirError:
+                    ok = False
+                if not ok:
+                    self.faults.append(
+                        {
+                            "party": x - 1,
+                            "stage": "unmask",
+                            "reason": f"revealed a corrupted share of {what} of party {owner}",
+                        }
+                    )
+            return secret
+        holders = sorted(x - 1 for x in pts)
+        raise MaskingError(
+            f"masking: inconsistent shares of {what} of party {owner}: they do not "
+            f"reconstruct it; a share from parties {holders} is corrupted"
+            + ("" if len(pts) > t else f"; with exactly t = {t} shares it cannot be told whose")
+        )
 
     def unmask(
         self,
@@ -368,8 +451,14 @@ class MaskingServer:
         survivors: Sequence[int],
         dropped: Sequence[int],
         reveals: Mapping[int, Mapping[str, Mapping[int, bytes]]],
+        commitments: Mapping[int, bytes] | None = None,
     ) -> np.ndarray:
-        """The sum of the survivors' encoded inputs (ring elements)."""
+        """The sum of the survivors' encoded inputs (ring elements).
+
+        ``commitments`` (survivor -> :func:`commit_seed` sent with its masked input) let
+        every reconstructed self-mask seed be checked; without one a seed is accepted
+        only if two different share subsets agree on it.
+        """
         dim = np.asarray(masked[survivors[0]]).size
         acc = np.zeros(dim, dtype=self.codec.dtype)
         for s in survivors:
@@ -385,15 +474,28 @@ class MaskingServer:
         undo: list[tuple[bytes, int]] = []
         for s in survivors:
             shares = {r: rv["b"][s] for r, rv in reveals.items() if s in rv.get("b", {})}
-            undo.append((self._recover("the self-mask seed", s, shares), -1))
+            undo.append(
+                (
+                    self._recover(
+                        "the self-mask seed",
+                        s,
+                        shares,
+                        self._seed_check(rnd, s, shares, commitments),
+                    ),
+                    -1,
+                )
+            )
         for d in dropped:
             nbs = [s for s in self.graph[d] if s in survivors]
             if not nbs:
                 continue
             shares = {r: rv["sk"][d] for r, rv in reveals.items() if d in rv.get("sk", {})}
-            sk = self._recover("the mask key", d, shares)
-            if public_bytes(X25519PrivateKey.from_private_bytes(sk)) != self.directory[d][1]:
-                raise MaskingError(f"masking: reconstructed mask key of party {d} is wrong")
+            sk = self._recover(
+                "the mask key",
+                d,
+                shares,
+                lambda key, d=d: _mask_public(key) == self.directory[d][1],
+            )
             self.revealed.add(d)
             for s in nbs:
                 seed = pairwise_seed(
@@ -402,3 +504,39 @@ class MaskingServer:
                 # Survivor s added +m if s < d, -m otherwise: undo it.
                 undo.append((seed, -1 if s < d else 1))
         return prg.accumulate(acc, undo, self.codec.ring_bits)
+
+    def _seed_check(
+        self,
+        rnd: int,
+        owner: int,
+        shares: Mapping[int, bytes],
+        commitments: Mapping[int, bytes] | None,
+    ) -> Callable[[bytes], bool]:
+        if commitments is not None and owner in commitments:
+            want = commitments[owner]
+            return lambda seed: (
+                len(seed) == prg.SEED_BYTES and commit_seed(self.session, rnd, owner, seed) == want
+            )
+        # No commitment: accept a seed only if every revealed share lies on its polynomial.
+        t = self.threshold
+        pts = {_x(p): v for p, v in shares.items()}
+
+        def all_consistent(seed: bytes) -> bool:
+            if len(seed) != prg.SEED_BYTES:
+                return False
+            first = sorted(pts)[: t - 1]
+            for x in pts:
+                probe = {y: pts[y] for y in first if y != x}
+                probe[x] = pts[x]
+                extra = [y for y in sorted(pts) if y not in probe]
+                while len(probe) < t:
+                    y = extra.pop(0)
+                    probe[y] = pts[y]
+                try:
+                    if shamir.reconstruct_bytes(probe, t) != seed:
+                        return False
+                except shamir.ShamirError:
+                    return False
+            return True
+
+        return all_consistent
