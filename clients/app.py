@@ -39,6 +39,7 @@ from privfl.config import (
 )
 from privfl.data import load_federation
 from privfl.models import build_model
+from privfl.refusal import diverged_reply
 from privfl.secagg.identity import load_roster
 from privfl.training import evaluate, resolve_device, train_local
 
@@ -116,6 +117,13 @@ def train(msg: Message, context: Context) -> Message:
             model, data, scenario, party=party, server_round=server_round, device=device
         )
         metrics = {"num-examples": stats.num_examples, "train-loss": stats.loss}
+    bad = [k for k, v in model.state_dict().items() if not torch.isfinite(v).all()]
+    if bad:
+        return diverged_reply(
+            msg,
+            f"party {party}: local training in round {server_round} produced non-finite "
+            f"weights in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}",
+        )
     if dp_mode != "none" and not (record and record.trust_server):
         # Under DP nothing un-noised leaves the party: every party weighs 1 and the
         # training loss is withheld.

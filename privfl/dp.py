@@ -629,3 +629,36 @@ def distributed_noise(
     if dp.mechanism == "skellam":
         return stream.skellam(var, size)
     return stream.discrete_gaussian(math.sqrt(var), size)
+
+
+# Party-level noise this many times above a clipped update's typical coordinate drowns it.
+NOISE_TO_SIGNAL_WARNING = 10.0
+
+
+def utility_warning(scenario: Scenario, dim: int) -> str | None:
+    """A warning when party-level DP noise will drown every update, else None.
+
+    The mean of n clipped updates gets noise of std σ·C/n per coordinate (``global``; for
+    ``distributed`` the shares sized for ``party.min_parties`` of them add up to more);
+    a clipped update's typical coordinate is C/√d. Far above 1 the model cannot train.
+    """
+    dp = scenario.defense.dp
+    if dp.mode not in ("global", "distributed") or dim < 1:
+        return None
+    sigma = global_noise_multiplier(scenario)
+    n = scenario.data.parties
+    if dp.mode == "global":
+        expected = max(1.0, n * dp.party_sampling_rate)
+        std = sigma * dp.clip / expected
+    else:
+        m = scenario.party.resolve_min_parties(n)
+        std = sigma * dp.clip * math.sqrt(n / m) / n
+    ratio = std / (dp.clip / math.sqrt(dim))
+    if ratio <= NOISE_TO_SIGNAL_WARNING:
+        return None
+    return (
+        f"defense.dp: party-level noise of std {std:.3g} per coordinate is {ratio:.0f}x the "
+        f"typical coordinate of a clipped update (C/sqrt(d) with d = {dim}); the model will "
+        "hardly train. Use many more parties (data.parties), a larger defense.dp.epsilon, "
+        'or record-level DP (defense.dp.mode = "client")'
+    )

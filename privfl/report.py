@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -13,10 +17,27 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.ticker import MaxNLocator, PercentFormatter
 
-from privfl.results import atomic_write_json, atomic_write_text
+from privfl.config import ACTIVE_ATTACKS
+from privfl.results import SCHEMA_VERSION, atomic_write_json, atomic_write_text, umask
 
 TRAINING_FIGURE = "training.png"
+ROUNDS_CSV = "rounds.csv"
+
+# The metrics that say how well each attack did, in the order they are shown; an attack
+# not listed shows its first few numbers.
+KEY_METRICS: dict[str, tuple[str, ...]] = {
+    "gradient-inversion": ("psnr_mean", "ssim_mean"),
+    "imprint": ("psnr_mean", "ssim_mean"),
+    "membership-inference": ("auc", "tpr_at_0.1pct_fpr", "precision"),
+    **{name: ("refusals",) for name in ACTIVE_ATTACKS},
+}
+
+
+class RunFolderError(ValueError):
+    """A run folder whose results.json cannot be read; the message names the file."""
 
 
 def write_run(
@@ -29,16 +50,33 @@ def write_run(
 
     Everything is written into a staging folder beside ``out_dir`` first and then
     swapped in, so an interrupted run leaves the previous outputs (or none), never a
-    half-written set.
+    half-written set. Files and the folder get the user's umask.
+
+    results.json gets ``schema_version``; a ``round_0`` entry (the model before
+    training: ``{"accuracy", "loss"}``) becomes round 0 of ``rounds``; an attack entry's
+    ``arrays`` (see :meth:`privfl.results.AttackReport.to_json`) are saved as an .npz
+    file whose name replaces them, in ``results`` too.
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
+        stage.chmod(0o777 & ~umask())  # mkdtemp makes it 0700
         for name, fig in figures.items():
             fig.savefig(stage / name, dpi=110, bbox_inches="tight")
             plt.close(fig)
-        results = dict(results)
+        for attack in results.get("attacks", []):
+            arrays = attack.get("arrays")
+            if isinstance(arrays, dict):
+                arrays = dict(arrays)
+                file = arrays.pop("file")
+                np.savez_compressed(stage / file, **{k: np.asarray(v) for k, v in arrays.items()})
+                attack["arrays"] = file
+        results = {"schema_version": SCHEMA_VERSION, **results}
+        round_0 = results.pop("round_0", None)
+        rounds = list(results.get("rounds", []))
+        if round_0 and not (rounds and rounds[0].get("round") == 0):
+            results["rounds"] = [{"round": 0, **round_0}, *rounds]
         results["notes"] = notes or {}
         atomic_write_json(stage / "results.json", results)
         render_report(stage)
@@ -55,11 +93,44 @@ def write_run(
 
 
 def _fmt(v: Any, pct: bool = False) -> str:
-    if v is None:
+    """A table cell: ``–`` for missing and non-finite numbers (never "nan")."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
     if isinstance(v, float):
         return f"{v:.2%}" if pct else f"{v:.4g}"
     return str(v)
+
+
+def _no_nan(text: str) -> str:
+    # Attack notes are written by the attacks; a rate with nothing to count is NaN there.
+    return re.sub(r"\bnan\b", "–", text)
+
+
+def key_metrics(attack: dict[str, Any]) -> list[str]:
+    """An attack entry's key metrics as ``name value [low, high]`` strings.
+
+    Which metrics are key is the attack's choice (:data:`KEY_METRICS`); an attack not
+    listed shows its first four numbers that are not interval ends.
+    """
+    m = attack.get("metrics", {})
+    names = KEY_METRICS.get(attack.get("name", ""))
+    if names is None:
+        names = tuple(
+            k
+            for k, v in m.items()
+            if isinstance(v, int | float)
+            and not isinstance(v, bool)
+            and not k.endswith(("_low", "_high"))
+        )[:4]
+    shown = []
+    for k in names:
+        if k not in m:
+            continue
+        text = f"{k} {_fmt(m[k])}"
+        if f"{k}_low" in m and f"{k}_high" in m and _fmt(m[k]) != "–":
+            text += f" [{_fmt(m[f'{k}_low'])}, {_fmt(m[f'{k}_high'])}]"
+        shown.append(text)
+    return shown
 
 
 def _training_figure(rounds: list[dict[str, Any]], path: Path) -> bool:
@@ -69,7 +140,7 @@ def _training_figure(rounds: list[dict[str, Any]], path: Path) -> bool:
     eps = [row.get("epsilon") for row in rounds]
     ncols = 3 if any(e is not None for e in eps) else 2
     fig, axes = plt.subplots(1, ncols, figsize=(4.2 * ncols, 3.2))
-    axes[0].plot(r, [row["accuracy"] for row in rounds], marker="o", label="server test")
+    axes[0].plot(r, [row.get("accuracy") for row in rounds], marker="o", label="server test")
     if any("party_accuracy" in row for row in rounds):
         axes[0].plot(
             r,
@@ -78,13 +149,15 @@ def _training_figure(rounds: list[dict[str, Any]], path: Path) -> bool:
             label="parties' local test",
         )
     axes[0].set(xlabel="round", ylabel="accuracy", title="Accuracy")
+    axes[0].yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
     axes[0].legend()
-    axes[1].plot(r, [row["loss"] for row in rounds], marker="o", color="tab:red")
+    axes[1].plot(r, [row.get("loss") for row in rounds], marker="o", color="tab:red")
     axes[1].set(xlabel="round", ylabel="cross-entropy", title="Loss")
     if ncols == 3:
         axes[2].plot(r, eps, marker="o", color="tab:green")
         axes[2].set(xlabel="round", ylabel="ε", title="Privacy spent")
     for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -98,7 +171,12 @@ def render_report(out_dir: str | Path) -> Path:
     src = out_dir / "results.json"
     if not src.is_file():
         raise FileNotFoundError(f"{src} does not exist: not a privfl run folder")
-    res = json.loads(src.read_text())
+    try:
+        res = json.loads(src.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RunFolderError(f"{src}: not valid JSON ({exc}); rerun the scenario") from exc
+    if not isinstance(res, dict) or not isinstance(res.get("rounds", []), list):
+        raise RunFolderError(f"{src}: not a privfl results file (no results object)")
     cfg = res.get("config", {})
     lines = [f"# privfl report — {res.get('scenario', '?')}", ""]
     desc = cfg.get("scenario", {}).get("description")
@@ -143,6 +221,8 @@ def render_report(out_dir: str | Path) -> Path:
         )
         if privacy.get("dp_mode", "none") != "none":
             lines.append(f"- neighbouring datasets: {privacy.get('neighbouring')}")
+    for w in res.get("warnings", []):
+        lines.append(f"- **warning:** {w}")
     faults = [(r["round"], f) for r in res.get("rounds", []) for f in r.get("faults", [])]
     if faults:
         lines.append(f"- refusals and faults: {len(faults)} (listed below)")
@@ -156,6 +236,8 @@ def render_report(out_dir: str | Path) -> Path:
     ]
 
     rounds = res.get("rounds", [])
+    if rounds:
+        atomic_write_text(out_dir / ROUNDS_CSV, rounds_csv(rounds))
     if _training_figure(rounds, out_dir / TRAINING_FIGURE):
         lines += [
             f"![training]({TRAINING_FIGURE})",
@@ -164,7 +246,7 @@ def render_report(out_dir: str | Path) -> Path:
             "|---|---|---|---|---|",
         ]
         lines += [
-            f"| {r['round']} | {_fmt(r['accuracy'], pct=True)} | {_fmt(r['loss'])} | "
+            f"| {r['round']} | {_fmt(r.get('accuracy'), pct=True)} | {_fmt(r.get('loss'))} | "
             f"{_fmt(r.get('epsilon'))} | {_fmt(r.get('seconds'))} |"
             for r in rounds
         ]
@@ -193,9 +275,7 @@ def render_report(out_dir: str | Path) -> Path:
             "|---|---|---|---|---|",
         ]
         for a in attacks:
-            m = a.get("metrics", {})
-            keys = [k for k in m if isinstance(m[k], int | float) and not isinstance(m[k], bool)]
-            shown = ", ".join(f"{k} {_fmt(m[k])}" for k in keys[:6])
+            shown = ", ".join(key_metrics(a))
             lines.append(
                 f"| {a['name']} | {a['role']} | {a['target']} | {a['recovered']}/{a['total']} | "
                 f"{shown} |"
@@ -208,8 +288,25 @@ def render_report(out_dir: str | Path) -> Path:
             if not body and not figs:
                 continue
             lines += [f"### {a['name']} ({a['role']} → {a['target']})", ""]
-            lines += [f"- {n}" for n in body]
+            lines += [f"- {_no_nan(n)}" for n in body]
             lines += ["", *[f"![{f}]({f})" for f in figs], ""]
+            if a.get("arrays"):
+                lines += [f"Scores and ROC points: [{a['arrays']}]({a['arrays']})", ""]
     dst = out_dir / "report.md"
     atomic_write_text(dst, "\n".join(lines) + "\n")
     return dst
+
+
+def rounds_csv(rounds: list[dict[str, Any]]) -> str:
+    """results.json's rounds as CSV: one row per round, ``faults`` as their count."""
+    columns: list[str] = []
+    for row in rounds:
+        columns += [k for k in row if k not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rounds:
+        writer.writerow(
+            {k: len(v) if isinstance(v, list) else ("" if v is None else v) for k, v in row.items()}
+        )
+    return buf.getvalue()

@@ -71,14 +71,20 @@ def run_scenario(
         Keep Flower's and Ray's INFO logs.
     """
     from privfl.data import load_federation
+    from privfl.dp import utility_warning
+    from privfl.models import build_model
     from privfl.server import make_server_app, run_federation
     from privfl.training import resolve_device
 
     sc = resolve(scenario, overrides)
     out = Path(out_dir).expanduser().resolve()
     # Fail on missing data or devices here, before Ray starts.
-    load_federation(sc)
+    fed = load_federation(sc)
     resolve_device(sc.scenario.device)
+    dim = sum(p.numel() for p in build_model(sc, fed.num_classes).parameters())
+    hint = utility_warning(sc, dim)
+    if hint:
+        warnings.warn(hint, UserWarning, stacklevel=2)
 
     if sc.attack.kind == "membership-inference" and sc.attack.membership.target == "single":
         return run_federation(None, sc, out, progress=progress)

@@ -21,6 +21,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from privfl import __version__
 from privfl.config import SCENARIO_KEY, Scenario, load_scenario, resolve_scenario_path
 from privfl.data import load_federation
+from privfl.dp import utility_warning
 from privfl.models import build_model
 from privfl.refusal import refusal_reason
 from privfl.results import AttackReport
@@ -183,6 +184,7 @@ class _RoundLog:
         self.device = resolve_device(scenario.scenario.device)
         self.rounds: list[dict[str, Any]] = []
         self.initial: dict[str, float] = {}
+        self.stopped: str | None = None
         self._t = time.perf_counter()
         self._bar: Any = None
         if progress:
@@ -201,7 +203,10 @@ class _RoundLog:
             self._bar.start()
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        if self.stopped is not None:  # the run ended early: later rounds ran nothing
+            return MetricRecord({})
         self.model.load_state_dict(arrays.to_torch_state_dict())
+        self._check_divergence(server_round)
         loss, acc = evaluate(self.model, self.fed.server_test, self.device)
         now = time.perf_counter()
         if server_round == 0:
@@ -220,6 +225,27 @@ class _RoundLog:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
+
+    def watch(self, chain: list[Strategy]) -> None:
+        """Stop the run cleanly (no more rounds) once a party reports divergence."""
+        self._chain = chain
+
+    def _check_divergence(self, server_round: int) -> None:
+        chain = getattr(self, "_chain", [])
+        reasons = [
+            f["reason"]
+            for s in chain
+            for f in getattr(s, "faults", {}).get(server_round, [])
+            if str(f.get("reason", "")).startswith("diverged")
+        ]
+        if not all(torch.isfinite(v).all() for v in self.model.state_dict().values()):
+            reasons.append("diverged: the global model has non-finite weights")
+        if reasons and self.stopped is None:
+            self.stopped = f"round {server_round}: {reasons[0]}"
+            log.warning("stopping the run: %s", self.stopped)
+            for s in chain:
+                if isinstance(s, PrivflFedAvg):
+                    s.stop_reason = self.stopped
 
 
 def run_federation(
@@ -253,6 +279,7 @@ def run_federation(
         model = build_model(scenario, fed.num_classes)
         strategy = build_strategy(scenario, party_of)
         round_log = _RoundLog(scenario, build_model(scenario, fed.num_classes), progress)
+        round_log.watch(strategy_chain(strategy))
         config = ConfigRecord({SCENARIO_KEY: scenario.to_json()})
         try:
             result = strategy.start(
@@ -298,6 +325,8 @@ def run_federation(
         exhausted = [s for s in strategy_chain(strategy) if getattr(s, "exhausted", False)]
         if exhausted:
             final["stopped_early"] = "privacy budget exhausted"
+        if round_log.stopped:
+            final["stopped_early"] = f"training diverged in {round_log.stopped}"
 
     total = time.perf_counter() - t_start
     results = {
@@ -305,6 +334,7 @@ def run_federation(
         "seed": scenario.scenario.seed,
         "config": scenario.to_dict(),
         "privacy": privacy_statement(scenario),
+        "warnings": [w for w in [_utility_warning(scenario, fed.num_classes)] if w],
         "rounds": rounds,
         "final": final,
         "attacks": [r.to_json() for r in reports],
@@ -367,6 +397,11 @@ NEIGHBOURING = {
         "secure aggregation, so it holds against the server"
     ),
 }
+
+
+def _utility_warning(scenario: Scenario, num_classes: int) -> str | None:
+    dim = sum(p.numel() for p in build_model(scenario, num_classes).parameters())
+    return utility_warning(scenario, dim)
 
 
 def privacy_statement(scenario: Scenario) -> dict[str, Any]:

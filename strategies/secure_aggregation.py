@@ -27,7 +27,7 @@ from privfl.strategies.wrapper import StrategyWrapper
 
 from privfl.config import SCENARIO_KEY, Scenario
 from privfl.fixedpoint import FixedPointCodec
-from privfl.refusal import refusal_reason
+from privfl.refusal import diverged_reason, refusal_reason
 from privfl.secagg import wire
 from privfl.secagg.additive import AdditiveServer, RoundAbortedError
 from privfl.secagg.masking import MaskingError, MaskingServer
@@ -213,6 +213,8 @@ class SecureAggregation(StrategyWrapper):
                 party = self.party_of.get(node)
                 if reason is not None:
                     self.fault(server_round, party, stage, f"refused: {reason}")
+                elif (why := diverged_reason(msg)) is not None:
+                    self.fault(server_round, party, stage, f"diverged: {why}")
                 else:
                     last = str(msg.error.reason or "").strip().splitlines()
                     self.fault(server_round, party, stage, f"failed: {last[-1] if last else ''}")

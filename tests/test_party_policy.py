@@ -526,3 +526,25 @@ def test_a_deployed_node_reads_its_policy_and_keys_from_its_node_config(tmp_path
     sc = _scenario()
     reply = app(_train_msg(sc, sc, 1), bare)
     assert "no party policy" in refusal_reason(reply)
+
+
+def test_a_diverging_run_stops_cleanly_with_the_reason(tmp_path):
+    from privfl.server import run_federation
+
+    sc = _scenario(protocol="additive").replace(
+        ["training.lr=1e30", "training.local_steps=3", "scenario.rounds=3"]
+    )
+    grid = LoopbackGrid(make_client_app(sc, secret=SECRET), NODES)
+    results = run_federation(grid, sc, tmp_path / "run")
+    assert results["final"]["stopped_early"].startswith("training diverged in round 1")
+    assert "non-finite weights" in results["final"]["stopped_early"]
+    assert [r["round"] for r in results["rounds"]] == [1]
+    assert (tmp_path / "run" / "report.md").is_file()
+
+
+def test_party_level_noise_that_drowns_the_updates_is_warned_about():
+    from privfl.dp import utility_warning
+
+    sc = _scenario(protocol="additive", dp={"mode": "global", "epsilon": 1.5})
+    assert "data.parties" in utility_warning(sc, 200_000)
+    assert utility_warning(_scenario(dp={"mode": "client", "epsilon": 1.5}), 200_000) is None
