@@ -12,6 +12,7 @@ aggregation, the malicious participant (a no-op on honest parties), update clipp
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ from privfl.clients.policy import (
 )
 from privfl.clients.secagg import EPSILON_SIDE, register_secure_aggregation, secagg_mod
 
+from privfl.audit import RunAuditor
 from privfl.config import (
     SCENARIO_KEY,
     Scenario,
@@ -89,14 +91,18 @@ def hello(msg: Message, context: Context) -> Message:
     )
 
 
-def train(msg: Message, context: Context) -> Message:
-    """One round of local training: plain SGD, or DP-SGD when ``defense.dp.mode = client``."""
+def train(msg: Message, context: Context, *, auditor: RunAuditor | None = None) -> Message:
+    """One round of local training: plain SGD, or DP-SGD when ``defense.dp.mode = client``.
+
+    ``auditor`` (a lab run's privacy audit) hands the party its canary records.
+    """
     scenario, party, model, device = _setup(msg, context)
     data = load_federation(scenario).parties[party].train
     server_round = int(msg.content["config"]["server-round"])
     epsilon: float | None = None
     record = party_record(context)
     dp_mode = scenario.defense.dp.mode
+    insert = auditor.party_inserter(party, server_round) if auditor is not None else None
     if dp_mode == "client":
         try:
             num, loss, epsilon = dp_sgd_round(
@@ -108,13 +114,20 @@ def train(msg: Message, context: Context) -> Message:
                 state=context.state,
                 device=device,
                 noise_secret=record.noise_secret if record else None,
+                insert=insert,
             )
         except BudgetExhaustedError as exc:
             return refusal_reply(msg, str(exc))
         metrics = {"num-examples": num, "train-loss": loss}
     else:
         stats = train_local(
-            model, data, scenario, party=party, server_round=server_round, device=device
+            model,
+            data,
+            scenario,
+            party=party,
+            server_round=server_round,
+            device=device,
+            insert=insert,
         )
         metrics = {"num-examples": stats.num_examples, "train-loss": stats.loss}
     bad = [k for k, v in model.state_dict().items() if not torch.isfinite(v).all()]
@@ -179,7 +192,12 @@ def node_policy(context: Context) -> PartyPolicy:
     return policy
 
 
-def make_client_app(scenario: Scenario | None = None, *, secret: bytes | None = None) -> ClientApp:
+def make_client_app(
+    scenario: Scenario | None = None,
+    *,
+    secret: bytes | None = None,
+    auditor: RunAuditor | None = None,
+) -> ClientApp:
     """The privfl ClientApp.
 
     Parameters
@@ -191,6 +209,8 @@ def make_client_app(scenario: Scenario | None = None, *, secret: bytes | None = 
     secret : bytes, optional
         The lab secret the simulated parties derive their identity keys and lab-mode
         noise from (default: this machine's, :func:`privfl.clients.policy.lab_secret`).
+    auditor : RunAuditor, optional
+        A privacy audit's canary records, handed to the parties with their data.
     """
     if scenario is None:
         policy_of = node_policy
@@ -206,7 +226,9 @@ def make_client_app(scenario: Scenario | None = None, *, secret: bytes | None = 
     policy = make_policy_mod(policy_of)
     app = ClientApp()
     app.query("privfl_hello")(hello)
-    app.train(mods=[policy, secagg_mod, participant_mod, clip_update_mod])(train)
+    app.train(mods=[policy, secagg_mod, participant_mod, clip_update_mod])(
+        functools.partial(train, auditor=auditor)
+    )
     app.evaluate(mods=[policy])(evaluate_local)
     register_secure_aggregation(app, mods=[policy])
     return app

@@ -15,7 +15,7 @@ its own secret (``party.noise = "lab"``: reproducible on its machine) or from th
 from __future__ import annotations
 
 import math
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -52,17 +52,32 @@ class DPTrainResult:
     loss: float
 
 
+def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if t is None else t.to(device)
+
+
 class BudgetExhaustedError(RuntimeError):
     """A round would take the party past its own ε budget; it refuses to train."""
 
 
-def _keystream_noise(dp_opt: DPOptimizer, stream: KeyStream) -> None:
+def _keystream_noise(
+    dp_opt: DPOptimizer,
+    stream: KeyStream,
+    insert: Callable[[], torch.Tensor | None] | None = None,
+) -> None:
     """Make ``dp_opt`` draw its Gaussian noise from ``stream`` (a CSPRNG) instead of a
-    torch generator; everything else of Opacus' step is unchanged."""
+    torch generator; everything else of Opacus' step is unchanged. ``insert()`` (an
+    auditor's canary records) may add clipped gradients to the sum before the noise."""
 
     def add_noise() -> None:
         std = dp_opt.noise_multiplier * dp_opt.max_grad_norm
+        extra = insert() if insert is not None else None
+        pos = 0
         for p in dp_opt.params:
+            if extra is not None:
+                size = p.numel()
+                p.summed_grad.add_(extra[pos : pos + size].view_as(p.summed_grad))
+                pos += size
             _check_processed_flag(p.summed_grad)
             ref = p.summed_grad
             z = torch.from_numpy(stream.normal(ref.numel())).to(ref.device, ref.dtype)
@@ -85,12 +100,14 @@ def run_dp_sgd_steps(
     sampling: KeyStream,
     noise: KeyStream,
     grad_sample_mode: str = "hooks",
+    insert: Callable[[float], torch.Tensor | None] | None = None,
 ) -> float:
     """``steps`` DP-SGD steps on ``model`` (trained in place; Opacus hooks removed after).
 
     ``images``/``labels`` are on the model's device; ``optimizer`` is a plain optimizer
     over ``model.parameters()``; ``sampling`` draws the Poisson coins and ``noise`` the
-    Gaussian noise. Returns the mean training loss.
+    Gaussian noise; ``insert(rate)`` (an auditor's canary records, each joining a step at
+    ``rate``) may add clipped gradients before the noise. Returns the mean training loss.
     """
     if grad_sample_mode not in GRAD_SAMPLE_MODES:
         raise ValueError(
@@ -109,7 +126,11 @@ def run_dp_sgd_steps(
         expected_batch_size=max(1, round(sample_rate * n)),
         loss_reduction="mean",
     )
-    _keystream_noise(dp_opt, noise)
+    _keystream_noise(
+        dp_opt,
+        noise,
+        None if insert is None else (lambda: _on(insert(sample_rate), images.device)),
+    )
     criterion = nn.CrossEntropyLoss()
     if ghost:
         criterion = DPLossFastGradientClipping(module, dp_opt, criterion, "mean")
@@ -273,6 +294,7 @@ def dp_sgd_round(
     state: MutableMapping[str, Any],
     device: str | torch.device,
     noise_secret: bytes | None,
+    insert: Callable[[float], torch.Tensor | None] | None = None,
 ) -> tuple[int, float, float]:
     """One round of local DP-SGD for a party (``defense.dp.mode = "client"``).
 
@@ -338,6 +360,7 @@ def dp_sgd_round(
             noise_key(scenario, "dp-sgd-noise", party, server_round, secret=noise_secret)
         ),
         grad_sample_mode=dp.grad_sample_mode,
+        insert=insert,
     )
     _store_history(state, sigma, new_hist)
     eps = epsilon_of_history(new_hist, delta=dp.delta, accountant=dp.accountant)

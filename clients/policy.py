@@ -267,7 +267,10 @@ def make_policy_mod(policy_of: Callable[[Context], PartyPolicy]) -> Mod:
         except RefusalError as exc:
             return refusal_reply(msg, str(exc))
         cfg[SCENARIO_KEY] = effective_scenario(policy.scenario, requested).to_json()
-        reply = call_next(msg, context)
+        try:
+            reply = call_next(msg, context)
+        except RefusalError as exc:  # a guard inside (e.g. an unsigned key directory)
+            return refusal_reply(msg, str(exc))
         if mtype == _STAGE_PREFIX + "sum" and not reply.has_error():
             state["sum-released"] = int(cfg["server-round"])
         return reply

@@ -32,7 +32,7 @@ from privfl.clients.policy import PartyRecord, party_record
 from privfl.config import SCENARIO_KEY, Scenario, scenario_from_json
 from privfl.dp import distributed_epsilon
 from privfl.fixedpoint import FixedPointCodec
-from privfl.refusal import refusal_reply
+from privfl.refusal import RefusalError, refusal_reply
 from privfl.secagg import wire
 from privfl.secagg.additive import AdditiveParty
 from privfl.secagg.channel import ChannelError
@@ -247,7 +247,7 @@ def _check_directory(
     sigs = [bytes(x) for x in cfg.get(wire.PREFIX + "dir_sigs", [])]
     order = list(directory)
     if len(sigs) != len(order):
-        raise SecAggClientError(
+        raise RefusalError(
             f"party {me.party}: the key directory carries {len(sigs)} signatures for "
             f"{len(order)} parties; refusing unsigned keys"
         )
@@ -255,7 +255,7 @@ def _check_directory(
         for p, sig in zip(order, sigs, strict=True):
             verify_keys(record.roster, sig, session=session, party=p, keys=list(directory[p]))
     except IdentityError as exc:
-        raise SecAggClientError(f"party {me.party}: {exc}") from None
+        raise RefusalError(f"party {me.party}: {exc}") from None
 
 
 def make_secagg_mod(

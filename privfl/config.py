@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
+from privfl.errors import UserError
 
-class ScenarioError(ValueError):
+
+class ScenarioError(UserError, ValueError):
     """A scenario file or override is invalid; the message names the key."""
 
 
@@ -629,6 +631,33 @@ class PartySection:
         return min(parties, max(2, (2 * parties) // 3 + 1))
 
 
+@dataclass(frozen=True)
+class AuditSection:
+    """The one-run privacy audit (``audit``): an empirical ε lower bound beside the
+    accounted ε, from canaries only the auditor knows are in or out."""
+
+    enabled: bool = False
+    # Canaries, each included with probability 1/2 by the auditor's secret coins.
+    canaries: int = 2000
+    # What the auditor scores: "aggregate" (every round's aggregate the server receives:
+    # Dirac gradient canaries in the parties' DP-SGD, or canary parties under party-level
+    # DP).
+    view: Literal["aggregate"] = "aggregate"
+    confidence: float = 0.95
+    # Fraction of the canaries guessed (half as in, half as out), fixed up front.
+    guess_fraction: float = 0.05
+    # A lower bound above the accounted ε is a privacy bug: exit non-zero.
+    fail_on_violation: bool = True
+
+    def validate(self, key: str) -> None:
+        if self.canaries < 20:
+            _fail(f"{key}.canaries", f"must be >= 20, got {self.canaries}")
+        if not 0.5 <= self.confidence < 1:
+            _fail(f"{key}.confidence", f"must be in [0.5, 1), got {self.confidence}")
+        if not 0 < self.guess_fraction <= 1:
+            _fail(f"{key}.guess_fraction", f"must be in (0, 1], got {self.guess_fraction}")
+
+
 ACTIVE_ATTACKS = (
     "downgrade",
     "noise_strip",
@@ -694,6 +723,7 @@ class Scenario:
     defense: DefenseSection = field(default_factory=DefenseSection)
     party: PartySection = field(default_factory=PartySection)
     attack: AttackSection = field(default_factory=AttackSection)
+    audit: AuditSection = field(default_factory=AuditSection)
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
@@ -742,6 +772,23 @@ class Scenario:
         if sa != "none" and n < 2:
             _fail("defense.secure_aggregation", f"needs at least 2 parties, data.parties is {n}")
         self.defense.secagg.validate_for("defense.secagg", self)
+        au = self.audit
+        if au.enabled:
+            mode = self.defense.dp.mode
+            if mode not in ("none", "client", "global"):
+                _fail(
+                    "audit.enabled",
+                    f"the audit covers defense.dp.mode none, client (canary records) and "
+                    f"global (canary parties), got {mode!r}",
+                )
+            if mode == "global" and self.defense.secure_aggregation != "none":
+                _fail(
+                    "audit.enabled",
+                    "canary parties join the server's DP-FedAvg sum; run the audit of "
+                    "defense.dp.mode = 'global' without secure aggregation",
+                )
+            if self.attack.kind != "none":
+                _fail("audit.enabled", f"audit a run without an attack, got {self.attack.kind!r}")
         if self.party.min_parties > n:
             _fail(
                 "party.min_parties", f"must be <= data.parties ({n}), got {self.party.min_parties}"

@@ -73,7 +73,7 @@ def run_scenario(
     from privfl.data import load_federation
     from privfl.dp import utility_warning
     from privfl.models import build_model
-    from privfl.server import make_server_app, run_federation
+    from privfl.server import make_auditor, make_server_app, run_federation
     from privfl.training import resolve_device
 
     sc = resolve(scenario, overrides)
@@ -90,7 +90,10 @@ def run_scenario(
         return run_federation(None, sc, out, progress=progress)
 
     outcome: list[Any] = []
-    server_app = make_server_app(sc, out, progress=progress, on_done=outcome.append)
+    auditor = make_auditor(sc, fed.num_classes)
+    server_app = make_server_app(
+        sc, out, progress=progress, on_done=outcome.append, auditor=auditor
+    )
 
     from flwr.simulation import run_simulation
 
@@ -98,7 +101,7 @@ def run_scenario(
 
     # Every party is handed its own copy of the scenario here, locally: its defenses
     # never come from the server's messages.
-    client_app = make_client_app(sc)
+    client_app = make_client_app(sc, auditor=auditor)
     _quiet_flower(verbose)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

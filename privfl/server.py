@@ -7,6 +7,7 @@ the server sees) ⊃ SecureAggregation ⊃ DPGlobalUpdate ⊃ FedAvg.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -19,6 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from privfl import __version__
+from privfl.audit import RunAuditor, audit_report
 from privfl.config import SCENARIO_KEY, Scenario, load_scenario, resolve_scenario_path
 from privfl.data import load_federation
 from privfl.dp import utility_warning
@@ -185,6 +187,7 @@ class _RoundLog:
         self.rounds: list[dict[str, Any]] = []
         self.initial: dict[str, float] = {}
         self.stopped: str | None = None
+        self.auditor: RunAuditor | None = None
         self._t = time.perf_counter()
         self._bar: Any = None
         if progress:
@@ -206,6 +209,8 @@ class _RoundLog:
         if self.stopped is not None:  # the run ended early: later rounds ran nothing
             return MetricRecord({})
         self.model.load_state_dict(arrays.to_torch_state_dict())
+        if self.auditor is not None:
+            self.auditor.observe({k: v.numpy() for k, v in arrays.items()})
         self._check_divergence(server_round)
         loss, acc = evaluate(self.model, self.fed.server_test, self.device)
         now = time.perf_counter()
@@ -248,10 +253,44 @@ class _RoundLog:
                     s.stop_reason = self.stopped
 
 
+def make_auditor(scenario: Scenario, num_classes: int) -> RunAuditor | None:
+    """The privacy audit a scenario asks for (``audit.enabled``), or None."""
+    au = scenario.audit
+    if not au.enabled:
+        return None
+    params = list(build_model(scenario, num_classes).named_parameters())
+    mode = scenario.defense.dp.mode
+    return RunAuditor(
+        mode=mode,
+        canaries=au.canaries,
+        param_names=[n for n, _ in params],
+        sizes=[p.numel() for _, p in params],
+        clip=scenario.defense.dp.clip if mode != "none" else 1.0,
+        parties=scenario.data.parties,
+        confidence=au.confidence,
+        guess_fraction=au.guess_fraction,
+    )
+
+
 def run_federation(
-    grid: Grid | None, scenario: Scenario, out_dir: Path, *, progress: bool | None = None
+    grid: Grid | None,
+    scenario: Scenario,
+    out_dir: Path,
+    *,
+    progress: bool | None = None,
+    auditor: RunAuditor | None = None,
 ) -> dict[str, Any]:
-    """Run ``scenario`` on ``grid`` and write results.json + report.md into ``out_dir``."""
+    """Run ``scenario`` on ``grid`` and write results.json + report.md into ``out_dir``.
+
+    ``auditor`` is the privacy audit whose canary records the parties were handed
+    (``make_client_app(..., auditor=)``); it watches every global model the server
+    releases and adds a ``privacy-audit`` entry.
+    """
+    if scenario.audit.enabled and auditor is None:
+        raise ValueError(
+            "audit.enabled: the parties need the auditor's canaries; run the scenario with "
+            "privfl run (or privfl.run_scenario), which hands them out"
+        )
     from privfl.report import write_run
 
     t_start = time.perf_counter()
@@ -280,6 +319,12 @@ def run_federation(
         strategy = build_strategy(scenario, party_of)
         round_log = _RoundLog(scenario, build_model(scenario, fed.num_classes), progress)
         round_log.watch(strategy_chain(strategy))
+        round_log.auditor = auditor
+        if auditor is not None and auditor.canary_parties is not None:
+            public = auditor.audit.canaries // 2  # the count they stand for is public
+            for s in strategy_chain(strategy):
+                if hasattr(s, "canary_parties"):
+                    s.canary_parties = lambda: (auditor.canary_party_sum()[0], public)
         config = ConfigRecord({SCENARIO_KEY: scenario.to_json()})
         try:
             result = strategy.start(
@@ -327,6 +372,18 @@ def run_federation(
             final["stopped_early"] = "privacy budget exhausted"
         if round_log.stopped:
             final["stopped_early"] = f"training diverged in {round_log.stopped}"
+        if auditor is not None:
+            accounted = final.get("epsilon", math.inf)
+            audit = auditor.result(
+                epsilon_accounted=accounted if accounted is not None else math.inf,
+                delta=scenario.defense.dp.delta,
+            )
+            reports.append(audit_report(audit))
+            if audit.violation:
+                final["privacy_violation"] = (
+                    f"the audit's ε lower bound {audit.epsilon_lower_bound:.3g} exceeds the "
+                    f"accounted ε {accounted:.3g}"
+                )
 
     total = time.perf_counter() - t_start
     results = {
@@ -491,6 +548,7 @@ def make_server_app(
     *,
     progress: bool | None = None,
     on_done: Callable[[dict[str, Any] | BaseException], None] | None = None,
+    auditor: RunAuditor | None = None,
 ) -> ServerApp:
     """A ServerApp for a fixed scenario (``privfl run``) or one read from the run config."""
     app = ServerApp()
@@ -502,7 +560,7 @@ def make_server_app(
                 sc, out = scenario_from_run_config(context.run_config)
             else:
                 sc, out = scenario, Path(out_dir or ".")
-            results = run_federation(grid, sc, out, progress=progress)
+            results = run_federation(grid, sc, out, progress=progress, auditor=auditor)
             if scenario is None:  # under `flwr run`, say where the outputs went
                 print(f"privfl: results written to {out}", file=sys.stderr)
         except BaseException as exc:

@@ -8,12 +8,13 @@ attacker ever being handed it.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from privfl.config import Scenario
+from privfl.config import Scenario, ScenarioError
 from privfl.data import ImageSet, load_federation
 
 
@@ -22,7 +23,10 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"scenario.device = {name!r} but no CUDA device is available")
+        raise ScenarioError(
+            f"scenario.device: {name!r} asks for CUDA but torch sees no CUDA device here; "
+            "use 'auto' or 'cpu'"
+        )
     return torch.device(name)
 
 
@@ -93,8 +97,14 @@ def train_local(
     party: int,
     server_round: int,
     device: torch.device,
+    insert: Callable[[float], torch.Tensor | None] | None = None,
 ) -> TrainStats:
-    """Plain (non-private) local training for one round; returns the mean batch loss."""
+    """Plain (non-private) local training for one round; returns the mean batch loss.
+
+    ``insert(rate)`` (an auditor's canary records) may return a flat gradient over
+    ``model.parameters()`` summed over the extra records that join a step (each with
+    probability ``rate`` = batch / N); it enters the batch mean like theirs would.
+    """
     model.to(device).train()
     opt = make_optimizer(model, scenario)
     loss_fn = nn.CrossEntropyLoss()
@@ -106,10 +116,21 @@ def train_local(
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(model(images[batch]), labels[batch])
         loss.backward()
+        if insert is not None and (extra := insert(len(batch) / len(data))) is not None:
+            _add_flat(model, extra.to(device) / len(batch))
         opt.step()
         total += float(loss.detach())
         steps += 1
     return TrainStats(num_examples=len(data), loss=total / max(steps, 1), steps=steps)
+
+
+@torch.no_grad()
+def _add_flat(model: nn.Module, flat: torch.Tensor) -> None:
+    pos = 0
+    for p in model.parameters():
+        size = p.numel()
+        p.grad.add_(flat[pos : pos + size].view_as(p).to(p.dtype))
+        pos += size
 
 
 @torch.no_grad()

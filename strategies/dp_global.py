@@ -27,8 +27,9 @@ with its results. A custom server loop can check ``exhausted`` and break.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -106,6 +107,9 @@ class DPGlobalUpdate(StrategyWrapper):
         self._accountant: PartyAccountant | None = None
         self._current: ArrayRecord | None = None
         self._secure = scenario.defense.secure_aggregation != "none"
+        # The auditor's canary parties (a lab instrument): () -> (their summed updates,
+        # the public count they stand for in the average).
+        self.canary_parties: Callable[[], tuple[np.ndarray, int]] | None = None
         # The server's own coins and (global mode) noise: global DP trusts the server by
         # construction, so they are keyed from the scenario for reproducible lab runs.
         self._secret = seed_secret(scenario)
@@ -202,6 +206,10 @@ class DPGlobalUpdate(StrategyWrapper):
                 noise_key(self.scenario, "dp-fedavg", -1, server_round, secret=self._secret)
             )
             mean = flatten(arrays.to_numpy_ndarrays()) - base
+            if self.canary_parties is not None:
+                canary_sum, count = self.canary_parties()
+                mean = (mean * num_parties + canary_sum) / (num_parties + count)
+                num_parties += count
             arrays = record_with_vector(
                 arrays,
                 base + self.mechanism.add_noise(mean, num_parties=num_parties, stream=stream),

@@ -198,7 +198,7 @@ def test_masking_refuses_below_threshold():
     def drop(node, mtype):
         return mtype == wire.UNMASK and node in (100, 101, 102)
 
-    strat, spy, res, _ = _run("masking", 6, rounds=1, drop=drop, threshold=4)
+    strat, spy, _, _ = _run("masking", 6, rounds=1, drop=drop, threshold=4)
     # No wrong sum and no crash: the round releases nothing and says why.
     assert spy.seen == []
     (fault,) = strat.faults[1]

@@ -46,7 +46,8 @@ class RoundAbortedError(RuntimeError):
         self.missing = set(missing)
 
 
-def _stage(attempt: int) -> str:
+def share_stage(attempt: int) -> str:
+    """The channel stage label of an attempt's shares (bound into every share ciphertext)."""
     return f"additive/share#{attempt}"
 
 
@@ -119,7 +120,12 @@ class AdditiveParty:
             s = prg.expand(os.urandom(prg.SEED_BYTES), x.size, bits)
             self.codec.sub(residual, s, out=residual)
             out[p] = self.channel.seal(
-                p, directory[p], memoryview(s).cast("B"), rnd=rnd, stage=_stage(attempt), bind=bind
+                p,
+                directory[p],
+                memoryview(s).cast("B"),
+                rnd=rnd,
+                stage=share_stage(attempt),
+                bind=bind,
             )
         last = others[-1]
         out[last] = self.channel.seal(
@@ -127,7 +133,7 @@ class AdditiveParty:
             directory[last],
             memoryview(residual).cast("B"),
             rnd=rnd,
-            stage=_stage(attempt),
+            stage=share_stage(attempt),
             bind=bind,
         )
         return out
@@ -168,7 +174,7 @@ class AdditiveParty:
                 directory[sender],
                 incoming[sender],
                 rnd=rnd,
-                stage=_stage(attempt),
+                stage=share_stage(attempt),
                 bind=bind,
             )
             if len(pt) != item * dim:
