@@ -34,7 +34,8 @@ import torch
 from scipy import stats
 from torch import nn
 
-from privfl.config import Scenario
+from privfl import progress
+from privfl.config import Scenario, ScenarioError
 from privfl.metrics import roc
 from privfl.results import AttackReport
 from privfl.training import derive_seed
@@ -389,21 +390,24 @@ class QuantileMIA:
                     f"QuantileMIA.fit: logits must be finite, shape ({s.size}, "
                     f"{self.num_classes}), got {z.shape}"
                 )
-            self._mimic_nets = [
-                self._train_mimic(x, z, tr, val, derive_seed(self.seed, "qmia-mimic", j))
-                for j in range(self.mimics)
-            ]
+            with progress.phase("membership: QMIA mimics", total=self.mimics) as bar:
+                for j in range(self.mimics):
+                    seed_j = derive_seed(self.seed, "qmia-mimic", j)
+                    self._mimic_nets.append(self._train_mimic(x, z, tr, val, seed_j))
+                    bar.advance()
         # The regressor models what the mimics miss: the residual of the target's score.
         r = s - self._location(x, y)
         self._shift, self._scale = float(r.mean()), float(r.std() + 1e-8)
         t = torch.as_tensor((r - self._shift) / self._scale, dtype=torch.float32)
         nets = []
-        for m in range(self.ensemble):
-            # Every member holds out the same split, so it stays unseen by the ensemble
-            # and still calibrates it; members differ in initialisation and batch order.
-            seed_m = self.seed if m == 0 else derive_seed(self.seed, "qmia-member", m)
-            g = gen if m == 0 else torch.Generator().manual_seed(seed_m)
-            nets.append(self._train_one(x, y, t, tr, val, seed_m, g))
+        with progress.phase("membership: QMIA regressors", total=self.ensemble) as bar:
+            for m in range(self.ensemble):
+                # Every member holds out the same split, so it stays unseen by the ensemble
+                # and still calibrates it; members differ in initialisation and batch order.
+                seed_m = self.seed if m == 0 else derive_seed(self.seed, "qmia-member", m)
+                g = gen if m == 0 else torch.Generator().manual_seed(seed_m)
+                nets.append(self._train_one(x, y, t, tr, val, seed_m, g))
+                bar.advance()
         self._nets = nets
         self._val_scores = self.membership_scores(x[val], y[val], s[val.numpy()])
         return self
@@ -685,12 +689,14 @@ class OfflineLiRA:
         rng = np.random.default_rng(self.seed)
         self._shadows = []
         trained_on = np.zeros((self.shadow_models, n), dtype=bool)
-        for i in range(self.shadow_models):
-            idx = np.sort(rng.choice(n, size=subset_size, replace=False))
-            trained_on[i, idx] = True
-            t = torch.as_tensor(idx)
-            model = self.train_fn(_Labelled(public.images[t], public.labels[t]))
-            self._shadows.append(QueryAPI(model, self.device))
+        with progress.phase("membership: LiRA shadow models", total=self.shadow_models) as bar:
+            for i in range(self.shadow_models):
+                idx = np.sort(rng.choice(n, size=subset_size, replace=False))
+                trained_on[i, idx] = True
+                t = torch.as_tensor(idx)
+                model = self.train_fn(_Labelled(public.images[t], public.labels[t]))
+                self._shadows.append(QueryAPI(model, self.device))
+                bar.advance()
         self.sigma = None
         if self.fixed_variance:
             # One pooled OUT deviation for every record the attack will ever score, taken
@@ -864,7 +870,7 @@ def _split(scenario: Scenario, federation: Any, rng: np.random.Generator) -> lis
         # held-out non-members, the rest is public like federation.public.
         need = mi.members + mi.non_members
         if need * mi.targets > n_pool:
-            raise ValueError(
+            raise ScenarioError(
                 f"attack.membership: {mi.targets} target(s) x (members + non-members scored "
                 f"= {need}) = {need * mi.targets} exceeds the train pool ({n_pool} records)"
             )
@@ -888,7 +894,7 @@ def _split(scenario: Scenario, federation: Any, rng: np.random.Generator) -> lis
         members = _Labelled(party.train.images, party.train.labels)
         n_mem = int(members.labels.shape[0])
         if mi.eval_samples > n_mem:
-            raise ValueError(
+            raise ScenarioError(
                 f"attack.membership.eval_samples: {mi.eval_samples} requested but party "
                 f"{mi.target_party} has {n_mem} train records"
             )
@@ -902,7 +908,7 @@ def _split(scenario: Scenario, federation: Any, rng: np.random.Generator) -> lis
         candidates = _cat(_take(pool, unused), federation.server_test)
         n_cand = int(candidates.labels.shape[0])
         if mi.non_members > n_cand:
-            raise ValueError(
+            raise ScenarioError(
                 f"attack.membership: {mi.non_members} non-members to score requested but only "
                 f"{n_cand} held-out non-members exist (unused train records + server_test)"
             )
@@ -1132,13 +1138,14 @@ def run_membership(
 
             # Target 0 keeps the single-target seeds, so K = 1 reproduces earlier runs.
             tag = "mia-target" if k == 0 else f"mia-target-{k}"
-            target_model, eps = _train_model(
-                scenario,
-                build_model(scenario, num_classes),
-                split.members,
-                device,
-                derive_seed(seed, tag),
-            )
+            with progress.phase(f"membership: target model {k + 1}/{len(splits)}"):
+                target_model, eps = _train_model(
+                    scenario,
+                    build_model(scenario, num_classes),
+                    split.members,
+                    device,
+                    derive_seed(seed, tag),
+                )
             if eps is not None:
                 epsilons.append(eps)
         api = QueryAPI(target_model, device)
@@ -1248,7 +1255,8 @@ def run_membership(
             name, s_in, s_out, f_in, f_out, seed=derive_seed(seed, "auc-boot", name)
         )
         metrics.update(common)
-        curves[f"{name} (AUC {metrics['auc']:.3f})"] = roc.roc_curve(s_in, s_out)
+        curve = roc.roc_curve(s_in, s_out)
+        curves[f"{name} (AUC {metrics['auc']:.3f})"] = curve
         notes = [
             *notes,
             f"AUC {metrics['auc']:.3f} [{metrics['auc_low']:.3f}, {metrics['auc_high']:.3f}]; "
@@ -1272,6 +1280,16 @@ def run_membership(
                 total=int(s_in.size),
                 metrics=metrics,
                 notes=notes,
+                # Saved beside results.json, so ROC curves can be redrawn and pooled.
+                arrays={
+                    "scores_in": s_in,
+                    "scores_out": s_out,
+                    "flagged_in": f_in,
+                    "flagged_out": f_out,
+                    "roc_fpr": curve.fpr,
+                    "roc_tpr": curve.tpr,
+                    "roc_thresholds": curve.thresholds,
+                },
             )
         )
     if reports:

@@ -1,15 +1,28 @@
-"""The ``privfl`` command line."""
+"""The ``privfl`` command line.
+
+A mistake the user can fix (a bad scenario value, a missing data folder, a device that
+is not there, a run folder that cannot be read) ends with ``privfl: error: ...`` and exit
+code 2; ``-v`` adds the traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import logging
 import os
 import sys
 import tomllib
+import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
-from privfl.config import ScenarioError, scenario_dir
+from privfl import __version__, progress
+from privfl.config import scenario_dir
+from privfl.errors import UserError
+
+USER_ERROR_EXIT = 2
 
 BENCH_SUITES = {
     "spine": "privfl.bench.spine",
@@ -24,6 +37,8 @@ BENCH_SUITES = {
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    # Each command imports what it needs: `privfl --version` must not load torch.
+    from privfl.report import key_metrics
     from privfl.runner import resolve, run_scenario
 
     scenario = resolve(args.scenario, args.set)
@@ -38,18 +53,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f", ε = {final['epsilon']:.3g} (δ = {final['delta']})", end="")
     print()
     for a in results.get("attacks", []):
-        m = a["metrics"]
-        extra = ", ".join(
-            f"{k} {v:.3g}"
-            for k, v in m.items()
-            if isinstance(v, float)
-            and k in ("psnr_mean", "auc", "ssim_mean", "tpr_at_1pct_fpr", "precision")
-        )
+        extra = ", ".join(key_metrics(a))
         print(
             f"  {a['name']} [{a['role']} → {a['target']}]: recovered "
             f"{a['recovered']}/{a['total']}" + (f" ({extra})" if extra else "")
         )
     print(f"results: {out / 'results.json'}\nreport:  {out / 'report.md'}")
+    if final.get("stopped_early"):
+        print(f"privfl: the run stopped early: {final['stopped_early']}", file=sys.stderr)
+    if final.get("privacy_violation"):
+        print(f"privfl: PRIVACY VIOLATION: {final['privacy_violation']}", file=sys.stderr)
+        if scenario.audit.fail_on_violation:
+            return 3
     return 0
 
 
@@ -91,13 +106,55 @@ def _cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from privfl.sweep import parse_grid, parse_seeds, run_sweep
+
+    result = run_sweep(
+        args.scenario,
+        parse_grid(args.grid),
+        args.out,
+        seeds=parse_seeds(args.seeds) if args.seeds else None,
+        overrides=args.set,
+        jobs=args.jobs,
+        keep_going=not args.verbose,
+    )
+    print(
+        f"sweep: {len(result.ran) + len(result.skipped) + len(result.failed)} cells: "
+        f"{len(result.ran)} run now, {len(result.skipped)} already done"
+        + (f", {len(result.failed)} failed" if result.failed else "")
+    )
+    for name, reason in result.failed.items():
+        print(f"  failed: {name}: {reason}", file=sys.stderr)
+    for path in result.files:
+        print(f"  {path}")
+    return 1 if result.failed else 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     module = importlib.import_module(BENCH_SUITES[args.suite])
     return int(module.main(args.rest) or 0)
 
 
+def _add_set(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help=help
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="privfl", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="privfl",
+        description="Privacy attacks and defenses in federated learning, on Flower. A "
+        "mistake in what you asked for ends with 'privfl: error: ...' (exit code 2); -v "
+        "shows the traceback.",
+    )
+    p.add_argument("--version", action="version", version=f"privfl {__version__}")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show tracebacks of errors, and Flower's logs",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a scenario on Flower's simulation engine")
@@ -108,15 +165,40 @@ def build_parser() -> argparse.ArgumentParser:
         help="scenario file or shipped name (default: three_hospitals)",
     )
     run.add_argument("--out", help="output folder (default: runs/<scenario name>)")
+    _add_set(run, "override a scenario value (repeatable)")
+    # SUPPRESS: `privfl -v run` keeps its -v when run's own is not given.
     run.add_argument(
-        "--set",
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="as privfl -v"
+    )
+    run.set_defaults(func=_cmd_run)
+
+    sw = sub.add_parser(
+        "sweep",
+        help="run a scenario over a grid of values and seeds; write sweep.csv and plots",
+        description="Run every cell of the grid (skipping cells whose folder already holds "
+        "results.json), then write sweep.csv, frontier.png (accuracy vs ε, or vs the first "
+        "swept key) and attacks.png (attack success vs the first swept key) into --out.",
+    )
+    sw.add_argument("scenario", help="scenario file or shipped name")
+    sw.add_argument(
+        "--grid",
         action="append",
         default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a scenario value (repeatable)",
+        required=True,
+        metavar="SECTION.KEY=V1,V2,...",
+        help="a swept key and its values (repeatable: the grid is every combination)",
     )
-    run.add_argument("-v", "--verbose", action="store_true", help="show Flower's logs")
-    run.set_defaults(func=_cmd_run)
+    sw.add_argument(
+        "--seeds",
+        default="",
+        metavar="S1,S2,...",
+        help="seeds of every cell (default: the "
+        "scenario's seed); the plots show their spread as error bars",
+    )
+    _add_set(sw, "override applied to every cell (repeatable)")
+    sw.add_argument("--out", required=True, help="the sweep's folder (one run folder per cell)")
+    sw.add_argument("--jobs", type=int, default=1, help="cells run at once (default 1)")
+    sw.set_defaults(func=_cmd_sweep)
 
     sc = sub.add_parser("scenarios", help="list the shipped scenarios")
     sc.set_defaults(func=_cmd_scenarios)
@@ -139,13 +221,69 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _user_error(exc: BaseException) -> BaseException | None:
+    """The user error behind ``exc`` (itself or a cause), if any.
+
+    OSErrors count: they name a file the user pointed at (a data root, a run folder) or
+    a disk the user can free. A run that fails inside Flower is re-raised with the
+    party's error as its cause.
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, UserError | OSError):
+            return seen
+        seen = seen.__cause__
+    return None
+
+
+@contextlib.contextmanager
+def _progress_shown() -> Iterator[None]:
+    """Progress on stderr while a command runs: rich bars on a terminal, else one line per
+    phase and per round (the rounds are logged to the ``privfl`` logger)."""
+    before = progress.configure("auto")
+    handler = None
+    logger = logging.getLogger("privfl")
+    level, propagate = logger.level, logger.propagate
+    if progress.mode() == "plain":
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("privfl: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False  # Ray's or Flower's root handler would print it again
+    try:
+        yield
+    finally:
+        progress.configure(before)
+        if handler is not None:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+            logger.propagate = propagate
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``privfl`` command line; returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
-    except (ScenarioError, FileNotFoundError) as exc:
-        print(f"privfl: error: {exc}", file=sys.stderr)
-        return 2
+        with _progress_shown():
+            return args.func(args)
+    except KeyboardInterrupt:
+        print("privfl: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`privfl scenarios | head`): nothing to report. Point
+        # stdout at devnull so that flushing it at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as exc:
+        cause = _user_error(exc)
+        if cause is None:
+            raise  # a bug: its traceback is what a report needs
+        if args.verbose:
+            traceback.print_exception(exc)
+        print(f"privfl: error: {cause}", file=sys.stderr)
+        if not args.verbose:
+            print("(rerun with privfl -v to see the traceback)", file=sys.stderr)
+        return USER_ERROR_EXIT
 
 
 if __name__ == "__main__":

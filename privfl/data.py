@@ -38,6 +38,7 @@ import torch
 import torchvision
 
 from privfl.config import DataSection, Scenario, ScenarioError
+from privfl.errors import UserError
 
 __all__ = [
     "EMBEDDED_SAMPLE",
@@ -55,7 +56,7 @@ __all__ = [
 EMBEDDED_SAMPLE = Path(__file__).resolve().parent / "_embedded" / "mnist_sample.npz"
 IMAGE_SHAPE = (1, 28, 28)
 
-# md5 of the uncompressed MNIST files (see ../shared/data/README.md). No other dataset
+# md5 of the original MNIST files, uncompressed. No other dataset
 # gets a check: we only record digests we know exactly.
 MNIST_MD5 = {
     "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
@@ -65,7 +66,7 @@ MNIST_MD5 = {
 }
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data file is missing, corrupt or inconsistent; the message names the file."""
 
 

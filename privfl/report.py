@@ -18,9 +18,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 from privfl.config import ACTIVE_ATTACKS
+from privfl.errors import UserError
 from privfl.results import SCHEMA_VERSION, atomic_write_json, atomic_write_text, umask
 
 TRAINING_FIGURE = "training.png"
@@ -33,10 +35,11 @@ KEY_METRICS: dict[str, tuple[str, ...]] = {
     "imprint": ("psnr_mean", "ssim_mean"),
     "membership-inference": ("auc", "tpr_at_0.1pct_fpr", "precision"),
     **{name: ("refusals",) for name in ACTIVE_ATTACKS},
+    "privacy-audit": ("epsilon_lower_bound", "epsilon_gaussian", "epsilon_accounted"),
 }
 
 
-class RunFolderError(ValueError):
+class RunFolderError(UserError, ValueError):
     """A run folder whose results.json cannot be read; the message names the file."""
 
 
@@ -133,13 +136,15 @@ def key_metrics(attack: dict[str, Any]) -> list[str]:
     return shown
 
 
-def _training_figure(rounds: list[dict[str, Any]], path: Path) -> bool:
+def training_figure(rounds: list[dict[str, Any]]) -> Figure | None:
+    """Accuracy (in %), loss and ε against the round (whole numbers); None without rounds."""
     if not rounds:
-        return False
+        return None
     r = [row["round"] for row in rounds]
     eps = [row.get("epsilon") for row in rounds]
     ncols = 3 if any(e is not None for e in eps) else 2
-    fig, axes = plt.subplots(1, ncols, figsize=(4.2 * ncols, 3.2))
+    fig = Figure(figsize=(4.2 * ncols, 3.2))
+    axes = fig.subplots(1, ncols)
     axes[0].plot(r, [row.get("accuracy") for row in rounds], marker="o", label="server test")
     if any("party_accuracy" in row for row in rounds):
         axes[0].plot(
@@ -160,9 +165,7 @@ def _training_figure(rounds: list[dict[str, Any]], path: Path) -> bool:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return fig
 
 
 def render_report(out_dir: str | Path) -> Path:
@@ -179,6 +182,13 @@ def render_report(out_dir: str | Path) -> Path:
         raise RunFolderError(f"{src}: not a privfl results file (no results object)")
     cfg = res.get("config", {})
     lines = [f"# privfl report — {res.get('scenario', '?')}", ""]
+    violation = res.get("final", {}).get("privacy_violation")
+    if violation:
+        lines += [
+            f"> **PRIVACY VIOLATION** — {violation}: the mechanism does not deliver the ε its "
+            "accountant reports.",
+            "",
+        ]
     desc = cfg.get("scenario", {}).get("description")
     if desc:
         lines += [desc, ""]
@@ -238,7 +248,9 @@ def render_report(out_dir: str | Path) -> Path:
     rounds = res.get("rounds", [])
     if rounds:
         atomic_write_text(out_dir / ROUNDS_CSV, rounds_csv(rounds))
-    if _training_figure(rounds, out_dir / TRAINING_FIGURE):
+    fig = training_figure(rounds)
+    if fig is not None:
+        fig.savefig(out_dir / TRAINING_FIGURE, dpi=110)
         lines += [
             f"![training]({TRAINING_FIGURE})",
             "",

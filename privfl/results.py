@@ -5,12 +5,19 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+# results.json's layout (privfl/schema/results.schema.json); raised when a key changes
+# meaning or goes away, not when one is added.
+SCHEMA_VERSION = 1
+SCHEMA_PATH = Path(__file__).resolve().parent / "schema" / "results.schema.json"
 
 
 @dataclass
@@ -19,7 +26,8 @@ class AttackReport:
 
     ``figures`` maps a PNG file name (written next to report.md) to a
     ``matplotlib.figure.Figure``; ``notes`` are lines printed under the attack in the
-    report (e.g. expected vs measured fraction).
+    report (e.g. expected vs measured fraction); ``arrays`` (scores, ROC points, …) are
+    saved as :attr:`arrays_file` beside results.json, so curves can be redrawn.
     """
 
     name: str
@@ -30,9 +38,17 @@ class AttackReport:
     metrics: dict[str, float] = field(default_factory=dict)
     figures: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def arrays_file(self) -> str:
+        """``<name>_<target>.npz`` with every character outside ``[A-Za-z0-9._-]`` as ``_``."""
+        return re.sub(r"[^A-Za-z0-9._-]", "_", f"{self.name}_{self.target}") + ".npz"
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        """The results.json entry; ``arrays`` stay numpy arrays until
+        :func:`privfl.report.write_run` saves them and leaves the file name in their place."""
+        out = {
             "name": self.name,
             "role": self.role,
             "target": self.target,
@@ -42,6 +58,9 @@ class AttackReport:
             "figures": sorted(self.figures),
             "notes": list(self.notes),
         }
+        if self.arrays:
+            out["arrays"] = {"file": self.arrays_file, **self.arrays}
+        return out
 
 
 def _jsonable(v: Any) -> Any:
@@ -52,11 +71,28 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
+_umask_lock = threading.Lock()
+
+
+def umask() -> int:
+    """The process's file-creation mask (read by setting it and putting it back)."""
+    with _umask_lock:
+        # There is no getter: set a restrictive mask for an instant and put it back.
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the new one, never half."""
+    """Write ``text`` to ``path`` so that readers see the old file or the new one, never half.
+
+    The file gets the permissions of any file the user creates (0666 less the umask), not
+    the 0600 of the temporary file it is written as.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~umask())
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
             fh.flush()

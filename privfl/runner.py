@@ -79,8 +79,8 @@ def run_scenario(
     sc = resolve(scenario, overrides)
     out = Path(out_dir).expanduser().resolve()
     # Fail on missing data or devices here, before Ray starts.
-    fed = load_federation(sc)
     resolve_device(sc.scenario.device)
+    fed = load_federation(sc)
     dim = sum(p.numel() for p in build_model(sc, fed.num_classes).parameters())
     hint = utility_warning(sc, dim)
     if hint:

@@ -301,6 +301,7 @@ def run_federation(
     rounds: list[dict[str, Any]] = []
     final: dict[str, Any] = {}
     startup = 0.0
+    round_0: dict[str, Any] = {}
     mia = scenario.attack.kind == "membership-inference"
 
     if mia and scenario.attack.membership.target == "single":
@@ -339,6 +340,7 @@ def run_federation(
         finally:
             round_log.close()
         rounds = round_log.rounds
+        round_0 = round_log.initial
         _merge_client_metrics(rounds, result)
         _merge_epsilon(rounds, strategy_chain(strategy))
         _merge_faults(rounds, strategy_chain(strategy), party_of)
@@ -393,6 +395,7 @@ def run_federation(
         "privacy": privacy_statement(scenario),
         "warnings": [w for w in [_utility_warning(scenario, fed.num_classes)] if w],
         "rounds": rounds,
+        "round_0": round_0,
         "final": final,
         "attacks": [r.to_json() for r in reports],
         "timing": {

@@ -61,6 +61,6 @@ def test_flwr_run_dot_runs_a_scenario(tmp_path):
         # flwr run leaves a local SuperLink behind: stop it.
         subprocess.run(["pkill", "-f", f"flower-superlink.*{tmp_path}"], check=False)
         subprocess.run(["pkill", "-f", "flower-superexec"], check=False)
-    assert [r["round"] for r in res["rounds"]] == [1, 2]
+    assert [r["round"] for r in res["rounds"]] == [0, 1, 2]
     assert res["rounds"][1]["accuracy"] > res["rounds"][0]["accuracy"]
     assert res["config"]["data"]["samples_per_party"] == 1000

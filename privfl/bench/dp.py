@@ -32,7 +32,7 @@ from privfl.data import ImageSet, load_dataset
 from privfl.dp import KeyStream, seed_secret
 from privfl.training import resolve_device
 
-# The founding document's EMNIST-letters figures, printed beside ours.
+# The reference EMNIST-letters figures, printed beside ours.
 REFERENCE = {"no DP": 0.90, "ε=3": 0.82, "ε=1.5": 0.78}
 TARGET_MNIST = {"no DP": 0.99, "ε=3": 0.97, "ε=1.5": 0.95}
 
@@ -199,7 +199,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--quick", action="store_true", help="small subset, few epochs (CPU)")
     ap.add_argument("--device", default="auto")
     ap.add_argument(
-        "--data-root", default=str(Path(__file__).resolve().parents[2].parent / "shared" / "data")
+        "--data-root",
+        default="",
+        help="data.root of every run (default: $PRIVFL_DATA, else the MNIST sample shipped "
+        "with privfl; the full MNIST or EMNIST needs a folder holding MNIST/raw or EMNIST/raw)",
     )
     ap.add_argument("--set", nargs="*", default=[], metavar="K=V", help="scenario overrides")
     ap.add_argument("--json", default="", help="also write the figures here")

@@ -4,7 +4,7 @@
 (:func:`privfl.attacks.membership.run_membership`). ``seed_mia_fl`` needs a global model:
 here it is the FedAvg of the parties' ``train_local`` updates computed in-process (the
 same local training as a Flower run, without Flower), so the rows come without Ray.
-One row per (scenario, attack), printed beside what the founding document reported.
+One row per (scenario, attack), printed beside the reference figure.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torch import nn
 from privfl.config import Scenario
 
 DEFAULT_SCENARIOS = ("seed_mia", "seed_mia_dp")
-# What the founding document reported for each scenario's setting.
+# The reference figure for each scenario's setting.
 FOUNDING_FIGURE = {
     "seed_mia": "QMIA: 97% of flagged records truly members (ResNet-50, ImageNet)",
     "seed_mia_dp": "DP-SGD pushes membership inference to chance",
@@ -220,7 +220,7 @@ def main(argv: list[str]) -> int:
         if nxt is None or (nxt["scenario"], nxt["seed"]) != (r["scenario"], r["seed"]):
             print(
                 f"{'':<12} {r['members_scored']} members : {r['non_members_scored']} "
-                f"non-members scored; founding document: "
+                f"non-members scored; reference: "
                 f"{FOUNDING_FIGURE.get(r['scenario'], '(no figure)')}"
             )
     if args.seeds is not None and len(args.seeds) > 1:

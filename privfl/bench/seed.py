@@ -1,8 +1,8 @@
-"""``privfl bench seed``: the founding document's attack figures, reproduced end to end.
+"""``privfl bench seed``: the reference attack figures, reproduced end to end.
 
 Every row is a real run of a shipped ``seed_*`` scenario through Flower (or, for the
-single-model membership target, in-process), printed beside the figure the founding
-document reported on EMNIST.
+single-model membership target, in-process), printed beside the reference figure reported
+on EMNIST.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-# (scenario, founding document's figure, group)
+# (scenario, reference figure, group)
 ROWS: list[tuple[str, str, str]] = [
     ("seed_dlg_b1", "DLG: batch of 1 recovered exactly", "dlg"),
     ("seed_dlg_b7", "DLG: 3 of a batch of 7", "dlg"),
@@ -58,7 +58,7 @@ def main(argv: list[str]) -> int:
         action="append",
         default=[],
         metavar="SECTION.KEY=VALUE",
-        help="override applied to every scenario (e.g. data.root=../shared/data)",
+        help="override applied to every scenario (e.g. data.root=/data/mnist)",
     )
     args = p.parse_args(argv)
     groups = {g.strip() for g in args.only.split(",") if g.strip()}
@@ -96,7 +96,7 @@ def main(argv: list[str]) -> int:
                         summary.setdefault(f"{name} {a['target']}", []).append(
                             a["recovered"] / a["total"]
                         )
-            print(f"{'':<26}      founding document: {reference}")
+            print(f"{'':<26}      reference: {reference}")
     if args.seeds > 1:
         print("\nrecovered fraction over seeds (mean, min, max):")
         for key, vals in summary.items():

@@ -191,20 +191,30 @@ def image_grid_figure(
     truth_labels: Sequence[int] | None = None,
     recon_labels: Sequence[int] | None = None,
     title: str = "",
+    columns: int = 8,
 ) -> Figure:
-    """True images (top row) over their reconstructions (bottom row).
+    """True images over their reconstructions, ``columns`` pairs to a row of the grid.
 
+    Each block of the grid is a row of true images over a row of the reconstructions
+    matched to them; batches wider than ``columns`` wrap onto further blocks.
     ``perm[j]`` names the reconstruction shown under true image ``j`` (default: same
     index; ``-1``: blank). Built on :class:`matplotlib.figure.Figure` directly, so it
     needs no GUI backend (saves through Agg).
     """
+    if columns < 1:
+        raise ValueError(f"columns: must be >= 1, got {columns}")
     t, r = _batch(truth, "truth"), _batch(recon, "recon")
     m = t.shape[0]
     perm = list(range(m)) if perm is None else list(perm)
-    fig = Figure(figsize=(1.2 * m + 0.6, 3.0), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(2, m, squeeze=False))
+    cols = max(1, min(m, columns))
+    blocks = max(1, -(-m // cols))
+    fig = Figure(figsize=(1.2 * cols + 0.6, 2.8 * blocks + 0.2), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(2 * blocks, cols, squeeze=False))
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
     for j in range(m):
-        top, bottom = axes[0, j], axes[1, j]
+        top, bottom = axes[2 * (j // cols), j % cols], axes[2 * (j // cols) + 1, j % cols]
         top.imshow(_show(t[j]), cmap="gray", vmin=0, vmax=1)
         label = f"y={truth_labels[j]}" if truth_labels is not None else ""
         top.set_title(label, fontsize=8)
@@ -217,11 +227,12 @@ def image_grid_figure(
             if recon_labels is not None:
                 parts.append(f"y={recon_labels[i]}")
             bottom.set_title(" ".join(parts), fontsize=8)
-        for ax in (top, bottom):
-            ax.set_xticks([])
-            ax.set_yticks([])
-    axes[0, 0].set_ylabel("true", fontsize=9)
-    axes[1, 0].set_ylabel("recon.", fontsize=9)
+    for k in range(m, blocks * cols):  # the last block's unused cells
+        axes[2 * (k // cols), k % cols].set_axis_off()
+        axes[2 * (k // cols) + 1, k % cols].set_axis_off()
+    for b in range(blocks):
+        axes[2 * b, 0].set_ylabel("true", fontsize=9)
+        axes[2 * b + 1, 0].set_ylabel("recon.", fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
