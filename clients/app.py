@@ -39,7 +39,7 @@ from privfl.config import (
     resolve_scenario_path,
     scenario_from_json,
 )
-from privfl.data import load_federation
+from privfl.data import ImageSet, load_federation
 from privfl.models import build_model
 from privfl.refusal import diverged_reply
 from privfl.secagg.identity import load_roster
@@ -103,6 +103,10 @@ def train(msg: Message, context: Context, *, auditor: RunAuditor | None = None) 
     record = party_record(context)
     dp_mode = scenario.defense.dp.mode
     insert = auditor.party_inserter(party, server_round) if auditor is not None else None
+    extra = auditor.party_records(party) if auditor is not None else None
+    if extra is not None and len(extra[1]):
+        # The auditor's canary records join this party's data like its own.
+        data = ImageSet(torch.cat([data.images, extra[0]]), torch.cat([data.labels, extra[1]]))
     if dp_mode == "client":
         try:
             num, loss, epsilon = dp_sgd_round(

@@ -882,6 +882,12 @@ class RunAuditor:
         The clip norm (per-sample under DP-SGD, per-party under DP-FedAvg; 1 without DP).
     parties : int
         Parties of the federation (canary record j belongs to party j mod parties).
+    view : {"aggregate", "party-update", "final-model"}
+        What the auditor is handed (see ``audit.view``).
+    target_party : int
+        The party whose update the ``party-update`` view sees (it holds every canary).
+    records, num_classes
+        Public records (images, labels) the ``final-model`` view mislabels as canaries.
     """
 
     def __init__(
@@ -896,10 +902,26 @@ class RunAuditor:
         confidence: float = 0.95,
         guess_fraction: float = 0.05,
         key: bytes | None = None,
+        view: str = "aggregate",
+        target_party: int = 0,
+        records: tuple[torch.Tensor, torch.Tensor] | None = None,
+        num_classes: int = 10,
     ) -> None:
         if mode not in ("none", "client", "global"):
             raise ValueError(f"RunAuditor: mode must be none, client or global, got {mode!r}")
+        if view not in ("aggregate", "party-update", "final-model"):
+            raise ValueError(
+                f"RunAuditor: view must be aggregate, party-update or final-model, got {view!r}"
+            )
+        if view == "final-model" and (records is None or len(records[1]) < canaries):
+            have = 0 if records is None else len(records[1])
+            raise ValueError(
+                f"audit.canaries: the final-model view needs {canaries} canary records, "
+                f"the public data holds {have}"
+            )
         self.mode = mode
+        self.view = view
+        self.target_party = target_party
         self.key = key if key is not None else os.urandom(32)
         self.audit = OneRunAudit(
             canaries, key=subkey(self.key, "coins"), guess_fractions=(guess_fraction,)
@@ -922,14 +944,36 @@ class RunAuditor:
         self.scores = np.zeros(canaries)
         self.rounds = 0
         self._previous: np.ndarray | None = None
+        # Black box: mislabelled public records, in the parties' data when included.
+        self.inputs: tuple[torch.Tensor, torch.Tensor] | None = None
+        if view == "final-model":
+            assert records is not None
+            images, labels = records[0][:canaries], records[1][:canaries]
+            self.inputs = (
+                images,
+                mislabelled_canaries(labels, subkey(self.key, "labels"), num_classes),
+            )
 
     # ------------------------------------------------------------------ handed out
+    def _owned(self, party: int) -> np.ndarray:
+        if self.view == "party-update":
+            return np.full(self.audit.canaries, party == self.target_party)
+        return np.arange(self.audit.canaries) % self.parties == party
+
+    def party_records(self, party: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The mislabelled canary records (included ones) party ``party`` trains on, or
+        None (black-box view only)."""
+        if self.inputs is None:
+            return None
+        chosen = torch.from_numpy(np.flatnonzero(self._owned(party) & self.audit.included))
+        return self.inputs[0][chosen], self.inputs[1][chosen]
+
     def party_inserter(self, party: int, server_round: int) -> CanaryInserter | None:
         """The canary records party ``party`` holds (included ones only) for one round, or
         None; their step coins are fresh each round (keyed by party and round)."""
-        if self.records is None:
+        if self.records is None or self.view == "final-model":
             return None
-        own = np.arange(self.audit.canaries) % self.parties == party
+        own = self._owned(party)
         chosen = np.flatnonzero(own & self.audit.included)
         key = subkey(self.key, f"party-{party}-round-{server_round}")
         return CanaryInserter(self.records, chosen, key)
@@ -948,8 +992,25 @@ class RunAuditor:
             [np.asarray(arrays[n], dtype=np.float64).reshape(-1) for n in self.names]
         )
 
+    def observe_party(self, sent: Mapping[str, np.ndarray], reply: np.ndarray) -> None:
+        """Party-update view: score the canaries on what the server received from the
+        target party (``reply``: its weights, flat, or whatever it could decode of a masked
+        payload) against the model it was sent."""
+        assert self.records is not None
+        step = np.asarray(reply, dtype=np.float64)[: self.dim] - self.flatten(sent)
+        self.scores += self.records.scores(-step)
+        self.rounds += 1
+
+    def observe_final(self, model: nn.Module) -> None:
+        """Black-box view: score the mislabelled canaries by the released model's loss."""
+        assert self.inputs is not None
+        self.scores = loss_scores(model.cpu(), *self.inputs)
+        self.rounds = 1
+
     def observe(self, arrays: Mapping[str, np.ndarray]) -> None:
         """Score the canaries on the step from the previous global model to this one."""
+        if self.view != "aggregate":
+            return
         flat = self.flatten(arrays)
         if self._previous is not None:
             step = flat - self._previous
@@ -964,11 +1025,19 @@ class RunAuditor:
 
     def result(self, *, epsilon_accounted: float, delta: float) -> AuditResult:
         """Guess and bound ε from the scores gathered so far."""
-        view = (
-            "white-box: every round's aggregate, Dirac canary records in the parties' training"
-            if self.records is not None
-            else "white-box: every round's aggregate, canary parties in the DP-FedAvg sum"
-        )
+        if self.view == "final-model":
+            view = "black-box: the released model's loss on mislabelled canary records"
+        elif self.view == "party-update":
+            view = (
+                f"what the server received from party {self.target_party}, Dirac canary "
+                "records in its training"
+            )
+        elif self.records is not None:
+            view = (
+                "white-box: every round's aggregate, Dirac canary records in the parties' training"
+            )
+        else:
+            view = "white-box: every round's aggregate, canary parties in the DP-FedAvg sum"
         return self.audit.evaluate(
             self.scores,
             epsilon_accounted=epsilon_accounted,

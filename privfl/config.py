@@ -415,8 +415,13 @@ class GradientInversionSection:
     # Public images the server feeds the model to estimate the batch's mean prediction
     # when counting labels (LLG*); 0 = estimate it from the gradient alone.
     auxiliary_samples: int = 1000
+    # inverting-gradients: steps each random start runs before the best one (lowest
+    # gradient distance) continues to `iterations`; 0 = every start runs all of them.
+    trial_iterations: int = 0
 
     def validate(self, key: str) -> None:
+        if self.trial_iterations < 0:
+            _fail(f"{key}.trial_iterations", f"must be >= 0, got {self.trial_iterations}")
         if self.auxiliary_samples < 0:
             _fail(f"{key}.auxiliary_samples", f"must be >= 0, got {self.auxiliary_samples}")
         if self.target_party < 0:
@@ -639,10 +644,14 @@ class AuditSection:
     enabled: bool = False
     # Canaries, each included with probability 1/2 by the auditor's secret coins.
     canaries: int = 2000
-    # What the auditor scores: "aggregate" (every round's aggregate the server receives:
-    # Dirac gradient canaries in the parties' DP-SGD, or canary parties under party-level
-    # DP).
-    view: Literal["aggregate"] = "aggregate"
+    # What the auditor is handed: "aggregate" (every round's aggregate the server
+    # receives: Dirac gradient canaries in the parties' training, or canary parties under
+    # party-level DP); "party-update" (what the server receives from one party,
+    # target_party, whose training holds every canary: its plain update, or its masked
+    # payload under secure aggregation); "final-model" (the released model only, black box:
+    # mislabelled canary records in the parties' data, scored by the model's loss).
+    view: Literal["aggregate", "party-update", "final-model"] = "aggregate"
+    target_party: int = 0
     confidence: float = 0.95
     # Fraction of the canaries guessed (half as in, half as out), fixed up front.
     guess_fraction: float = 0.05
@@ -656,6 +665,8 @@ class AuditSection:
             _fail(f"{key}.confidence", f"must be in [0.5, 1), got {self.confidence}")
         if not 0 < self.guess_fraction <= 1:
             _fail(f"{key}.guess_fraction", f"must be in (0, 1], got {self.guess_fraction}")
+        if self.target_party < 0:
+            _fail(f"{key}.target_party", f"must be >= 0, got {self.target_party}")
 
 
 ACTIVE_ATTACKS = (
@@ -789,6 +800,14 @@ class Scenario:
                 )
             if self.attack.kind != "none":
                 _fail("audit.enabled", f"audit a run without an attack, got {self.attack.kind!r}")
+            if au.view != "aggregate" and mode == "global":
+                _fail(
+                    "audit.view",
+                    f"party-level DP is audited with canary parties in the aggregate; "
+                    f"use view = 'aggregate', got {au.view!r}",
+                )
+            if au.target_party >= n:
+                _fail("audit.target_party", f"must be < data.parties ({n})")
         if self.party.min_parties > n:
             _fail(
                 "party.min_parties", f"must be <= data.parties ({n}), got {self.party.min_parties}"

@@ -25,8 +25,10 @@ from privfl.config import SCENARIO_KEY, Scenario, load_scenario, resolve_scenari
 from privfl.data import load_federation
 from privfl.dp import utility_warning
 from privfl.models import build_model
-from privfl.refusal import refusal_reason
+from privfl.refusal import diverged_reason, refusal_reason
 from privfl.results import AttackReport
+from privfl.strategies.secure_aggregation import curious_read
+from privfl.strategies.wrapper import StrategyWrapper
 from privfl.training import evaluate, resolve_device
 
 log = logging.getLogger("privfl")
@@ -74,18 +76,34 @@ class PrivflFedAvg(FedAvg):
         )
         self.side_channel: dict[int, dict[str, Any]] = {}
         self.faults: dict[int, list[dict[str, Any]]] = {}
+        # Set when the run must end early (a party's training diverged): no more rounds.
+        self.stop_reason: str | None = None
 
     def _record_refusals(self, server_round: int, stage: str, replies: list[Message]) -> None:
         for msg in replies:
-            reason = refusal_reason(msg)
-            if reason is not None:
-                self.faults.setdefault(server_round, []).append(
-                    {
-                        "node": msg.metadata.src_node_id,
-                        "stage": stage,
-                        "reason": f"refused: {reason}",
-                    }
-                )
+            if (reason := refusal_reason(msg)) is not None:
+                text = "refused: " + reason
+            elif (reason := diverged_reason(msg)) is not None:
+                text = "diverged: " + reason
+            else:
+                continue
+            self.faults.setdefault(server_round, []).append(
+                {"node": msg.metadata.src_node_id, "stage": stage, "reason": text}
+            )
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Any:
+        if self.stop_reason:
+            return []
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Any:
+        if self.stop_reason:
+            return []
+        return super().configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Any) -> MetricRecord | None:
         replies = list(replies)
@@ -253,6 +271,38 @@ class _RoundLog:
                     s.stop_reason = self.stopped
 
 
+class AuditPartyView(StrategyWrapper):
+    """Hands the auditor what the server received from one party each round (outermost:
+    the plain update, or under secure aggregation whatever its masked payload decodes to)."""
+
+    def __init__(
+        self, inner: Strategy, *, auditor: RunAuditor, node: int, scenario: Scenario
+    ) -> None:
+        super().__init__(inner)
+        self.auditor, self.node, self.scenario = auditor, node, scenario
+        self._sent: ArrayRecord | None = None
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Any:
+        self._sent = arrays
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Any) -> Any:
+        replies = list(replies)
+        sent = {k: v.numpy() for k, v in self._sent.items()} if self._sent else None
+        for msg in replies:
+            if msg.metadata.src_node_id != self.node or msg.has_error() or sent is None:
+                continue
+            if "arrays" in msg.content.array_records:
+                got = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+            else:
+                # What a curious server decodes of a masked input (None: only ciphertexts).
+                got = curious_read(msg.content, self._sent, self.scenario) or sent
+            self.auditor.observe_party(sent, self.auditor.flatten(got))
+        return self.inner.aggregate_train(server_round, replies)
+
+
 def make_auditor(scenario: Scenario, num_classes: int) -> RunAuditor | None:
     """The privacy audit a scenario asks for (``audit.enabled``), or None."""
     au = scenario.audit
@@ -260,7 +310,12 @@ def make_auditor(scenario: Scenario, num_classes: int) -> RunAuditor | None:
         return None
     params = list(build_model(scenario, num_classes).named_parameters())
     mode = scenario.defense.dp.mode
+    public = load_federation(scenario).public
     return RunAuditor(
+        view=au.view,
+        target_party=au.target_party,
+        records=(public.images, public.labels) if au.view == "final-model" else None,
+        num_classes=num_classes,
         mode=mode,
         canaries=au.canaries,
         param_names=[n for n, _ in params],
@@ -321,6 +376,9 @@ def run_federation(
         round_log = _RoundLog(scenario, build_model(scenario, fed.num_classes), progress)
         round_log.watch(strategy_chain(strategy))
         round_log.auditor = auditor
+        if auditor is not None and auditor.view == "party-update":
+            node = next(n for n, p in party_of.items() if p == auditor.target_party)
+            strategy = AuditPartyView(strategy, auditor=auditor, node=node, scenario=scenario)
         if auditor is not None and auditor.canary_parties is not None:
             public = auditor.audit.canaries // 2  # the count they stand for is public
             for s in strategy_chain(strategy):
@@ -375,6 +433,8 @@ def run_federation(
         if round_log.stopped:
             final["stopped_early"] = f"training diverged in {round_log.stopped}"
         if auditor is not None:
+            if auditor.view == "final-model":
+                auditor.observe_final(model)
             accounted = final.get("epsilon", math.inf)
             audit = auditor.result(
                 epsilon_accounted=accounted if accounted is not None else math.inf,

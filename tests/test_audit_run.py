@@ -113,3 +113,43 @@ def test_canary_coins_are_fresh_each_round():
     draws_b = [x is not None and int(x.count_nonzero()) for x in (b(0.5) for _ in range(5))]
     assert draws_a != draws_b
     assert torch.is_tensor(a(1.0))
+
+
+def test_one_partys_plain_update_leaks_and_secure_aggregation_hides_it(tmp_path):
+    kw = ["audit.view=party-update", "defense.dp.mode=none", "training.lr=0.05"]
+    _, plain = _run(tmp_path, "audit_dpsgd", *kw, "defense.secure_aggregation=none")
+    _, masked = _run(tmp_path, "audit_dpsgd", *kw)  # masking: the server gets y = x + masks
+    assert "party 0" in plain["metrics"]["view"]
+    assert plain["metrics"]["epsilon_lower_bound"] > 2.0
+    assert masked["metrics"]["epsilon_lower_bound"] < 0.5
+
+
+def test_black_box_view_scores_mislabelled_records_by_the_final_models_loss(tmp_path):
+    results, audit = _run(
+        tmp_path,
+        "audit_nodp",
+        "audit.view=final-model",
+        "audit.canaries=400",
+        "scenario.rounds=5",
+    )
+    m = audit["metrics"]
+    assert "black-box" in m["view"] and m["canaries"] == 400
+    assert m["epsilon_lower_bound"] >= 0 and not m["violation"]
+    arrays = (tmp_path / "audit_nodp" / results["attacks"][-1]["arrays"]).name
+    assert arrays.endswith(".npz")
+
+
+def test_the_black_box_view_needs_enough_public_records():
+    from privfl.audit import RunAuditor
+
+    with pytest.raises(ValueError, match="audit.canaries"):
+        RunAuditor(
+            mode="none",
+            canaries=50,
+            param_names=["w"],
+            sizes=[4],
+            clip=1.0,
+            parties=2,
+            view="final-model",
+            records=(torch.zeros(10, 1, 28, 28), torch.zeros(10, dtype=torch.long)),
+        )

@@ -540,6 +540,9 @@ def test_a_diverging_run_stops_cleanly_with_the_reason(tmp_path):
     assert "non-finite weights" in results["final"]["stopped_early"]
     assert [r["round"] for r in results["rounds"]] == [1]
     assert (tmp_path / "run" / "report.md").is_file()
+    # No party was asked to train again after the divergence.
+    state = grid.contexts[100].state.config_records["privfl.party"]
+    assert int(state["last-round"]) == 1
 
 
 def test_party_level_noise_that_drowns_the_updates_is_warned_about():
