@@ -38,7 +38,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from privfl.attacks.active_server import ActiveServerEvaluator, Score
 from privfl.strategies.secure_aggregation import SecureAggregation, SecureAggregationError
-from privfl.strategies.wrapper import StrategyWrapper
+from privfl.strategies.wrapper import GridProxy, StrategyWrapper
 from torch import nn
 
 from privfl.config import SCENARIO_KEY, Scenario
@@ -85,7 +85,7 @@ class Exchange:
 Relay = Callable[[list[Message], Callable[[list[Message]], Iterable[Message]]], list[Message]]
 
 
-class ServerGrid(Grid):
+class ServerGrid(GridProxy):
     """The grid the attacker hands the strategies it wraps.
 
     Every exchange passes through ``relay(messages, send)``, which may rewrite the
@@ -95,7 +95,7 @@ class ServerGrid(Grid):
     """
 
     def __init__(self, grid: Grid, relay: Relay) -> None:
-        self.grid = grid
+        super().__init__(grid)
         self.relay = relay
 
     def send_and_receive(
@@ -113,30 +113,6 @@ class ServerGrid(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         """Refused: exchanges go through :meth:`send_and_receive`."""
         raise NotImplementedError("ServerGrid relays whole exchanges only")
-
-    def set_run(self, run):  # noqa: ANN001, ANN201 - Flower's signature
-        """Forward."""
-        return self.grid.set_run(run)
-
-    @property
-    def run(self):  # noqa: ANN201 - Flower's signature
-        """Forward."""
-        return self.grid.run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        """Forward."""
-        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        """Forward."""
-        return self.grid.get_node_ids()
 
 
 def _with_content(msg: Message, content: RecordDict) -> Message:
