@@ -37,7 +37,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from privfl.attacks.active_server import ActiveServerEvaluator, Score
-from privfl.strategies.secure_aggregation import SecureAggregation, SecureAggregationError
+from privfl.strategies.secure_aggregation import (
+    SecureAggregation,
+    SecureAggregationError,
+    stage_messages,
+)
 from privfl.strategies.wrapper import GridProxy, StrategyWrapper
 from torch import nn
 
@@ -277,20 +281,7 @@ class ActiveServer(StrategyWrapper):
     ) -> Exchange:
         """Send one message of the attacker's own per party; the exchange as recorded."""
         assert self._grid is not None, "configure_train must run first"
-        msgs = []
-        for party, values in configs.items():
-            cfg = ConfigRecord(dict(values))
-            cfg[SCENARIO_KEY] = self.scenario.to_json()
-            cfg[SERVER_ROUND] = server_round
-            content = RecordDict({"config": cfg, **(extra or {}).get(party, {})})
-            msgs.append(
-                Message(
-                    content,
-                    dst_node_id=self.node_of[party],
-                    message_type=msg_type,
-                    group_id=str(server_round),
-                )
-            )
+        msgs = stage_messages(configs, self.node_of, self.scenario, server_round, msg_type, extra)
         self._grid.send_and_receive(msgs, timeout=self.timeout)
         return self.transcript[self._round][-1]
 

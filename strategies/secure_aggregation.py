@@ -70,6 +70,33 @@ def curious_read(
     return out
 
 
+def stage_messages(
+    configs: Mapping[int, ConfigRecord],
+    node_of: Mapping[int, int],
+    scenario: Scenario,
+    server_round: int,
+    msg_type: str,
+    extra: Mapping[int, Mapping[str, Any]] | None = None,
+) -> list[Message]:
+    """One stage message per party: its config (with the scenario and round) and extras."""
+    scenario_json = scenario.to_json()
+    msgs = []
+    for party, values in configs.items():
+        cfg = ConfigRecord(dict(values))
+        cfg[SCENARIO_KEY] = scenario_json
+        cfg["server-round"] = server_round
+        content = RecordDict({"config": cfg, **(extra or {}).get(party, {})})
+        msgs.append(
+            Message(
+                content,
+                dst_node_id=node_of[party],
+                message_type=msg_type,
+                group_id=str(server_round),
+            )
+        )
+    return msgs
+
+
 class SecureAggregation(StrategyWrapper):
     """Wrap ``inner`` so that it only ever sees the securely aggregated update.
 
@@ -148,20 +175,7 @@ class SecureAggregation(StrategyWrapper):
         """Send one message per party, return ``{party: content}`` of error-free replies."""
         assert self._grid is not None, "configure_train must run before any stage"
         t0 = time.perf_counter()
-        msgs = []
-        scenario_json = self.scenario.to_json()
-        for party, cfg in configs.items():
-            cfg[SCENARIO_KEY] = scenario_json
-            cfg["server-round"] = server_round
-            content = RecordDict({"config": cfg, **(extra or {}).get(party, {})})
-            msgs.append(
-                Message(
-                    content,
-                    dst_node_id=self.node_of[party],
-                    message_type=msg_type,
-                    group_id=str(server_round),
-                )
-            )
+        msgs = stage_messages(configs, self.node_of, self.scenario, server_round, msg_type, extra)
         replies = self._send_and_receive(msgs)
         out = self._record(server_round, stage, replies)
         self.round_trips[server_round] = self.round_trips.get(server_round, 0) + 1
