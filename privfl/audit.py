@@ -870,8 +870,9 @@ class RunAuditor:
 
     Parameters
     ----------
-    mode : {"none", "client", "global"}
-        The run's ``defense.dp.mode``.
+    mode : {"none", "client", "global", "distributed"}
+        The run's ``defense.dp.mode``: canary records for the first two, canary parties
+        (added to the released sum, as a party's update would be) for the party-level ones.
     canaries : int
     param_names : sequence of str
         The model's parameter names, in ``model.parameters()`` order (the flat order of
@@ -907,8 +908,10 @@ class RunAuditor:
         records: tuple[torch.Tensor, torch.Tensor] | None = None,
         num_classes: int = 10,
     ) -> None:
-        if mode not in ("none", "client", "global"):
-            raise ValueError(f"RunAuditor: mode must be none, client or global, got {mode!r}")
+        if mode not in ("none", "client", "global", "distributed"):
+            raise ValueError(
+                f"RunAuditor: mode must be none, client, global or distributed, got {mode!r}"
+            )
         if view not in ("aggregate", "party-update", "final-model"):
             raise ValueError(
                 f"RunAuditor: view must be aggregate, party-update or final-model, got {view!r}"
@@ -931,7 +934,7 @@ class RunAuditor:
         self.dim = sum(self.sizes)
         self.parties = parties
         self.confidence = confidence
-        if mode == "global":
+        if mode in ("global", "distributed"):
             self.canary_parties: CanaryParties | None = canary_party_directions(
                 canaries, self.dim, subkey(self.key, "parties"), clip=clip
             )
@@ -1037,7 +1040,7 @@ class RunAuditor:
                 "white-box: every round's aggregate, Dirac canary records in the parties' training"
             )
         else:
-            view = "white-box: every round's aggregate, canary parties in the DP-FedAvg sum"
+            view = "white-box: every round's aggregate, canary parties in the sum"
         return self.audit.evaluate(
             self.scores,
             epsilon_accounted=epsilon_accounted,

@@ -786,21 +786,9 @@ class Scenario:
         au = self.audit
         if au.enabled:
             mode = self.defense.dp.mode
-            if mode not in ("none", "client", "global"):
-                _fail(
-                    "audit.enabled",
-                    f"the audit covers defense.dp.mode none, client (canary records) and "
-                    f"global (canary parties), got {mode!r}",
-                )
-            if mode == "global" and self.defense.secure_aggregation != "none":
-                _fail(
-                    "audit.enabled",
-                    "canary parties join the server's DP-FedAvg sum; run the audit of "
-                    "defense.dp.mode = 'global' without secure aggregation",
-                )
             if self.attack.kind != "none":
                 _fail("audit.enabled", f"audit a run without an attack, got {self.attack.kind!r}")
-            if au.view != "aggregate" and mode == "global":
+            if au.view != "aggregate" and mode in ("global", "distributed"):
                 _fail(
                     "audit.view",
                     f"party-level DP is audited with canary parties in the aggregate; "

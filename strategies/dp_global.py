@@ -201,15 +201,18 @@ class DPGlobalUpdate(StrategyWrapper):
 
         arrays, metrics = self.inner.aggregate_train(server_round, valid) if valid else (None, None)
         eps = self._accountant.step(server_round)  # a configured round is a released step
+        if arrays is not None and self.canary_parties is not None:
+            # The auditor's canary parties join the (secure, noisy) sum as parties would.
+            canary_sum, count = self.canary_parties()
+            mean = flatten(arrays.to_numpy_ndarrays()) - base
+            mean = (mean * num_parties + canary_sum) / (num_parties + count)
+            num_parties += count
+            arrays = record_with_vector(arrays, base + mean)
         if arrays is not None and self.scenario.defense.dp.mode == "global":
             stream = KeyStream(
                 noise_key(self.scenario, "dp-fedavg", -1, server_round, secret=self._secret)
             )
             mean = flatten(arrays.to_numpy_ndarrays()) - base
-            if self.canary_parties is not None:
-                canary_sum, count = self.canary_parties()
-                mean = (mean * num_parties + canary_sum) / (num_parties + count)
-                num_parties += count
             arrays = record_with_vector(
                 arrays,
                 base + self.mechanism.add_noise(mean, num_parties=num_parties, stream=stream),

@@ -80,7 +80,9 @@ def test_canary_parties_under_dp_fedavg_stay_below_the_accounted_epsilon(tmp_pat
 
 def test_the_audit_is_validated():
     with pytest.raises(ScenarioError, match="audit.enabled"):
-        load_scenario(resolve_scenario_path("audit_dpsgd"), ["defense.dp.mode=distributed"])
+        load_scenario(resolve_scenario_path("audit_dpsgd"), ["attack.kind=imprint"])
+    with pytest.raises(ScenarioError, match="audit.view"):
+        load_scenario(resolve_scenario_path("audit_dpfedavg"), ["audit.view=final-model"])
     with pytest.raises(ScenarioError, match="audit.canaries"):
         load_scenario(resolve_scenario_path("audit_dpsgd"), ["audit.canaries=3"])
 
@@ -153,3 +155,10 @@ def test_the_black_box_view_needs_enough_public_records():
             view="final-model",
             records=(torch.zeros(10, 1, 28, 28), torch.zeros(10, dtype=torch.long)),
         )
+
+
+def test_canary_parties_audit_distributed_dp_inside_secure_aggregation(tmp_path):
+    over = ["defense.dp.mode=distributed", "defense.secure_aggregation=masking"]
+    _, audit = _run(tmp_path, "audit_dpfedavg", *over, "data.parties=5")
+    m = audit["metrics"]
+    assert 0 <= m["epsilon_lower_bound"] <= m["epsilon_accounted"]
