@@ -62,7 +62,10 @@ def write_run(
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    _recover_interrupted(out_dir)
+    stage = Path(
+        tempfile.mkdtemp(prefix=f".{out_dir.name}.stage-{os.getpid()}-", dir=out_dir.parent)
+    )
     try:
         stage.chmod(0o777 & ~umask())  # mkdtemp makes it 0700
         for name, fig in figures.items():
@@ -93,6 +96,29 @@ def write_run(
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def _recover_interrupted(out_dir: Path) -> None:
+    """Clean up after a writer that was killed: its staging folders go, and a previous
+    run it had moved aside but not yet replaced goes back where it was."""
+    for path in out_dir.parent.glob(f".{out_dir.name}.*"):
+        m = re.fullmatch(rf"\.{re.escape(out_dir.name)}\.(stage|old)-(\d+)(-.*)?", path.name)
+        if m is None or _alive(int(m.group(2))):
+            continue
+        if m.group(1) == "old" and not out_dir.exists():
+            path.rename(out_dir)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _fmt(v: Any, pct: bool = False) -> str:

@@ -158,3 +158,16 @@ def test_image_grid_wraps_wide_batches():
     fig = image_grid_figure(images[:10], images[:10], columns=8)
     assert len([ax for ax in fig.axes if ax.images]) == 20
     assert len(fig.axes) == 32
+
+
+def test_a_killed_writer_leaves_nothing_behind_for_the_next_run(tmp_path):
+    dead = 2**22 + 17  # above Linux's largest pid: no process has it
+    out = tmp_path / "run"
+    # A writer killed between its two renames: the previous run moved aside, its staging
+    # folder complete but never swapped in.
+    (tmp_path / f".run.old-{dead}").mkdir()
+    (tmp_path / f".run.old-{dead}" / "results.json").write_text("{}")
+    (tmp_path / f".run.stage-{dead}-abc").mkdir()
+    write_run(out, {"scenario": "x", "rounds": []}, {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert json.loads((out / "results.json").read_text())["scenario"] == "x"
