@@ -551,3 +551,15 @@ def test_party_level_noise_that_drowns_the_updates_is_warned_about():
     sc = _scenario(protocol="additive", dp={"mode": "global", "epsilon": 1.5})
     assert "data.parties" in utility_warning(sc, 200_000)
     assert utility_warning(_scenario(dp={"mode": "client", "epsilon": 1.5}), 200_000) is None
+
+
+def test_everything_a_user_imports_is_exported():
+    import privfl.attacks
+    import privfl.clients
+    import privfl.strategies
+
+    for package in (privfl.strategies, privfl.clients, privfl.attacks):
+        for name in package.__all__:
+            assert getattr(package, name) is not None, (package.__name__, name)
+    with pytest.raises(AttributeError, match="no attribute"):
+        privfl.strategies.NoSuchStrategy  # noqa: B018
