@@ -14,9 +14,11 @@ Methods
     iDLG (Zhao et al., 2020): the label of a batch of one read from the sign of the last
     layer's gradient, then DLG on the image only.
 ``inverting-gradients``
-    Geiping et al. (2020): cosine gradient distance plus a total-variation prior,
-    Adam on the signed gradient, box constraint [0, 1], several restarts kept by their
-    objective.
+    Geiping et al. (2020): cosine gradient distance over all layers plus a
+    total-variation prior, Adam on the signed gradient with a stepped step size, box
+    constraint [0, 1], the best of several random starts kept by its gradient distance.
+    For a FedAvg update it unrolls the party's local steps, each on its own batch of
+    the dummy images (``multi_step="simulate"``, :attr:`AttackerKnowledge.samples`).
 
 Labels of larger batches are recovered first (:func:`recover_labels`, count-based from
 the last-layer bias gradient, with the batch's mean prediction estimated on the
@@ -40,6 +42,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+
+from privfl import progress
 
 Method = Literal["dlg", "idlg", "inverting-gradients"]
 MultiStep = Literal["average", "simulate"]
@@ -68,6 +72,9 @@ class AttackerKnowledge:
         Public images of the task's distribution that the attacker holds (the server's
         public data), used only to estimate the batch's mean prediction when counting
         labels (LLG*-style); never the party's data.
+    samples : int
+        Distinct samples behind the update when the local steps are simulated (each step
+        then takes ``batch_size`` of them, in turn); 0 means ``batch_size``.
     """
 
     batch_size: int
@@ -77,16 +84,24 @@ class AttackerKnowledge:
     input_shape: tuple[int, ...] = (1, 28, 28)
     num_classes: int = 10
     auxiliary_images: Tensor | None = field(default=None, compare=False, repr=False)
+    samples: int = 0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
+        if self.samples < 0:
+            raise ValueError(f"samples: must be >= 0 (0 = batch_size), got {self.samples}")
         if self.local_steps < 1:
             raise ValueError(f"local_steps: must be >= 1, got {self.local_steps}")
         if self.lr <= 0:
             raise ValueError(f"lr: must be > 0, got {self.lr}")
         if self.num_classes < 2:
             raise ValueError(f"num_classes: must be >= 2, got {self.num_classes}")
+
+    @property
+    def images(self) -> int:
+        """How many images the attack reconstructs."""
+        return self.samples or self.batch_size
 
 
 @dataclass
@@ -175,7 +190,9 @@ def recover_labels(
     """
     bias, weight = _last_layer(grads, knowledge.num_classes)
     g = (bias if bias is not None else weight.sum(dim=1)).double().cpu()
-    B, C = knowledge.batch_size, knowledge.num_classes
+    # Averaged over S steps of B, g_c = m_c − Σ_s n_sc/(S·B): each of the ``images``
+    # distinct samples enters S·B/images times, so counts scale the same way.
+    B, C = knowledge.images, knowledge.num_classes
     if B == 1:
         return g.argmin().reshape(1).long()
     present = g < 0
@@ -215,10 +232,13 @@ def _tv(x: Tensor) -> Tensor:
 
 
 class _GradientModel:
-    """A double-precision, frozen copy of the attacked model, called functionally."""
+    """A frozen copy of the attacked model (double precision unless told), called
+    functionally."""
 
-    def __init__(self, model: nn.Module, device: torch.device) -> None:
-        self.module = _clone(model).to(device=device, dtype=torch.float64)
+    def __init__(
+        self, model: nn.Module, device: torch.device, dtype: torch.dtype = torch.float64
+    ) -> None:
+        self.module = _clone(model).to(device=device, dtype=dtype)
         self.module.eval()  # no dropout; the privfl models have no batch-norm
         self.names = _param_names(self.module)
         self.params = {n: p.detach() for n, p in self.module.named_parameters()}
@@ -237,12 +257,24 @@ class _GradientModel:
         loss = self.loss(dict(zip(self.names, params, strict=True)), x, y)
         return list(torch.autograd.grad(loss, params, create_graph=True))
 
-    def simulated_gradient(self, x: Tensor, y: Tensor, steps: int, lr: float) -> list[Tensor]:
-        """``−Δ/(lr·steps)`` of ``steps`` unrolled SGD steps on the batch (differentiable)."""
+    def simulated_gradient(
+        self, x: Tensor, y: Tensor, steps: int, lr: float, batch: int | None = None
+    ) -> list[Tensor]:
+        """``−Δ/(lr·steps)`` of ``steps`` unrolled SGD steps (differentiable).
+
+        With ``batch`` set, step ``s`` trains on rows ``s·batch … s·batch + batch − 1``
+        of ``x`` (modulo its length), as a party walking through its shuffled data does;
+        otherwise every step takes all of ``x``.
+        """
         start = {n: self.params[n].requires_grad_(True) for n in self.names}
         params = dict(start)
-        for _ in range(steps):
-            loss = self.loss(params, x, y)
+        for s in range(steps):
+            if batch is None or batch >= len(x):
+                xs, ys = x, y
+            else:
+                rows = (torch.arange(batch, device=x.device) + s * batch) % len(x)
+                xs, ys = x[rows], y[rows]
+            loss = self.loss(params, xs, ys)
             g = torch.autograd.grad(loss, [params[n] for n in self.names], create_graph=True)
             params = {n: params[n] - lr * gi for n, gi in zip(self.names, g, strict=True)}
         return [(start[n] - params[n]) / (lr * steps) for n in self.names]
@@ -269,8 +301,13 @@ def _outside_box(x: Tensor) -> Tensor:
     return excess.flatten(1).sum(1).mean()
 
 
-def _dummy(shape: tuple[int, ...], gen: torch.Generator, device: torch.device) -> Tensor:
-    return torch.rand(shape, generator=gen, dtype=torch.float64).to(device)
+def _dummy(
+    shape: tuple[int, ...],
+    gen: torch.Generator,
+    device: torch.device,
+    dtype: torch.dtype = torch.float64,
+) -> Tensor:
+    return torch.rand(shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
 
 
 # --------------------------------------------------------------------------- attacks
@@ -283,7 +320,9 @@ def _matcher(
     multi_step: MultiStep,
 ) -> Callable[[Tensor, Tensor], list[Tensor]]:
     if multi_step == "simulate" and knowledge.local_steps > 1:
-        return lambda x, y: gm.simulated_gradient(x, y, knowledge.local_steps, knowledge.lr)
+        return lambda x, y: gm.simulated_gradient(
+            x, y, knowledge.local_steps, knowledge.lr, knowledge.batch_size
+        )
     return gm.grads
 
 
@@ -294,15 +333,18 @@ def _lbfgs(
     *,
     lr: float,
     segment: int,
+    on_iteration: Callable[[int], None] | None = None,
 ) -> None:
     """L-BFGS (strong-Wolfe line search) for ``iterations`` steps, its history cleared
     every ``segment`` steps. Each segment minimises the objective divided by its value at
     the segment's start: the distances reached (1e-6 … 1e-12) otherwise fall under
     L-BFGS's fixed tolerances and its line search stalls (measured: a seed that stayed at
-    5.5e-8 over 1000 iterations went to 1.6e-8 once rescaled)."""
+    5.5e-8 over 1000 iterations went to 1.6e-8 once rescaled). ``on_iteration(k)`` is
+    told the iterations done so far (for progress)."""
     done = 0
     while done < iterations:
         steps = min(segment, iterations - done)
+        before = done
         done += steps
         start = float(objective().detach())  # needs autograd: it differentiates
         scale = 1.0 / start if math.isfinite(start) and start > 0 else 1.0
@@ -317,13 +359,21 @@ def _lbfgs(
             line_search_fn="strong_wolfe",
         )
 
-        def closure(opt: torch.optim.LBFGS = opt, scale: float = scale) -> Tensor:
+        def closure(
+            opt: torch.optim.LBFGS = opt, scale: float = scale, before: int = before
+        ) -> Tensor:
+            if on_iteration is not None:
+                # LBFGS counts iterations in its state; a line search may evaluate the
+                # objective several times per iteration.
+                on_iteration(before + opt.state[variables[0]].get("n_iter", 0))
             opt.zero_grad()
             obj = objective() * scale
             obj.backward()
             return obj
 
         opt.step(closure)
+        if on_iteration is not None:
+            on_iteration(done)  # a segment that converged early still spent its budget
 
 
 def duplicate_pairs(
@@ -435,7 +485,7 @@ def dlg(
     tgt = [t.to(device=device, dtype=torch.float64) for t in target]
     norm = float(sum((t * t).sum() for t in tgt)) or 1.0
     match = _matcher(gm, tgt, knowledge, multi_step)
-    shape = (knowledge.batch_size, *knowledge.input_shape)
+    shape = (knowledge.images, *knowledge.input_shape)
     gen = torch.Generator().manual_seed(seed)
     warm = min(warmup, iterations)
 
@@ -443,7 +493,7 @@ def dlg(
         obj = float(_l2(match(x, y), tgt).detach()) / norm
         return obj if math.isfinite(obj) else math.inf
 
-    def optimise(x: Tensor, y: Tensor, steps: int, box: float = 0.0) -> None:
+    def optimise(x: Tensor, y: Tensor, steps: int, what: str, box: float = 0.0) -> None:
         opt_vars = [x] if labels is not None else [x, y]
 
         def objective() -> Tensor:
@@ -452,13 +502,14 @@ def dlg(
                 obj = obj + box * _outside_box(x)
             return obj + tv_weight * _tv(x) if tv_weight > 0 else obj
 
-        _lbfgs(opt_vars, objective, steps, lr=lr, segment=segment)
+        with progress.phase(f"gradient inversion: DLG {what}, L-BFGS", total=steps) as bar:
+            _lbfgs(opt_vars, objective, steps, lr=lr, segment=segment, on_iteration=bar.update)
 
     def draw(n: int) -> Tensor:
         return (init_scale * _dummy((n, *shape[1:]), gen, device)).requires_grad_(True)
 
     best: tuple[float, Tensor, Tensor] | None = None
-    for _ in range(restarts):
+    for start in range(restarts):
         x = draw(shape[0])
         if labels is None:
             y = (
@@ -468,7 +519,7 @@ def dlg(
             )
         else:
             y = labels.to(device)
-        optimise(x, y, warm)
+        optimise(x, y, warm, f"random start {start + 1}/{restarts}")
         obj = distance(x, y)
         if best is None or obj < best[0]:
             best = (obj, x.detach().clone(), y.detach().clone())
@@ -487,7 +538,7 @@ def dlg(
             x.requires_grad_(True)
             steps = min(warm, left)
             left -= steps
-            optimise(x, y, steps)
+            optimise(x, y, steps, f"re-drawing {len({j for _, j in pairs})} duplicate(s)")
             obj = distance(x, y)
             if obj >= best[0]:
                 break
@@ -495,7 +546,7 @@ def dlg(
     x = best[1].clone().requires_grad_(True)
     y = best[2].clone().requires_grad_(labels is None)
     if left > 0:
-        optimise(x, y, left, box_weight)
+        optimise(x, y, left, "polish", box_weight)
         if not math.isfinite(distance(x, y)):  # a diverged polish keeps the kept start
             x, y = best[1].clone(), best[2].clone()
     x = x.detach().clamp(0.0, 1.0)
@@ -524,6 +575,25 @@ def idlg(
     return dlg(model, target, knowledge, labels=labels, **kwargs)  # type: ignore[arg-type]
 
 
+def spread_labels(labels: Tensor, steps: int, batch: int) -> Tensor:
+    """Deal the labels out over ``steps`` local batches of ``batch``, like cards.
+
+    Which sample sat in which local batch is unknown to the attacker; a shuffled party's
+    batches each hold a bit of every class, so dealing the sorted labels in turn (rather
+    than giving the first step all the zeros) keeps the simulated trajectory close to the
+    real one. Row ``s·batch + j`` of the result is used by step ``s``
+    (:meth:`_GradientModel.simulated_gradient`). Labels that do not fill ``steps``
+    disjoint batches exactly are returned sorted.
+    """
+    n = len(labels)
+    if steps <= 1 or n != steps * batch:
+        return torch.sort(labels).values
+    k = torch.arange(n)
+    out = torch.empty_like(labels)
+    out[(k % steps) * batch + k // steps] = torch.sort(labels).values
+    return out
+
+
 def inverting_gradients(
     model: nn.Module,
     target: list[Tensor],
@@ -537,46 +607,126 @@ def inverting_gradients(
     seed: int = 0,
     device: torch.device | str = "cpu",
     multi_step: MultiStep = "average",
+    trial_iterations: int = 0,
 ) -> Reconstruction:
-    """Inverting Gradients: cosine distance + TV prior, Adam on the signed gradient,
-    projection onto [0, 1], learning rate decayed at 3/8, 5/8 and 7/8 of the budget;
-    the restart with the lowest objective is kept. Labels default to
-    :func:`recover_labels`. Parameters as for :func:`dlg`."""
+    """Inverting Gradients (Geiping et al., NeurIPS 2020).
+
+    Minimises ``1 − cos(∇θ L(x, y), g)`` over all layers at once (the paper's equal layer
+    weighting) plus ``tv_weight·TV(x)``, with Adam fed the *sign* of the gradient, pixels
+    projected onto [0, 1] after every step, and the step size cut tenfold at 3/8, 5/8 and
+    7/8 of ``iterations``. Labels default to :func:`recover_labels`.
+
+    With ``multi_step="simulate"`` and several local steps, ``g`` is the party's weight
+    difference (as ``−Δ/(lr·S)``) and the dummy batch is pushed through the same ``S``
+    SGD steps of ``knowledge.batch_size`` at ``knowledge.lr`` (the paper's FedAvg
+    experiments): ``knowledge.images`` dummies, step ``s`` taking rows
+    ``s·B … s·B + B − 1``, labels dealt over the steps by :func:`spread_labels`.
+
+    Restarts: each of ``restarts`` random starts (uniform pixels) runs
+    ``trial_iterations`` steps at the full step size; the one with the lowest gradient
+    distance (cosine, without the prior, as the paper scores restarts) continues to
+    ``iterations``. ``trial_iterations = 0`` runs every start for the whole budget (the
+    paper's protocol; ``restarts×`` the cost). Measured on the default CNN and MNIST
+    (seeds 0–4, batch 1): the cosine a start reaches in its first few hundred steps
+    already separates the starts that end above 25 dB from those stuck near 12 dB.
+
+    Parameters
+    ----------
+    model, target, knowledge, labels, seed, device, multi_step
+        As for :func:`dlg`.
+    iterations : int
+        Adam steps of the kept start, its trial included.
+    restarts : int
+        Random starts.
+    lr : float
+        Initial Adam step size (pixels are in [0, 1]).
+    tv_weight : float
+        Weight of the total-variation prior (:func:`_tv`, mean absolute difference).
+    trial_iterations : int
+        Steps each start runs before the best is chosen (0: all of ``iterations``).
+
+    Returns
+    -------
+    Reconstruction
+        ``objective`` is the kept start's final cosine distance.
+    """
+    if trial_iterations < 0:
+        raise ValueError(f"trial_iterations: must be >= 0, got {trial_iterations}")
     t0 = time.perf_counter()
     device = torch.device(device)
-    gm = _GradientModel(model, device)
-    tgt = [t.to(device=device, dtype=torch.float64) for t in target]
+    # Signed steps need only the gradient's direction: single precision is enough and
+    # 1.7× faster on CPU (5 unrolled steps × 40 images).
+    gm = _GradientModel(model, device, torch.float32)
+    tgt = [t.to(device=device, dtype=torch.float32) for t in target]
     match = _matcher(gm, tgt, knowledge, multi_step)
     if labels is None:
         labels = recover_labels(target, knowledge, model)
+    if multi_step == "simulate":
+        labels = spread_labels(labels, knowledge.local_steps, knowledge.batch_size)
     y = labels.to(device)
-    shape = (knowledge.batch_size, *knowledge.input_shape)
+    shape = (knowledge.images, *knowledge.input_shape)
     gen = torch.Generator().manual_seed(seed)
     milestones = [int(iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)]
-    best: tuple[float, Tensor] | None = None
-    for _ in range(restarts):
-        x = _dummy(shape, gen, device).requires_grad_(True)
-        opt = torch.optim.Adam([x], lr=lr)
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
-        for _ in range(iterations):
-            opt.zero_grad()
-            obj = _cosine(match(x, y), tgt) + tv_weight * _tv(x)
-            (grad,) = torch.autograd.grad(obj, [x])
-            x.grad = grad.sign()
-            opt.step()
-            sched.step()
-            with torch.no_grad():
-                x.clamp_(0.0, 1.0)
-        final = float((_cosine(match(x, y), tgt) + tv_weight * _tv(x)).detach())
-        if best is None or final < best[0]:
-            best = (final, x.detach())
+    trial = min(trial_iterations or iterations, iterations)
+
+    def distance(x: Tensor) -> float:
+        obj = float(_cosine(match(x, y), tgt).detach())
+        return obj if math.isfinite(obj) else math.inf
+
+    def run(state: _Start, steps: int, what: str) -> None:
+        with progress.phase(f"gradient inversion: Inverting Gradients {what}", total=steps) as bar:
+            for _ in range(steps):
+                state.opt.zero_grad()
+                obj = _cosine(match(state.x, y), tgt) + tv_weight * _tv(state.x)
+                (grad,) = torch.autograd.grad(obj, [state.x])
+                state.x.grad = grad.sign()
+                state.opt.step()
+                state.sched.step()
+                with torch.no_grad():
+                    state.x.clamp_(0.0, 1.0)
+                bar.advance()
+
+    best: tuple[float, _Start] | None = None
+    for start in range(restarts):
+        state = _Start.draw(shape, gen, device, lr, milestones)
+        run(state, trial, f"start {start + 1}/{restarts}, Adam")
+        score = distance(state.x)
+        if best is None or score < best[0]:
+            best = (score, state)
     assert best is not None
+    state = best[1]
+    if iterations > trial:
+        run(state, iterations - trial, f"best of {restarts} starts, Adam")
+    x = state.x.detach()
     return Reconstruction(
-        images=best[1].float().cpu(),
+        images=x.float().cpu(),
         labels=labels.long().cpu(),
-        objective=best[0],
+        objective=distance(x),
         seconds=time.perf_counter() - t0,
     )
+
+
+@dataclass
+class _Start:
+    """One random start of Inverting Gradients: its pixels, optimiser and schedule."""
+
+    x: Tensor
+    opt: torch.optim.Adam
+    sched: torch.optim.lr_scheduler.MultiStepLR
+
+    @classmethod
+    def draw(
+        cls,
+        shape: tuple[int, ...],
+        gen: torch.Generator,
+        device: torch.device,
+        lr: float,
+        milestones: list[int],
+    ) -> _Start:
+        x = _dummy(shape, gen, device, torch.float32).requires_grad_(True)
+        opt = torch.optim.Adam([x], lr=lr)
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
+        return cls(x, opt, sched)
 
 
 def invert_update(
@@ -594,6 +744,7 @@ def invert_update(
     labels: Tensor | None = None,
     multi_step: MultiStep = "average",
     label_recovery: LabelRecovery = "analytic",
+    trial_iterations: int = 0,
 ) -> Reconstruction:
     """Invert one party's update: the single entry point of the curious server.
 
@@ -616,6 +767,9 @@ def invert_update(
     label_recovery : {"analytic", "joint"}
         For ``dlg`` with unknown labels: recover them from the output layer first and
         hold them fixed, or optimise soft labels jointly as the original DLG does.
+    trial_iterations : int
+        For ``inverting-gradients``: steps of each start before the best is kept
+        (see :func:`inverting_gradients`).
 
     Returns
     -------
@@ -639,7 +793,9 @@ def invert_update(
     # A target decoded from masked traffic is huge ring noise; its gradients underflow
     # into denormals, which are orders of magnitude slower on CPUs. Flush them.
     with _flushed_denormals():
-        return _dispatch(model, update, knowledge, method, labels, label_recovery, common)
+        return _dispatch(
+            model, update, knowledge, method, labels, label_recovery, common, trial_iterations
+        )
 
 
 @contextlib.contextmanager
@@ -660,6 +816,7 @@ def _dispatch(
     labels: Tensor | None,
     label_recovery: LabelRecovery,
     common: dict,
+    trial_iterations: int = 0,
 ) -> Reconstruction:
     target = gradient_from_update(model, update, knowledge)
     if method == "dlg":
@@ -669,5 +826,7 @@ def _dispatch(
     if method == "idlg":
         return idlg(model, target, knowledge, labels=labels, **common)
     if method == "inverting-gradients":
-        return inverting_gradients(model, target, knowledge, labels=labels, **common)  # type: ignore[arg-type]
+        return inverting_gradients(  # type: ignore[arg-type]
+            model, target, knowledge, labels=labels, trial_iterations=trial_iterations, **common
+        )
     raise ValueError(f"method: unknown {method!r}; accepted: dlg, idlg, inverting-gradients")

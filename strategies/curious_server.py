@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from privfl.attacks.gradient_inversion import AttackerKnowledge, Reconstruction, invert_update
-from privfl.strategies.wrapper import StrategyWrapper
+from privfl.strategies.wrapper import GridProxy, StrategyWrapper
 
 from privfl.config import Scenario
 from privfl.results import AttackReport
@@ -45,7 +46,13 @@ class Exchange:
     received: list[RecordDict] = field(default_factory=list)
 
 
-class RecordingGrid(Grid):
+def _snapshot(content: RecordDict) -> RecordDict:
+    """An independent copy of a message's content, made the way it crosses the wire
+    (``deepcopy`` fails on the memoryview-backed arrays of aggregated models)."""
+    return recorddict_from_proto(recorddict_to_proto(content))
+
+
+class RecordingGrid(GridProxy):
     """A Grid that forwards everything and records the traffic of ``nodes``.
 
     ``transcript[round]`` lists the exchanges of that round in order. The round is read
@@ -54,7 +61,7 @@ class RecordingGrid(Grid):
     """
 
     def __init__(self, grid: Grid, nodes: Iterable[int]) -> None:
-        self.grid = grid
+        super().__init__(grid)
         self.nodes = set(nodes)
         self._pending: Exchange | None = None
         self.transcript: dict[int, list[Exchange]] = {}
@@ -76,7 +83,7 @@ class RecordingGrid(Grid):
             return messages, None
         self._round = self._round_of(ours[0])
         ex = Exchange(message_type=ours[0].metadata.message_type)
-        ex.sent = [copy.deepcopy(m.content) for m in ours if m.has_content()]
+        ex.sent = [_snapshot(m.content) for m in ours if m.has_content()]
         self.transcript.setdefault(self._round, []).append(ex)
         return messages, ex
 
@@ -85,7 +92,7 @@ class RecordingGrid(Grid):
         if ex is not None:
             for m in replies:
                 if m.metadata.src_node_id in self.nodes and m.has_content():
-                    ex.received.append(copy.deepcopy(m.content))
+                    ex.received.append(_snapshot(m.content))
         return replies
 
     # -------------------------------------------------------------- Grid API
@@ -106,30 +113,6 @@ class RecordingGrid(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         """Forward; replies from the target go to the last pushed exchange."""
         return self._received(self.grid.pull_messages(message_ids), self._pending)
-
-    def set_run(self, run):  # noqa: ANN001, ANN201 - Flower's signature
-        """Forward."""
-        return self.grid.set_run(run)
-
-    @property
-    def run(self):  # noqa: ANN201 - Flower's signature
-        """Forward."""
-        return self.grid.run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        """Forward."""
-        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        """Forward."""
-        return self.grid.get_node_ids()
 
 
 UpdateReader = Callable[[RecordDict, ArrayRecord, Scenario], Mapping[str, np.ndarray] | None]
@@ -267,11 +250,11 @@ class CuriousServer(StrategyWrapper):
         if metrics is not None and "num-examples" in metrics:
             n = int(metrics["num-examples"])
         steps = local_steps(n, self.scenario)
-        batch = (
-            min(n, t.batch_size)
-            if self.settings.multi_step == "simulate"
-            else min(n, steps * t.batch_size)
-        )
+        simulate = self.settings.multi_step == "simulate"
+        # The server set lr, steps and batch size itself; simulating, it unrolls steps of
+        # one batch each over the distinct samples those steps can have touched.
+        batch = min(n, t.batch_size) if simulate else min(n, steps * t.batch_size)
+        samples = min(n, steps * t.batch_size) if simulate else 0
         from privfl.models import INPUT_SHAPE
 
         return AttackerKnowledge(
@@ -282,6 +265,7 @@ class CuriousServer(StrategyWrapper):
             input_shape=self._input_shape or INPUT_SHAPE,
             num_classes=num_classes,
             auxiliary_images=auxiliary,
+            samples=samples,
         )
 
     def _truth(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -338,6 +322,7 @@ class CuriousServer(StrategyWrapper):
             labels=labels,
             multi_step=s.multi_step,
             label_recovery=s.label_recovery,
+            trial_iterations=s.trial_iterations,
         )
 
     def attack_reports(self) -> list[AttackReport]:
@@ -375,7 +360,8 @@ class CuriousServer(StrategyWrapper):
         assert kn is not None
         secure = self.scenario.defense.secure_aggregation
         budget = (
-            f"{s.restarts} restart(s) × {s.iterations} iterations"
+            f"best of {s.restarts} start(s) after {s.trial_iterations or s.iterations} "
+            f"Adam steps each, run to {s.iterations}"
             if s.method == "inverting-gradients"
             else f"best of {s.restarts} start(s), run to {s.iterations} L-BFGS iterations"
         )
