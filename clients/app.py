@@ -45,8 +45,6 @@ from privfl.refusal import diverged_reply
 from privfl.secagg.identity import load_roster
 from privfl.training import evaluate, resolve_device, train_local
 
-EPSILON_RECORD = EPSILON_SIDE
-
 
 def scenario_of(msg: Message) -> Scenario:
     """The scenario a server message carries."""
@@ -151,7 +149,7 @@ def train(msg: Message, context: Context, *, auditor: RunAuditor | None = None) 
     if epsilon is not None:
         # Privacy spent is public by design; the side channel reaches the server in the
         # clear even under secure aggregation, which hides metrics.
-        content[EPSILON_RECORD] = ConfigRecord({"epsilon": epsilon, "party": party})
+        content[EPSILON_SIDE] = ConfigRecord({"epsilon": epsilon, "party": party})
     return Message(content, reply_to=msg)
 
 

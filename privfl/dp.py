@@ -77,6 +77,8 @@ def noise_key(
     if secret is None:
         return os.urandom(32)
     info = f"{purpose}|party={party}|round={server_round}".encode()
+    # A party-local secret is also bound to the seed (one secret, many scenarios); keyed
+    # by the seed itself, the derivation is the one a trusting party has always used.
     if secret != seed_secret(scenario):
         info += b"|seed=" + seed_secret(scenario)
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=_LAB_SALT, info=info).derive(secret)

@@ -71,9 +71,7 @@ def run_scenario(
         Keep Flower's and Ray's INFO logs.
     """
     from privfl.data import load_federation
-    from privfl.dp import utility_warning
-    from privfl.models import build_model
-    from privfl.server import make_auditor, make_server_app, run_federation
+    from privfl.server import make_auditor, make_server_app, model_utility_warning, run_federation
     from privfl.training import resolve_device
 
     sc = resolve(scenario, overrides)
@@ -81,8 +79,7 @@ def run_scenario(
     # Fail on missing data or devices here, before Ray starts.
     resolve_device(sc.scenario.device)
     fed = load_federation(sc)
-    dim = sum(p.numel() for p in build_model(sc, fed.num_classes).parameters())
-    hint = utility_warning(sc, dim)
+    hint = model_utility_warning(sc, fed.num_classes)
     if hint:
         warnings.warn(hint, UserWarning, stacklevel=2)
 

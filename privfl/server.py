@@ -206,6 +206,7 @@ class _RoundLog:
         self.initial: dict[str, float] = {}
         self.stopped: str | None = None
         self.auditor: RunAuditor | None = None
+        self._chain: list[Strategy] = []
         self._t = time.perf_counter()
         self._bar: Any = None
         if progress:
@@ -254,7 +255,7 @@ class _RoundLog:
         self._chain = chain
 
     def _check_divergence(self, server_round: int) -> None:
-        chain = getattr(self, "_chain", [])
+        chain = self._chain
         reasons = [
             f["reason"]
             for s in chain
@@ -453,7 +454,7 @@ def run_federation(
         "seed": scenario.scenario.seed,
         "config": scenario.to_dict(),
         "privacy": privacy_statement(scenario),
-        "warnings": [w for w in [_utility_warning(scenario, fed.num_classes)] if w],
+        "warnings": [w for w in [model_utility_warning(scenario, fed.num_classes)] if w],
         "rounds": rounds,
         "round_0": round_0,
         "final": final,
@@ -519,7 +520,8 @@ NEIGHBOURING = {
 }
 
 
-def _utility_warning(scenario: Scenario, num_classes: int) -> str | None:
+def model_utility_warning(scenario: Scenario, num_classes: int) -> str | None:
+    """:func:`privfl.dp.utility_warning` for the scenario's own model."""
     dim = sum(p.numel() for p in build_model(scenario, num_classes).parameters())
     return utility_warning(scenario, dim)
 

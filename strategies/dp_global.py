@@ -201,22 +201,20 @@ class DPGlobalUpdate(StrategyWrapper):
 
         arrays, metrics = self.inner.aggregate_train(server_round, valid) if valid else (None, None)
         eps = self._accountant.step(server_round)  # a configured round is a released step
-        if arrays is not None and self.canary_parties is not None:
-            # The auditor's canary parties join the (secure, noisy) sum as parties would.
-            canary_sum, count = self.canary_parties()
+        global_noise = self.scenario.defense.dp.mode == "global"
+        if arrays is not None and (global_noise or self.canary_parties is not None):
             mean = flatten(arrays.to_numpy_ndarrays()) - base
-            mean = (mean * num_parties + canary_sum) / (num_parties + count)
-            num_parties += count
+            if self.canary_parties is not None:
+                # The auditor's canary parties join the (secure, noisy) sum as parties would.
+                canary_sum, count = self.canary_parties()
+                mean = (mean * num_parties + canary_sum) / (num_parties + count)
+                num_parties += count
+            if global_noise:
+                stream = KeyStream(
+                    noise_key(self.scenario, "dp-fedavg", -1, server_round, secret=self._secret)
+                )
+                mean = self.mechanism.add_noise(mean, num_parties=num_parties, stream=stream)
             arrays = record_with_vector(arrays, base + mean)
-        if arrays is not None and self.scenario.defense.dp.mode == "global":
-            stream = KeyStream(
-                noise_key(self.scenario, "dp-fedavg", -1, server_round, secret=self._secret)
-            )
-            mean = flatten(arrays.to_numpy_ndarrays()) - base
-            arrays = record_with_vector(
-                arrays,
-                base + self.mechanism.add_noise(mean, num_parties=num_parties, stream=stream),
-            )
         metrics = MetricRecord() if metrics is None else metrics
         metrics["epsilon"] = eps
         log.info("round %d: party-level ε=%.4f (δ=%g)", server_round, eps, self.delta)
