@@ -424,7 +424,7 @@ def dlg(
 
     With ``labels=None`` soft labels are optimised jointly with the images (the original
     DLG); with labels given only the images are. The schedule, each step measured on the
-    MNIST batches of 7 of ``seed_dlg_b7`` (seeds 0–4):
+    MNIST batches of 7 of ``dlg_batch7`` (seeds 0–4):
 
     1. ``restarts`` random starts run ``min(warmup, iterations)`` L-BFGS iterations each;
        the one with the lowest gradient distance (relative to ``‖g‖²``) is kept. Pixels

@@ -241,7 +241,7 @@ def test_malicious_server_rearms_block_and_keeps_task_aggregate() -> None:
 
     for rearm in (True, False):
         sc = load_scenario(
-            "scenarios/seed_imprint.toml",
+            "scenarios/imprint_secagg.toml",
             [f"attack.imprint.rearm={str(rearm).lower()}", "attack.imprint.round=2"],
         )
         server = ImprintServer(Inner(None), scenario=sc, party_of={})
@@ -262,7 +262,7 @@ def test_attack_round_uses_server_hyper_parameters_and_is_rolled_back() -> None:
     from privfl.config import Scenario, load_scenario
     from privfl.server import SCENARIO_KEY
 
-    sc = load_scenario("scenarios/seed_imprint.toml")
+    sc = load_scenario("scenarios/imprint_secagg.toml")
     im = sc.attack.imprint
     assert (im.local_steps, im.batch_size, im.lr) == (1, 8, 1.0)
     chosen = attack_round_scenario(sc)
@@ -307,11 +307,11 @@ def test_server_only_keys_are_validated() -> None:
     from privfl.config import ScenarioError, load_scenario
 
     with pytest.raises(ScenarioError, match=r"attack\.imprint\.lr"):
-        load_scenario("scenarios/seed_imprint_participant.toml", ["attack.imprint.lr=1.0"])
+        load_scenario("scenarios/imprint_participant.toml", ["attack.imprint.lr=1.0"])
     with pytest.raises(ScenarioError, match=r"attack\.imprint\.batch_size"):
-        load_scenario("scenarios/seed_imprint.toml", ["attack.imprint.batch_size=-1"])
+        load_scenario("scenarios/imprint_secagg.toml", ["attack.imprint.batch_size=-1"])
     with pytest.raises(ScenarioError, match=r"attack\.imprint\.round"):
-        load_scenario("scenarios/seed_imprint_dp.toml", ["attack.imprint.round=1"])
+        load_scenario("scenarios/imprint_dpsgd.toml", ["attack.imprint.round=1"])
 
 
 def test_block_trains_only_its_encoder() -> None:

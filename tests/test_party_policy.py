@@ -512,7 +512,7 @@ def test_a_deployed_node_reads_its_policy_and_keys_from_its_node_config(tmp_path
         },
         state=RecordDict(),
         # What the server's operator chose: never the party's policy.
-        run_config={"scenario": "seed_dlg_b1"},
+        run_config={"scenario": "dlg_batch1"},
     )
     pol = node_policy(ctx)
     assert pol.scenario.scenario.name == "three_hospitals"

@@ -27,7 +27,7 @@ TINY = [
 def test_tiny_sweep_writes_csv_and_plots_and_a_rerun_runs_nothing(tmp_path):
     out = tmp_path / "sweep"
     grid = {"defense.dp.epsilon": ["1", "8"]}
-    first = run_sweep("seed_mia_dp", grid, out, overrides=TINY, keep_going=False)
+    first = run_sweep("mia_small_hospitals_dpsgd", grid, out, overrides=TINY, keep_going=False)
     assert sorted(first.ran) == ["defense.dp.epsilon=1,seed=0", "defense.dp.epsilon=8,seed=0"]
     rows = list(csv.DictReader((out / "sweep.csv").open()))
     assert [r["defense.dp.epsilon"] for r in rows] == ["1", "8"]
@@ -46,7 +46,7 @@ def test_tiny_sweep_writes_csv_and_plots_and_a_rerun_runs_nothing(tmp_path):
         calls.append(args)
         return run_scenario(*args, **kwargs)
 
-    again = run_sweep("seed_mia_dp", grid, out, overrides=TINY, run=counting)
+    again = run_sweep("mia_small_hospitals_dpsgd", grid, out, overrides=TINY, run=counting)
     assert calls == [] and again.ran == [] and len(again.skipped) == 2
     assert list(csv.DictReader((out / "sweep.csv").open())) == rows
 

@@ -83,7 +83,7 @@ def imprint_trial(scenario: Scenario) -> dict[str, Any]:
 
 
 def imprint_bench_rows(
-    scenario: str | Scenario = "seed_imprint",
+    scenario: str | Scenario = "imprint_secagg",
     *,
     seeds: int = 20,
     steps: Iterable[int] = (2, 5),
@@ -138,7 +138,7 @@ def imprint_bench_rows(
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="privfl bench imprint", description=__doc__)
-    p.add_argument("scenario", nargs="?", default="seed_imprint")
+    p.add_argument("scenario", nargs="?", default="imprint_secagg")
     p.add_argument("--seeds", type=int, default=20)
     p.add_argument("--steps", type=int, nargs="*", default=[2, 5])
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")

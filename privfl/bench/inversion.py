@@ -8,7 +8,7 @@ Flower run's server receives (the masked payload under secure aggregation) and t
 numbers equal ``privfl run`` for the same seed; only Ray is left out. Every row is
 printed beside the reference figure for that scenario. Usage::
 
-    python -m privfl.bench.inversion seed_dlg_b1 seed_dlg_b7 seed_dlg_secagg \\
+    python -m privfl.bench.inversion dlg_batch1 dlg_batch7 dlg_secagg \\
         --seeds 0,1,2,3,4 [--model cnn] [--threads 1]
     privfl bench inversion ig_cnn_b1 ig_cnn_b8 ig_fedavg ig_fedavg_secagg \\
         [-o attack.gradient_inversion.round=3]
@@ -32,9 +32,9 @@ from privfl.config import load_scenario, resolve_scenario_path
 
 # The reference figure for each shipped scenario.
 FOUNDING = {
-    "seed_dlg_b1": "1 of 1, reconstructed exactly",
-    "seed_dlg_b7": "3 of 7",
-    "seed_dlg_secagg": "nothing (0 of 7)",
+    "dlg_batch1": "1 of 1, reconstructed exactly",
+    "dlg_batch7": "3 of 7",
+    "dlg_secagg": "nothing (0 of 7)",
     "ig_cnn_b1": "target: >= 25 dB on 4 of 5 seeds, < 60 s",
     "ig_cnn_b8": "target: >= 4 of 8 at >= 18 dB",
     "ig_fedavg": "target: >= 10 of 40 at >= 18 dB, < 10 min",

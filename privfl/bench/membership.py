@@ -1,7 +1,7 @@
 """``privfl bench membership``: QMIA, LOSS and offline LiRA on the seed MIA scenarios.
 
-``seed_mia`` / ``seed_mia_dp`` train their single target in-process exactly as a run does
-(:func:`privfl.attacks.membership.run_membership`). ``seed_mia_fl`` needs a global model:
+``mia_small_hospitals`` / ``mia_small_hospitals_dpsgd`` train their single target in-process exactly as a run does
+(:func:`privfl.attacks.membership.run_membership`). ``mia_federated`` needs a global model:
 here it is the FedAvg of the parties' ``train_local`` updates computed in-process (the
 same local training as a Flower run, without Flower), so the rows come without Ray.
 One row per (scenario, attack), printed beside the reference figure.
@@ -20,12 +20,12 @@ from torch import nn
 
 from privfl.config import Scenario
 
-DEFAULT_SCENARIOS = ("seed_mia", "seed_mia_dp")
+DEFAULT_SCENARIOS = ("mia_small_hospitals", "mia_small_hospitals_dpsgd")
 # The reference figure for each scenario's setting.
 FOUNDING_FIGURE = {
-    "seed_mia": "QMIA: 97% of flagged records truly members (ResNet-50, ImageNet)",
-    "seed_mia_dp": "DP-SGD pushes membership inference to chance",
-    "seed_mia_fl": "membership inference on a federated global model: (not reported)",
+    "mia_small_hospitals": "QMIA: 97% of flagged records truly members (ResNet-50, ImageNet)",
+    "mia_small_hospitals_dpsgd": "DP-SGD pushes membership inference to chance",
+    "mia_federated": "membership inference on a federated global model: (not reported)",
 }
 ROW_KEYS = (
     "auc",

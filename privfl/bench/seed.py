@@ -1,6 +1,6 @@
 """``privfl bench seed``: the reference attack figures, reproduced end to end.
 
-Every row is a real run of a shipped ``seed_*`` scenario through Flower (or, for the
+Every row is a real run of a shipped reference scenario through Flower (or, for the
 single-model membership target, in-process), printed beside the reference figure reported
 on EMNIST.
 """
@@ -16,15 +16,15 @@ from typing import Any
 
 # (scenario, reference figure, group)
 ROWS: list[tuple[str, str, str]] = [
-    ("seed_dlg_b1", "DLG: batch of 1 recovered exactly", "dlg"),
-    ("seed_dlg_b7", "DLG: 3 of a batch of 7", "dlg"),
-    ("seed_dlg_secagg", "DLG under secure aggregation: nothing", "dlg"),
-    ("seed_imprint", "imprint: all but one of the n·B samples", "imprint"),
-    ("seed_imprint_participant", "imprint by a participant: (not reported)", "imprint"),
-    ("seed_imprint_dp", "imprint with DP at ε=1.5: nothing", "imprint"),
-    ("seed_mia", "QMIA: 97% precision (ResNet-50, ImageNet)", "mia"),
-    ("seed_mia_dp", "DP-SGD pushes MIA to chance", "mia"),
-    ("seed_mia_fl", "MIA on a federated global model: (not reported)", "mia"),
+    ("dlg_batch1", "DLG: batch of 1 recovered exactly", "dlg"),
+    ("dlg_batch7", "DLG: 3 of a batch of 7", "dlg"),
+    ("dlg_secagg", "DLG under secure aggregation: nothing", "dlg"),
+    ("imprint_secagg", "imprint: all but one of the n·B samples", "imprint"),
+    ("imprint_participant", "imprint by a participant: (not reported)", "imprint"),
+    ("imprint_dpsgd", "imprint with DP at ε=1.5: nothing", "imprint"),
+    ("mia_small_hospitals", "QMIA: 97% precision (ResNet-50, ImageNet)", "mia"),
+    ("mia_small_hospitals_dpsgd", "DP-SGD pushes MIA to chance", "mia"),
+    ("mia_federated", "MIA on a federated global model: (not reported)", "mia"),
 ]
 
 KEY_METRICS = (
