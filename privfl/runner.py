@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from privfl.config import Scenario, load_scenario, resolve_scenario_path
+from privfl.reaper import reap_descendants
 
 DEFAULT_SCENARIO = "three_hospitals"
 
@@ -100,7 +101,8 @@ def run_scenario(
     # never come from the server's messages.
     client_app = make_client_app(sc, auditor=auditor)
     _quiet_flower(verbose)
-    with warnings.catch_warnings():
+    # Ray's agents outlive a killed run unless something stops them.
+    with reap_descendants(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run_simulation(
             server_app=server_app,
