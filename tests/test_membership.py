@@ -587,7 +587,7 @@ def test_bench_summarises_attacks_over_seeds() -> None:
         row(1, "lira", 0.66, 0.020),
     ]
     lines = seed_summary(rows)
-    assert "mia_small_hospitals     qmia  over 2 seeds: AUC 0.670 ± 0.010, TPR@0.1% 0.019 ± 0.006" in lines[0]
+    assert "mia_small_hospitals qmia  over 2 seeds: AUC 0.670 ± 0.010, TPR@0.1% 0.019 ± 0.006" in lines[0]
     assert lines[-1].startswith("mia_small_hospitals     QMIA's TPR@0.1% >= LiRA's on 1/2 seeds (seeds 1)")
     assert _seed_list("0, 1,4") == [0, 1, 4]
     with pytest.raises(Exception, match="comma-separated integers"):
