@@ -588,7 +588,7 @@ def test_bench_summarises_attacks_over_seeds() -> None:
     ]
     lines = seed_summary(rows)
     assert "mia_small_hospitals qmia  over 2 seeds: AUC 0.670 ± 0.010, TPR@0.1% 0.019 ± 0.006" in lines[0]
-    assert lines[-1].startswith("mia_small_hospitals     QMIA's TPR@0.1% >= LiRA's on 1/2 seeds (seeds 1)")
+    assert lines[-1].startswith("mia_small_hospitals QMIA's TPR@0.1% >= LiRA's on 1/2 seeds (seeds 1)")
     assert _seed_list("0, 1,4") == [0, 1, 4]
     with pytest.raises(Exception, match="comma-separated integers"):
         _seed_list("0,x")
