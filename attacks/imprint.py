@@ -24,6 +24,10 @@ rank two. A bin is reported only when the rank-one fit explains it. The third fa
 makes the block's output term ``Σ_f c_f Σ_i h_fi`` cancel, so at the shipped weights
 the rigged model computes exactly the task model.
 
+The block works on any sample shape: images of any size and channel count (the
+measurement and the readout act on the flattened sample) and tabular rows ``(d,)``
+(readouts of rows are not clipped to [0, 1]; the ``dct`` measurement needs images).
+
 What holds exactly: one local SGD step per party, with or without momentum (the first
 momentum step is the plain gradient) and with any FedAvg weights. Weight decay adds
 ``-lr·wd·b_i`` to the biases (negligible against the data term at the defaults); Adam
@@ -143,9 +147,9 @@ def measurement_vector(
 ) -> torch.Tensor:
     """The linear measurement ``a`` (flattened, float32) the imprint neurons share.
 
-    ``brightness``: the mean pixel; ``random``: a seeded Gaussian direction of unit
-    norm; ``dct``: the orthonormal 2-D DCT-II basis image of mode (1, 1), i.e. the
-    balance between the image's quadrants.
+    ``brightness``: the mean pixel (feature); ``random``: a seeded Gaussian direction of
+    unit norm; ``dct``: the orthonormal 2-D DCT-II basis image of mode (1, 1), i.e. the
+    balance between the image's quadrants, the same in every channel (images only).
     """
     d = math.prod(image_shape)
     if kind == "brightness":
@@ -155,6 +159,11 @@ def measurement_vector(
         a = torch.randn(d, generator=gen, dtype=torch.float64)
         return (a / a.norm()).float()
     if kind == "dct":
+        if len(image_shape) < 2:
+            raise ValueError(
+                f"attack.imprint.measurement: 'dct' needs images, the samples have shape "
+                f"{tuple(image_shape)}; use 'brightness' or 'random'"
+            )
         h, w = image_shape[-2], image_shape[-1]
         ch = torch.cos(math.pi * (2 * torch.arange(h, dtype=torch.float64) + 1) / (2 * h))
         cw = torch.cos(math.pi * (2 * torch.arange(w, dtype=torch.float64) + 1) / (2 * w))
@@ -197,7 +206,7 @@ class ImprintInfo:
     families : int
         Probe families ``F`` (rows are stored family-major: row ``f*k + i``).
     image_shape : tuple[int, ...]
-        Shape of one input image.
+        Shape of one input sample (an image ``(C, H, W)`` or a row ``(d,)``).
     weight_key, bias_key : str
         State-dict keys of the encoder's weight ``(F*k, d)`` and bias ``(F*k,)``.
     """
@@ -208,15 +217,27 @@ class ImprintInfo:
     weight_key: str = WEIGHT_KEY
     bias_key: str = BIAS_KEY
 
+    @property
+    def clip(self) -> bool:
+        """Whether readouts are images, clipped to [0, 1] (rows are not)."""
+        return len(self.image_shape) > 1
+
     @classmethod
-    def from_state(cls, state: dict[str, torch.Tensor]) -> ImprintInfo:
-        """The info of the block whose weights are in ``state`` (a rigged state dict)."""
+    def from_state(
+        cls, state: dict[str, torch.Tensor], image_shape: tuple[int, ...] = IMAGE_SHAPE
+    ) -> ImprintInfo:
+        """The info of the block whose weights are in ``state`` (a rigged state dict) for
+        samples of ``image_shape`` (the attacker knows the data's shape; the weights only
+        hold its size)."""
         if WEIGHT_KEY not in state:
             raise KeyError(f"no imprint block in the state dict (missing {WEIGHT_KEY!r})")
         rows, d = state[WEIGHT_KEY].shape
-        if rows % FAMILIES or d != math.prod(IMAGE_SHAPE):
-            raise ValueError(f"{WEIGHT_KEY} has shape {(rows, d)}; expected ({FAMILIES}*k, 784)")
-        return cls(bins=rows // FAMILIES)
+        if rows % FAMILIES or d != math.prod(image_shape):
+            raise ValueError(
+                f"{WEIGHT_KEY} has shape {(rows, d)}; expected ({FAMILIES}*k, "
+                f"{math.prod(image_shape)}) for samples of shape {tuple(image_shape)}"
+            )
+        return cls(bins=rows // FAMILIES, image_shape=tuple(image_shape))
 
 
 class ImprintBlock(nn.Module):
@@ -230,7 +251,7 @@ class ImprintBlock(nn.Module):
     edges : Tensor
         ``(k,)`` increasing bin lower edges ``t_i`` (biases are ``-t_i``).
     image_shape : tuple[int, ...]
-        Shape of one input image; ``d`` is its product.
+        Shape of one input sample (image or row); ``d`` is its product.
     probe_seed : int
         Seed of the probe columns ``c_A``, ``c_B`` (Gaussian, ``probe_scale`` per entry).
     probe_scale : float
@@ -319,10 +340,13 @@ def rig_model(model: nn.Module, scenario: Scenario, num_classes: int) -> RiggedM
     seed = scenario.scenario.seed
     public = load_federation(scenario).public
     images = public.images[: im.public_samples]
-    a = measurement_vector(im.measurement, seed=seed + _MEASUREMENT_SEED)
+    shape = public.sample_shape
+    a = measurement_vector(im.measurement, seed=seed + _MEASUREMENT_SEED, image_shape=shape)
     k = imprint_bins_of(scenario)
     edges = bin_edges(images.flatten(1).float() @ a, k)
-    block = ImprintBlock(a, edges, probe_seed=seed + _PROBE_SEED, probe_scale=im.probe_scale)
+    block = ImprintBlock(
+        a, edges, image_shape=shape, probe_seed=seed + _PROBE_SEED, probe_scale=im.probe_scale
+    )
     return RiggedModel(block, model)
 
 
@@ -367,7 +391,7 @@ class ImprintReconstruction:
     Attributes
     ----------
     images : Tensor
-        ``(M, *image_shape)`` recovered images, clipped to [0, 1], in bin order.
+        ``(M, *image_shape)`` recovered samples in bin order (images clipped to [0, 1]).
     bins_used : tuple[int, ...]
         The bin each image came from.
     collisions : int
@@ -439,7 +463,7 @@ def reconstruct_from_update(
     rel = resid / m_norm.clamp_min(1e-30)
     single = occupied & (resid <= allowed)
     idx = torch.nonzero(single).flatten()
-    images = x[idx].clamp(0.0, 1.0).float().reshape(-1, *block_info.image_shape)
+    images = _readout(x[idx], block_info)
     return ImprintReconstruction(
         images=images,
         bins_used=tuple(int(i) for i in idx),
@@ -477,13 +501,19 @@ def strongest_bins_readout(
     The attacker's fallback when no bin passes the single-sample test (e.g. the update is
     DP-noised): it still knows how many samples it expects and reads out the bins most
     likely to hold them. Scoring these shows what a defense leaves to an attacker that
-    ignores its own test. Returns ``(count, *image_shape)`` images clipped to [0, 1].
+    ignores its own test. Returns ``(count, *image_shape)`` samples (images clipped to
+    [0, 1]).
     """
     dW, db = _bin_differences(update, block_info)
     count = max(0, min(int(count), block_info.bins))
     top = torch.argsort(db.norm(dim=0), descending=True)[:count]
-    x = _rank_one_images(dW[:, top], db[:, top])
-    return x.clamp(0.0, 1.0).float().reshape(-1, *block_info.image_shape)
+    return _readout(_rank_one_images(dW[:, top], db[:, top]), block_info)
+
+
+def _readout(x: torch.Tensor, block_info: ImprintInfo) -> torch.Tensor:
+    """Flat ``(M, d)`` readouts as samples of the block's shape, images clipped to [0, 1]."""
+    x = x.clamp(0.0, 1.0) if block_info.clip else x
+    return x.float().reshape(-1, *block_info.image_shape)
 
 
 def state_update(
@@ -520,9 +550,10 @@ def evaluate_imprint(
     Parameters
     ----------
     images : Tensor
-        ``(M, 1, 28, 28)`` what the attacker returned.
+        ``(M, *sample_shape)`` what the attacker returned (images ``(C, H, W)`` or rows
+        ``(d,)``, scored as ``1 × 1 × d`` images by PSNR, without SSIM).
     truth : Tensor
-        ``(N, 1, 28, 28)`` every sample in the aggregate (the evaluator's knowledge).
+        ``(N, *sample_shape)`` every sample in the aggregate (the evaluator's knowledge).
     scenario : Scenario
         Supplies the threshold and the attack round.
     role : str
@@ -541,6 +572,9 @@ def evaluate_imprint(
     """
     im = scenario.attack.imprint
     total = int(truth.shape[0]) if total is None else int(total)
+    rows = truth.ndim == 2
+    if rows:  # tabular rows: PSNR of 1 x 1 x d "images"; SSIM needs a 2-D neighbourhood
+        images, truth = images.reshape(-1, 1, 1, truth.shape[1]), truth[:, None, None]
     psnr_mean = ssim_mean = float("nan")
     recovered = 0
     figures = {}
@@ -553,7 +587,8 @@ def evaluate_imprint(
         psnr = per[hit].clamp(max=_PSNR_CAP)
         recovered = int((psnr >= im.recovered_psnr).sum())
         psnr_mean = float(psnr.mean())
-        ssim_mean = float(ssim(images[perm[hit]], truth[hit]).mean())
+        if not rows:
+            ssim_mean = float(ssim(images[perm[hit]], truth[hit]).mean())
         shown = hit if total != truth.shape[0] else torch.ones_like(hit)  # matched ones only
         figures[f"imprint_{role}.png"] = image_grid_figure(
             truth[shown],

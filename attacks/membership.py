@@ -155,20 +155,28 @@ def loss_attack(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 class _ImageRegressor(nn.Module):
-    """Small CNN mapping a 28×28 image to ``outputs`` numbers per class."""
+    """Small CNN mapping a ``(C, H, W)`` image (MNIST: 1×28×28) to ``outputs`` numbers
+    per class."""
 
-    def __init__(self, num_classes: int, outputs: int, hidden: int) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        outputs: int,
+        hidden: int,
+        input_shape: tuple[int, ...] = (1, 28, 28),
+    ) -> None:
         super().__init__()
         self.num_classes, self.outputs = num_classes, outputs
+        c, h, w = input_shape
         self.body = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1),
+            nn.Conv2d(c, 16, 3, padding=1),
             nn.ReLU(),
             nn.MaxPool2d(2),
             nn.Conv2d(16, 32, 3, padding=1),
             nn.ReLU(),
             nn.MaxPool2d(2),
             nn.Flatten(),
-            nn.Linear(32 * 7 * 7, hidden),
+            nn.Linear(32 * (h // 4) * (w // 4), hidden),
             nn.ReLU(),
             nn.Linear(hidden, num_classes * outputs),
         )
@@ -250,7 +258,7 @@ class QuantileMIA:
         records.
     mimic_factory : callable, optional
         Builds one untrained mimic (input -> ``num_classes`` logits). Default: a CNN like
-        the regressor's body for 28×28 images, an MLP otherwise.
+        the regressor's body for images, an MLP otherwise.
     val_fraction : float
         Share of the public data held out: it picks the epoch and calibrates the operating
         point (:meth:`operating_threshold`), so it must hold at least ``1 / fpr`` records
@@ -318,8 +326,9 @@ class QuantileMIA:
         torch.manual_seed(seed)
         if outputs is None:
             outputs = 2 if self.head == "gaussian" else self.alphas.size
-        if inputs.ndim == 4 and tuple(inputs.shape[1:]) == (1, 28, 28):
-            return _ImageRegressor(self.num_classes, outputs, self.hidden)
+        if inputs.ndim == 4 and min(inputs.shape[2:]) >= 4:
+            shape = tuple(int(s) for s in inputs.shape[1:])
+            return _ImageRegressor(self.num_classes, outputs, self.hidden, shape)
         return _VectorRegressor(
             int(np.prod(inputs.shape[1:])), self.num_classes, outputs, self.hidden
         )
@@ -966,7 +975,12 @@ def _shadow_trainer(
     def train(data: Any) -> nn.Module:
         seed = base_seed + next(counter)
         torch.manual_seed(seed)
-        model = build_task_model(scenario.model.name, num_classes, scenario.model.hidden)
+        model = build_task_model(
+            scenario.model.name,
+            num_classes,
+            scenario.model.hidden,
+            input_shape=tuple(data.images.shape[1:]),
+        )
         if mi.target == "single":
             return _train_model(scenario, model, data, device, seed)[0]
         return train_classifier(model, data, scenario, epochs=epochs, seed=seed, device=device)
@@ -1084,7 +1098,12 @@ def run_membership(
         # Like LiRA's shadows, QMIA's mimics know the target's architecture, not its weights.
         from privfl.models import build_task_model
 
-        return build_task_model(scenario.model.name, num_classes, scenario.model.hidden)
+        return build_task_model(
+            scenario.model.name,
+            num_classes,
+            scenario.model.hidden,
+            input_shape=tuple(public.images.shape[1:]),
+        )
 
     lira: OfflineLiRA | None = None
     lira_notes: list[str] = []

@@ -3,16 +3,18 @@
 A party's defenses come from its own copy of the scenario, never from a server message:
 :func:`make_client_app` hands every simulated party its policy directly, and the app
 ``flwr run`` loads reads it from the SuperNode's node config (``policy``: a scenario
-file or the name of a shipped one, ``policy-overrides``; ``identity-key``, ``roster``
-and ``lab-secret`` for its keys) or, failing that, from the run config of a local
-simulation. The party index is the SuperNode's ``partition-id``. Mods on the train
-handler, outermost first: the policy (refuses what would weaken it), secure
-aggregation, the malicious participant (a no-op on honest parties), update clipping.
+file or the name of a shipped one, ``policy-overrides``; ``data-root``, the folder of
+its own data; ``identity-key``, ``roster`` and ``lab-secret`` for its keys) or, failing
+that, from the run config of a local simulation. The party index is the SuperNode's
+``partition-id``. Mods on the train handler, outermost first: the policy (refuses what
+would weaken it), secure aggregation, the malicious participant (a no-op on honest
+parties), update clipping.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import torch
@@ -130,6 +132,8 @@ def train(msg: Message, context: Context, *, auditor: RunAuditor | None = None) 
             server_round=server_round,
             device=device,
             insert=insert,
+            # FedProx's proximal weight: a training hyperparameter, not a defense.
+            proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)),
         )
         metrics = {"num-examples": stats.num_examples, "train-loss": stats.loss}
     bad = [k for k, v in model.state_dict().items() if not torch.isfinite(v).all()]
@@ -178,6 +182,10 @@ def node_policy(context: Context) -> PartyPolicy:
             "node config has no 'policy' (the scenario file this party holds) and the run "
             "config names no scenario"
         )
+    if "data-root" in nc:
+        # The hospital's own data folder: what the node trains on never comes from the
+        # server's messages.
+        scenario = scenario.replace([f"data.root={json.dumps(str(nc['data-root']))}"])
     secret = bytes.fromhex(str(nc["lab-secret"])) if "lab-secret" in nc else None
     policy = simulation_policy(scenario, party, secret)
     if "identity-key" in nc or "roster" in nc:

@@ -38,6 +38,7 @@ from privfl.attacks.imprint import (
 )
 
 from privfl.config import Scenario
+from privfl.data import sample_shape
 from privfl.results import AttackReport
 
 SIDE_KEY = "privfl.side.imprint"
@@ -127,7 +128,8 @@ def participant_mod(msg: Message, context: Context, call_next: ClientAppCallable
             _imprint_arrays(context.state[_OWN_KEY]),
             scenario.data.parties,
             None,
-            ImprintInfo.from_state(_imprint_arrays(msg.content["arrays"])),
+            # The participant's own data tells it the shape of everyone's samples.
+            ImprintInfo.from_state(_imprint_arrays(msg.content["arrays"]), sample_shape(scenario)),
             noise_std=aggregate_noise_std(scenario),
         )
         side = _side_record(recon, im.round)

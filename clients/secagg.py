@@ -23,6 +23,7 @@ import hashlib
 import json
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -44,6 +45,46 @@ NoiseFn = Callable[..., np.ndarray]
 
 class SecAggClientError(RuntimeError):
     """A party cannot take its secure-aggregation step; the message names the party."""
+
+
+@dataclass(frozen=True)
+class SecAggSettings:
+    """A party's own secure-aggregation settings, for a ClientApp without a privfl scenario.
+
+    Parameters
+    ----------
+    protocol : {"additive", "masking"}
+        Must match the server's :class:`~privfl.strategies.SecureAggregation`.
+    codec : FixedPointCodec
+        The ring the update is encoded in; must match the server's.
+    equal_weights : bool
+        Every party's update weighs 1 (party-level DP: the sensitivity is per party);
+        otherwise it weighs its ``num-examples``.
+    dither_seed : int
+        Seed of the public rounding dither (not a secret: the same inputs re-encode alike).
+
+    Distributed DP (integer noise inside the sum) is calibrated from a privfl scenario's
+    ``defense.dp``: it is available through :data:`secagg_mod` without settings.
+    """
+
+    protocol: str = "additive"
+    codec: FixedPointCodec = field(default_factory=FixedPointCodec)
+    equal_weights: bool = False
+    dither_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.protocol not in ("additive", "masking"):
+            raise ValueError(f"protocol must be 'additive' or 'masking', got {self.protocol!r}")
+
+    @classmethod
+    def from_scenario(cls, scenario: Scenario) -> SecAggSettings:
+        """The settings a scenario's ``defense`` section describes."""
+        return cls(
+            protocol=scenario.defense.secure_aggregation,
+            codec=FixedPointCodec.from_section(scenario.defense.secagg),
+            equal_weights=scenario.defense.dp.mode in ("global", "distributed"),
+            dither_seed=scenario.scenario.seed,
+        )
 
 
 def _config(msg: Message) -> ConfigRecord | None:
@@ -100,7 +141,7 @@ def _default_noise() -> tuple[NoiseFn, Callable[..., None]]:
 def encode_update(
     msg: Message,
     reply: Message,
-    scenario: Scenario,
+    scenario: Scenario | SecAggSettings,
     party: int,
     parties: int,
     *,
@@ -111,7 +152,8 @@ def encode_update(
     """The ring vector a party contributes: ``[w * clip(Δ), w, w * loss]`` (+ DP noise).
 
     ``w`` is ``num-examples``, or 1 when ``defense.dp.mode`` is ``global`` or
-    ``distributed`` (the DP sensitivity is per party). Distributed noise is keyed by
+    ``distributed`` (the DP sensitivity is per party; ``equal_weights`` when ``scenario``
+    is the party's :class:`SecAggSettings`). Distributed noise is keyed by
     ``noise_secret`` (None: the OS) and sized for ``min_parties`` parties (default
     ``data.parties``). Raises
     :class:`~privfl.fixedpoint.EncodingError` (naming the party) on NaN/inf or a
@@ -135,13 +177,15 @@ def encode_update(
                 f"expected {tuple(glob[k].shape)}"
             )
     delta = _delta(local, glob, keys)
-    dp_mode = scenario.defense.dp.mode
-    weight = 1.0 if dp_mode in ("global", "distributed") else float(metrics["num-examples"])
+    own = (
+        scenario if isinstance(scenario, SecAggSettings) else SecAggSettings.from_scenario(scenario)
+    )
+    weight = 1.0 if own.equal_weights else float(metrics["num-examples"])
     loss = float(metrics.get("train-loss", 0.0))
-    codec = FixedPointCodec.from_section(scenario.defense.secagg)
+    codec = own.codec
     server_round = int(msg.content["config"]["server-round"])
     # The rounding dither is public, not a secret: seed it so a scenario re-encodes alike.
-    dither = np.random.default_rng([scenario.scenario.seed, party, server_round])
+    dither = np.random.default_rng([own.dither_seed, party, server_round])
     # Encoded straight into the message vector: no concatenation copy.
     vec = np.empty(delta.size + wire.EXTRA_COORDS, dtype=codec.dtype)
     body = codec.encode(
@@ -156,7 +200,7 @@ def encode_update(
         rng=dither,
         out=vec[delta.size :],
     )
-    if dp_mode == "distributed":
+    if isinstance(scenario, Scenario) and scenario.defense.dp.mode == "distributed":
         noise_fn = noise_fn or _default_noise()[0]
         noise = noise_fn(
             delta.size,
@@ -259,21 +303,32 @@ def _check_directory(
 
 
 def make_secagg_mod(
-    noise_fn: NoiseFn | None = None,
+    noise_fn: NoiseFn | None = None, *, settings: SecAggSettings | None = None
 ) -> Callable[[Message, Context, Callable[[Message, Context], Message]], Message]:
-    """A :func:`secagg_mod` with an injected distributed-DP noise function (tests)."""
+    """A :func:`secagg_mod` with an injected distributed-DP noise function (tests), or
+    built with the party's own ``settings`` (a ClientApp without a privfl scenario: the
+    party then releases its update only inside secure aggregation)."""
 
     def mod(
         msg: Message, context: Context, call_next: Callable[[Message, Context], Message]
     ) -> Message:
         cfg = _config(msg)
-        if msg.metadata.message_type != "train" or cfg is None or SCENARIO_KEY not in cfg:
+        if msg.metadata.message_type != "train" or cfg is None:
             return call_next(msg, context)
-        scenario = _scenario(cfg)
-        if scenario.defense.secure_aggregation == "none":
-            return call_next(msg, context)
+        scenario: Scenario | None = None
+        if settings is None:
+            if SCENARIO_KEY not in cfg:
+                return call_next(msg, context)
+            scenario = _scenario(cfg)
+            if scenario.defense.secure_aggregation == "none":
+                return call_next(msg, context)
         party = _party(context)
-        codec = FixedPointCodec.from_section(scenario.defense.secagg)
+        if wire.PREFIX + "session" not in cfg:
+            raise SecAggClientError(
+                f"party {party}: train message without a secure-aggregation session; "
+                "this party releases its update only inside secure aggregation"
+            )
+        codec = (settings or SecAggSettings.from_scenario(scenario)).codec
         proto, st = _load(context, party, codec)
         if bytes(cfg[wire.PREFIX + "session"]) != bytes.fromhex(st["session"]):
             raise SecAggClientError(f"party {party}: train message is for another key-setup epoch")
@@ -298,7 +353,7 @@ def make_secagg_mod(
         bind = _binding(msg, rnd, parties, record)
         st.setdefault("bind", {})[str(rnd)] = bind.hex()
         spent = None
-        if scenario.defense.dp.mode == "distributed":
+        if scenario is not None and scenario.defense.dp.mode == "distributed":
             spent = _distributed_budget(msg, scenario, party, context)
             if isinstance(spent, Message):
                 _save(context, proto, st)
@@ -309,7 +364,7 @@ def make_secagg_mod(
         vec = encode_update(
             msg,
             reply,
-            scenario,
+            settings or scenario,
             party,
             len(parties),
             noise_fn=noise_fn,
@@ -354,27 +409,36 @@ secagg_mod.__doc__ = (
 
 
 def _stage_context(
-    msg: Message, context: Context
-) -> tuple[ConfigRecord, Scenario, int, FixedPointCodec]:
+    msg: Message, context: Context, settings: SecAggSettings | None = None
+) -> tuple[ConfigRecord, Scenario | None, int, SecAggSettings]:
+    """The stage's config, the scenario it carries (None with the party's own
+    ``settings``), the party index and its settings."""
     cfg = _config(msg)
-    if cfg is None or SCENARIO_KEY not in cfg:
+    if cfg is None or (settings is None and SCENARIO_KEY not in cfg):
         raise SecAggClientError(
             f"node {context.node_id}: {msg.metadata.message_type} message without a scenario"
         )
+    if settings is not None:
+        return cfg, None, _party(context), settings
     scenario = _scenario(cfg)
-    return cfg, scenario, _party(context), FixedPointCodec.from_section(scenario.defense.secagg)
+    return cfg, scenario, _party(context), SecAggSettings.from_scenario(scenario)
 
 
 def handle_setup(
-    msg: Message, context: Context, *, check_fn: Callable[..., None] | None = None
+    msg: Message,
+    context: Context,
+    *,
+    check_fn: Callable[..., None] | None = None,
+    settings: SecAggSettings | None = None,
 ) -> Message:
     """Key setup: ``advertise`` fresh keys, then (masking) ``keyshare`` the mask key."""
-    cfg, scenario, party, codec = _stage_context(msg, context)
+    cfg, scenario, party, own = _stage_context(msg, context, settings)
+    codec = own.codec
     stage = str(cfg[wire.PREFIX + "stage"])
     session = bytes(cfg[wire.PREFIX + "session"])
-    protocol = scenario.defense.secure_aggregation
+    protocol = own.protocol
     if stage == "advertise":
-        if scenario.defense.dp.mode == "distributed":
+        if scenario is not None and scenario.defense.dp.mode == "distributed":
             record = party_record(context)
             (check_fn or _default_noise()[1])(
                 scenario,
@@ -419,10 +483,12 @@ def handle_setup(
     raise SecAggClientError(f"party {party}: unknown setup stage {stage!r}")
 
 
-def handle_reshare(msg: Message, context: Context) -> Message:
+def handle_reshare(
+    msg: Message, context: Context, *, settings: SecAggSettings | None = None
+) -> Message:
     """Additive retry: fresh shares of the cached vector among the surviving parties."""
-    cfg, _, party, codec = _stage_context(msg, context)
-    proto, st = _load(context, party, codec)
+    cfg, _, party, own = _stage_context(msg, context, settings)
+    proto, st = _load(context, party, own.codec)
     rnd, attempt = int(cfg["server-round"]), int(cfg[wire.PREFIX + "attempt"])
     cache = context.state.array_records.get(wire.CACHE)
     if cache is None:
@@ -438,10 +504,12 @@ def handle_reshare(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-def handle_partial_sum(msg: Message, context: Context) -> Message:
+def handle_partial_sum(
+    msg: Message, context: Context, *, settings: SecAggSettings | None = None
+) -> Message:
     """Additive: decrypt the routed shares, return their sum with the own share."""
-    cfg, _, party, codec = _stage_context(msg, context)
-    proto, st = _load(context, party, codec)
+    cfg, _, party, own = _stage_context(msg, context, settings)
+    proto, st = _load(context, party, own.codec)
     directory = {int(p): bytes.fromhex(k) for p, k in st["directory"].items()}
     rnd = int(cfg["server-round"])
     try:
@@ -461,10 +529,12 @@ def handle_partial_sum(msg: Message, context: Context) -> Message:
     return Message(RecordDict({wire.VECTOR: wire.vector_record(total)}), reply_to=msg)
 
 
-def handle_unmask(msg: Message, context: Context) -> Message:
+def handle_unmask(
+    msg: Message, context: Context, *, settings: SecAggSettings | None = None
+) -> Message:
     """Masking: reveal self-mask shares of survivors and mask-key shares of dropped parties."""
-    cfg, _, party, codec = _stage_context(msg, context)
-    proto, st = _load(context, party, codec)
+    cfg, _, party, own = _stage_context(msg, context, settings)
+    proto, st = _load(context, party, own.codec)
     rnd = int(cfg["server-round"])
     rev = proto.unmask(
         rnd=rnd,
@@ -490,15 +560,28 @@ def _stored_bind(st: dict[str, Any], rnd: int) -> bytes:
 
 
 def register_secure_aggregation(
-    app: Any, *, check_fn: Callable[..., None] | None = None, mods: list[Any] | None = None
+    app: Any,
+    *,
+    check_fn: Callable[..., None] | None = None,
+    mods: list[Any] | None = None,
+    settings: SecAggSettings | None = None,
 ) -> None:
     """Register the secure-aggregation stage handlers on a Flower ``ClientApp``
-    (``mods``: the party's policy mod, so it guards every stage too)."""
+    (``mods``: the party's policy mod, so it guards every stage too; ``settings``: the
+    party's own, as given to :func:`make_secagg_mod`, instead of the scenario in the
+    messages)."""
 
     def setup(msg: Message, context: Context) -> Message:
-        return handle_setup(msg, context, check_fn=check_fn)
+        return handle_setup(msg, context, check_fn=check_fn, settings=settings)
 
-    for msg_type, fn in zip(
-        wire.STAGE_TYPES, (setup, handle_reshare, handle_partial_sum, handle_unmask), strict=True
-    ):
+    def reshare(msg: Message, context: Context) -> Message:
+        return handle_reshare(msg, context, settings=settings)
+
+    def partial_sum(msg: Message, context: Context) -> Message:
+        return handle_partial_sum(msg, context, settings=settings)
+
+    def unmask(msg: Message, context: Context) -> Message:
+        return handle_unmask(msg, context, settings=settings)
+
+    for msg_type, fn in zip(wire.STAGE_TYPES, (setup, reshare, partial_sum, unmask), strict=True):
         app.train(msg_type.split(".", 1)[1], mods=list(mods or []))(fn)

@@ -43,7 +43,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     scenario = resolve(args.scenario, args.set)
     out = Path(args.out or Path("runs") / scenario.scenario.name)
-    results = run_scenario(scenario, out, verbose=args.verbose)
+    if args.engine == "deployment":
+        from privfl.deployment import run_deployment
+        from privfl.strategies.factory import aggregation_strategy
+
+        # A [strategy] the server cannot build fails here, before any process starts.
+        aggregation_strategy(scenario)
+        results = run_deployment(scenario, out, tls=args.tls, verbose=args.verbose)
+    else:
+        if args.tls:
+            raise UserError("--tls: only the deployment engine has network connections")
+        results = run_scenario(scenario, out, verbose=args.verbose)
     final = results.get("final", {})
     acc = final.get("accuracy")
     print(
@@ -157,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run a scenario on Flower's simulation engine")
+    run = sub.add_parser("run", help="run a scenario on Flower's simulation or deployment engine")
     run.add_argument(
         "scenario",
         nargs="?",
@@ -166,6 +176,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--out", help="output folder (default: runs/<scenario name>)")
     _add_set(run, "override a scenario value (repeatable)")
+    run.add_argument(
+        "--engine",
+        choices=("simulation", "deployment"),
+        default="simulation",
+        help="simulation (default: Flower's simulation engine, in this process) or "
+        "deployment (a local flower-superlink and one flower-supernode process per party)",
+    )
+    run.add_argument(
+        "--tls",
+        action="store_true",
+        help="deployment engine: TLS with a certificate authority made for the run, and "
+        "SuperNode authentication",
+    )
     # SUPPRESS: `privfl -v run` keeps its -v when run's own is not given.
     run.add_argument(
         "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="as privfl -v"

@@ -65,7 +65,7 @@ class ScenarioSection:
             _fail(f"{key}.timeout", f"must be > 0, got {self.timeout}")
 
 
-DATASETS = ("mnist", "fashion-mnist")
+DATASETS = ("mnist", "fashion-mnist", "cifar10", "cifar100")
 EMNIST_SPLITS = ("letters", "balanced", "digits", "byclass", "bymerge", "mnist")
 
 
@@ -73,12 +73,15 @@ EMNIST_SPLITS = ("letters", "balanced", "digits", "byclass", "bymerge", "mnist")
 class DataSection:
     """Where the data comes from and how it is split among the parties."""
 
-    # mnist | fashion-mnist | emnist-<split> (letters, balanced, digits, byclass, ...)
+    # mnist | fashion-mnist | emnist-<split> (letters, balanced, digits, byclass, ...) |
+    # cifar10 | cifar100 | torchvision:<Class> | "module:loader" (your own)
     dataset: str = "mnist"
     # "" -> $PRIVFL_DATA if set, else the MNIST sample shipped with privfl ("embedded").
     root: str = ""
     download: bool = False
     partition: Literal["iid", "dirichlet", "shards"] = "iid"
+    # Who draws the partition: privfl's own partitioners, or flwr-datasets' (optional package).
+    partitioner: Literal["privfl", "flwr-datasets"] = "privfl"
     alpha: float = 0.5  # Dirichlet concentration (smaller = more label skew)
     shards_per_party: int = 2
     parties: int = 3
@@ -90,11 +93,13 @@ class DataSection:
     server_test_samples: int = 0
 
     def validate(self, key: str) -> None:
-        if not (self.dataset in DATASETS or self.dataset.startswith("emnist-")):
+        known = self.dataset in DATASETS or self.dataset.startswith("emnist-")
+        if not known and not _is_object_spec(self.dataset):
             _fail(
                 f"{key}.dataset",
                 f"unknown dataset {self.dataset!r}; accepted: {', '.join(DATASETS)}, "
-                f"emnist-<split> with split in {', '.join(EMNIST_SPLITS)}",
+                f"emnist-<split> with split in {', '.join(EMNIST_SPLITS)}, "
+                "torchvision:<Class> (a torchvision dataset on disk) or 'module:loader'",
             )
         if self.dataset.startswith("emnist-"):
             split = self.dataset.removeprefix("emnist-")
@@ -123,16 +128,92 @@ class DataSection:
 MODELS = ("cnn", "mlp", "lenet")
 
 
+def _is_object_spec(text: str) -> bool:
+    """``module:attr`` with a dotted module path and an attribute name (checked for form
+    only; importing is left to the code that uses it)."""
+    module, sep, attr = text.partition(":")
+    names = [*module.split("."), *attr.split(".")]
+    return bool(sep) and all(n.isidentifier() for n in names)
+
+
 @dataclass(frozen=True)
 class ModelSection:
     """The task model every party trains."""
 
-    name: Literal["cnn", "mlp", "lenet"] = "cnn"
+    # cnn | mlp | lenet (the sigmoid LeNet of DLG) | "module:factory", where
+    # factory(input_shape, num_classes) returns a torch.nn.Module.
+    name: str = "cnn"
     hidden: int = 128  # width of the MLP's hidden layers / the CNN's dense layer
 
     def validate(self, key: str) -> None:
+        if self.name not in MODELS and not _is_object_spec(self.name):
+            _fail(
+                f"{key}.name",
+                f"unknown model {self.name!r}; accepted: {', '.join(MODELS)} or "
+                "'module:factory' (factory(input_shape, num_classes) -> torch.nn.Module)",
+            )
         if self.hidden < 1:
             _fail(f"{key}.hidden", f"must be >= 1, got {self.hidden}")
+
+
+STRATEGIES = (
+    "fedavg",
+    "fedprox",
+    "fedadam",
+    "fedyogi",
+    "fedadagrad",
+    "fedmedian",
+    "fedtrimmedavg",
+    "krum",
+)
+
+# Aggregators that rank or select single updates: meaningless on a secure sum.
+ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum")
+
+
+@dataclass(frozen=True)
+class StrategySection:
+    """The server's aggregation strategy (``[strategy]``).
+
+    ``name`` is a built-in (:data:`STRATEGIES`, Flower's classes of the same name) or a
+    user's ``"module:Class"``; every other key of the table is a keyword argument of the
+    class. They are checked for form here and against the class's signature where the
+    server builds it (:func:`privfl.strategies.factory.build_strategy`), so a party never
+    imports the server's strategy.
+    """
+
+    name: str = "fedavg"
+    # The keyword arguments, canonical JSON (frozen and hashable like every section).
+    options_json: str = "{}"
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The keyword arguments for the strategy class."""
+        return json.loads(self.options_json)
+
+    @classmethod
+    def from_table(cls, table: Mapping[str, Any], key: str) -> StrategySection:
+        name = table.get("name", "fedavg")
+        if not isinstance(name, str):
+            _fail(f"{key}.name", f"must be a string, got {name!r}")
+        options = {k: v for k, v in table.items() if k != "name"}
+        for k, v in options.items():
+            try:
+                json.dumps(v, allow_nan=False)
+            except (TypeError, ValueError):
+                _fail(f"{key}.{k}", f"must be a string, number, boolean, list or table, got {v!r}")
+        return cls(name=name, options_json=json.dumps(options, sort_keys=True))
+
+    def to_table(self) -> dict[str, Any]:
+        return {"name": self.name, **self.options}
+
+    def validate(self, key: str) -> None:
+        if self.name not in STRATEGIES and not _is_object_spec(self.name):
+            _fail(
+                f"{key}.name",
+                f"unknown strategy {self.name!r}; accepted: {', '.join(STRATEGIES)} or "
+                "'module:Class' (a flwr.serverapp.strategy.Strategy subclass)",
+            )
 
 
 @dataclass(frozen=True)
@@ -733,6 +814,7 @@ class Scenario:
     training: TrainingSection = field(default_factory=TrainingSection)
     defense: DefenseSection = field(default_factory=DefenseSection)
     party: PartySection = field(default_factory=PartySection)
+    strategy: StrategySection = field(default_factory=StrategySection)
     attack: AttackSection = field(default_factory=AttackSection)
     audit: AuditSection = field(default_factory=AuditSection)
 
@@ -782,6 +864,27 @@ class Scenario:
         sa = self.defense.secure_aggregation
         if sa != "none" and n < 2:
             _fail("defense.secure_aggregation", f"needs at least 2 parties, data.parties is {n}")
+        robust = self.strategy.name in ROBUST_STRATEGIES
+        if robust and sa != "none":
+            _fail(
+                "strategy.name",
+                f"{self.strategy.name!r} ranks single updates, but with "
+                f"defense.secure_aggregation = {sa!r} the server only ever sees their sum; "
+                "use a mean-based strategy (fedavg, fedprox, fedadam, fedyogi, fedadagrad)",
+            )
+        if self.strategy.name == "fedprox" and self.defense.dp.mode == "client":
+            _fail(
+                "strategy.name",
+                "'fedprox' adds a proximal term to plain local training; DP-SGD parties "
+                "(defense.dp.mode = 'client') do not train with it",
+            )
+        if robust and self.defense.dp.mode in ("global", "distributed"):
+            _fail(
+                "strategy.name",
+                f"{self.strategy.name!r} with defense.dp.mode = {self.defense.dp.mode!r}: "
+                "party-level DP calibrates its noise to the mean of clipped updates; use a "
+                "mean-based strategy (fedavg, fedprox, fedadam, fedyogi, fedadagrad)",
+            )
         self.defense.secagg.validate_for("defense.secagg", self)
         au = self.audit
         if au.enabled:
@@ -844,6 +947,8 @@ class Scenario:
 
 
 def _to_plain(obj: Any) -> Any:
+    if hasattr(obj, "to_table"):
+        return obj.to_table()
     if dataclasses.is_dataclass(obj):
         return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, tuple):
@@ -866,6 +971,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             _fail(key, f"must be a table, got {type(value).__name__}")
+        if hasattr(tp, "from_table"):  # a section with free-form keys ([strategy])
+            return tp.from_table(value, key)
         return _build(tp, value, key)
     if origin is Literal:
         if value not in get_args(tp):

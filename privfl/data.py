@@ -1,6 +1,18 @@
-"""Datasets of the MNIST family, the embedded MNIST sample, and seeded federated splits.
+"""Datasets, the embedded MNIST sample, and seeded federated splits.
 
-Where the images come from (:func:`load_dataset`):
+What ``data.dataset`` may name (:func:`load_dataset`):
+
+- the MNIST family (``mnist``, ``fashion-mnist``, ``emnist-<split>``) from IDX files, below;
+- ``cifar10`` / ``cifar100`` from torchvision's python-pickle layout under ``data.root``;
+- ``torchvision:<Class>``, any torchvision dataset already on disk under ``data.root``;
+- ``"module:loader"``, the user's own ``loader(root, seed)`` returning numpy arrays
+  ``(train_x, train_y, test_x, test_y)`` or a pair of torch Datasets; what it returns is
+  checked (dtype, shape, NaN, value and label range) and every error names the key.
+
+Samples are images ``(C, H, W)`` of any size and channel count in [0, 1], or tabular rows
+``(d,)``; :class:`ImageSet` holds either.
+
+Where the MNIST family's images come from:
 
 1. ``data.root`` if set (``"embedded"`` selects the shipped MNIST sample);
 2. else the environment variable ``PRIVFL_DATA``;
@@ -26,12 +38,13 @@ import functools
 import gzip
 import hashlib
 import os
+import pickle
 import uuid
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -39,6 +52,7 @@ import torchvision
 
 from privfl.config import DataSection, Scenario, ScenarioError
 from privfl.errors import UserError
+from privfl.plugins import load_object
 
 __all__ = [
     "EMBEDDED_SAMPLE",
@@ -75,12 +89,13 @@ class DataError(UserError, ValueError):
 
 @dataclass(frozen=True, eq=False)
 class ImageSet:
-    """Images and their labels.
+    """Samples and their labels: images of any size and channel count, or tabular rows.
 
     Parameters
     ----------
     images : torch.Tensor
-        float32, shape ``(N, 1, 28, 28)``, values in [0, 1].
+        float32, shape ``(N, *sample_shape)``: images ``(N, C, H, W)`` (MNIST: ``(N, 1, 28,
+        28)``) with values in [0, 1], or tabular rows ``(N, d)`` with any finite values.
     labels : torch.Tensor
         int64, shape ``(N,)``.
 
@@ -99,9 +114,9 @@ class ImageSet:
                 "ImageSet: images and labels must be torch tensors, got "
                 f"{type(im).__name__} and {type(lb).__name__}"
             )
-        if im.dtype != torch.float32 or im.ndim != 4 or tuple(im.shape[1:]) != IMAGE_SHAPE:
+        if im.dtype != torch.float32 or im.ndim not in (2, 4) or 0 in im.shape[1:]:
             raise ValueError(
-                f"ImageSet.images: expected float32 of shape (N, 1, 28, 28), "
+                f"ImageSet.images: expected float32 of shape (N, C, H, W) or (N, d), "
                 f"got {im.dtype} of shape {tuple(im.shape)}"
             )
         if lb.dtype != torch.int64 or lb.ndim != 1:
@@ -113,11 +128,18 @@ class ImageSet:
             raise ValueError(
                 f"ImageSet: {im.shape[0]} images but {lb.shape[0]} labels; they must match"
             )
-        if im.numel() and (im.min() < 0 or im.max() > 1):
+        if im.numel() and not bool(torch.isfinite(im).all()):
+            raise ValueError("ImageSet.images: values must be finite (found NaN or inf)")
+        if im.ndim == 4 and im.numel() and (im.min() < 0 or im.max() > 1):
             raise ValueError(
                 f"ImageSet.images: values must lie in [0, 1], got "
                 f"[{im.min().item():.4g}, {im.max().item():.4g}]"
             )
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one sample: ``(C, H, W)`` for images, ``(d,)`` for tabular rows."""
+        return tuple(int(s) for s in self.images.shape[1:])
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -385,14 +407,16 @@ def _load_embedded(path: Path, train: bool) -> ImageSet:
     return _to_image_set(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)))
 
 
-def load_dataset(data: DataSection) -> tuple[ImageSet, ImageSet, int]:
+def load_dataset(data: DataSection, seed: int = 0) -> tuple[ImageSet, ImageSet, int]:
     """Load the train and test sets named by ``data``.
 
     Parameters
     ----------
     data : DataSection
         ``dataset``, ``root`` and ``download`` are used; see the module docstring for how
-        the root is resolved.
+        the root is resolved and which datasets are known.
+    seed : int
+        Handed to a ``module:loader`` dataset (the built-in ones do not draw anything).
 
     Returns
     -------
@@ -405,11 +429,341 @@ def load_dataset(data: DataSection) -> tuple[ImageSet, ImageSet, int]:
     FileNotFoundError
         No files under the root; the message lists every path looked at.
     DataError
-        A corrupt or truncated file, or a failed md5 check; the message names the file.
+        A corrupt or truncated file, a failed md5 check, or a loader that returned bad
+        arrays; the message names the file or the key.
+    ScenarioError
+        An unknown dataset, or a ``module:loader`` that cannot be imported.
     """
-    spec = _spec(data.dataset)
-    source = _resolve_source(data)
-    return _load_split(spec, source, True), _load_split(spec, source, False), spec.num_classes
+    return _load_sets(_resolve(data), seed if _kind(data.dataset) == "loader" else 0)
+
+
+def sample_shape(scenario: Scenario) -> tuple[int, ...]:
+    """Shape of one sample of ``scenario``'s data, e.g. ``(1, 28, 28)`` or ``(d,)``.
+
+    The MNIST family is known to be 1×28×28 without loading anything; other datasets are
+    loaded (once per process, :func:`load_federation`).
+    """
+    if _kind(scenario.data.dataset) == "idx":
+        return IMAGE_SHAPE
+    return load_federation(scenario).train_pool.sample_shape
+
+
+def _kind(dataset: str) -> Literal["idx", "cifar", "torchvision", "loader"]:
+    if dataset in CIFAR_FOLDERS:
+        return "cifar"
+    if dataset.startswith(TORCHVISION_PREFIX):
+        return "torchvision"
+    if ":" in dataset:
+        return "loader"
+    return "idx"
+
+
+def _resolve(data: DataSection) -> tuple:
+    """A hashable key of what :func:`load_dataset` reads: the dataset and its resolved
+    source (``PRIVFL_DATA`` may change between calls)."""
+    kind = _kind(data.dataset)
+    if kind == "idx":
+        return (kind, _spec(data.dataset), _resolve_source(data))
+    root = data.root or os.environ.get("PRIVFL_DATA", "")
+    if kind == "loader":
+        return (kind, data.dataset, root)  # the loader's own business, passed as given
+    if not root and not data.download:
+        raise DataError(
+            f"data.dataset = {data.dataset!r} needs data.root (or the environment variable "
+            "PRIVFL_DATA) naming the folder that holds it, or data.download = true"
+        )
+    path = Path(root).expanduser().resolve() if root else _download_root()
+    return (kind, data.dataset, path, data.download)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_sets(key: tuple, seed: int) -> tuple[ImageSet, ImageSet, int]:
+    kind = key[0]
+    if kind == "idx":
+        _, spec, source = key
+        return _load_split(spec, source, True), _load_split(spec, source, False), spec.num_classes
+    if kind == "loader":
+        return _load_user(key[1], key[2], seed)
+    _, name, root, download = key
+    if kind == "cifar":
+        return _load_cifar(name, root, download)
+    return _load_torchvision(name.removeprefix(TORCHVISION_PREFIX), root, download)
+
+
+# --------------------------------------------------------------------------- CIFAR pickles
+
+# torchvision's folder, the pickled batches of each split and the key of their labels.
+CIFAR_FOLDERS = {
+    "cifar10": (
+        "cifar-10-batches-py",
+        tuple(f"data_batch_{i}" for i in range(1, 6)),
+        ("test_batch",),
+        "labels",
+        10,
+    ),
+    "cifar100": ("cifar-100-python", ("train",), ("test",), "fine_labels", 100),
+}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays, lists, dicts and strings only: a CIFAR batch needs no more,
+    and refusing everything else keeps a crafted file from running code."""
+
+    _ALLOWED: ClassVar[frozenset[tuple[str, str]]] = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("_codecs", "encode"),
+        }
+    )
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _load_cifar(name: str, root: Path, download: bool) -> tuple[ImageSet, ImageSet, int]:
+    """CIFAR-10 / -100 from torchvision's python-pickle layout under ``root`` (the folder
+    holding ``cifar-10-batches-py`` or that folder itself); read here rather than through
+    torchvision, whose md5 check would refuse any copy but the original archive's."""
+    folder, train_files, test_files, label_key, num_classes = CIFAR_FOLDERS[name]
+    candidates = [root / folder, root]
+    found = next((c for c in candidates if all((c / f).is_file() for f in train_files)), None)
+    if found is None and download:
+        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+        try:
+            cls(str(_download_root()), download=True)
+        except (OSError, RuntimeError) as exc:
+            raise DataError(f"data.download: could not download {name} ({exc})") from exc
+        found = _download_root() / folder
+    if found is None:
+        names = ", ".join((*train_files, *test_files))
+        raise FileNotFoundError(
+            f"data.root: no {name} files found under {str(root)!r}; looked for {{{names}}} in "
+            f"{', '.join(str(c) for c in candidates)}; set data.root or PRIVFL_DATA to the "
+            f"folder that holds {folder}/, or set data.download = true"
+        )
+    train = _cifar_split(found, train_files, label_key, num_classes)
+    test = _cifar_split(found, test_files, label_key, num_classes)
+    return train, test, num_classes
+
+
+def _cifar_split(
+    folder: Path, files: tuple[str, ...], label_key: str, num_classes: int
+) -> ImageSet:
+    images, labels = [], []
+    for name in files:
+        path = folder / name
+        try:
+            with open(path, "rb") as f:
+                # latin1, as torchvision does: the batches were pickled by Python 2.
+                raw = _ArrayUnpickler(f, encoding="latin1").load()
+            batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
+            x, y = np.asarray(batch["data"]), np.asarray(batch[label_key], dtype=np.int64)
+        except FileNotFoundError as exc:
+            raise DataError(f"{path}: missing from the CIFAR folder") from exc
+        except (
+            OSError,
+            EOFError,
+            AttributeError,
+            KeyError,
+            TypeError,
+            ValueError,
+            pickle.UnpicklingError,
+        ) as exc:
+            raise DataError(f"{path}: not a CIFAR batch ({type(exc).__name__}: {exc})") from exc
+        if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3 * 32 * 32:
+            raise DataError(
+                f"{path}: data must be uint8 of shape (N, 3072), got {x.dtype} {x.shape}"
+            )
+        if y.shape != (x.shape[0],) or (y.size and (y.min() < 0 or y.max() >= num_classes)):
+            raise DataError(
+                f"{path}: expected {x.shape[0]} labels in [0, {num_classes - 1}], got shape "
+                f"{y.shape}" + (f" ranging over [{y.min()}, {y.max()}]" if y.size else "")
+            )
+        images.append(x.reshape(-1, 3, 32, 32))
+        labels.append(y)
+    pixels = torch.from_numpy(np.concatenate(images)).to(torch.float32).div_(255.0)
+    return ImageSet(pixels, torch.from_numpy(np.concatenate(labels)))
+
+
+# --------------------------------------------------------------------------- torchvision
+
+TORCHVISION_PREFIX = "torchvision:"
+
+
+def _load_torchvision(name: str, root: Path, download: bool) -> tuple[ImageSet, ImageSet, int]:
+    """Any torchvision dataset class already on disk (``torchvision:<Class>``), built
+    with ``train=True/False`` or ``split="train"/"test"``."""
+    key = f"data.dataset = {TORCHVISION_PREFIX}{name}"
+    cls = getattr(torchvision.datasets, name, None)
+    if not isinstance(cls, type) or not issubclass(cls, torch.utils.data.Dataset):
+        raise ScenarioError(f"{key}: torchvision.datasets has no dataset class {name!r}")
+    sets = []
+    for train in (True, False):
+        errors = []
+        for kw in ({"train": train}, {"split": "train" if train else "test"}):
+            try:
+                ds = cls(str(root), download=download, **kw)
+                break
+            except TypeError as exc:  # not this class's way of naming the split
+                errors.append(str(exc))
+            except (OSError, RuntimeError, ValueError) as exc:
+                raise DataError(
+                    f"{key}: torchvision could not read it under {root} ({exc})"
+                ) from exc
+        else:
+            raise ScenarioError(
+                f"{key}: the class takes neither train= nor split= ({'; '.join(errors)})"
+            )
+        sets.append(_dataset_arrays(ds, f"{key} ({'train' if train else 'test'})"))
+    (train_x, train_y), (test_x, test_y) = sets
+    classes = getattr(ds, "classes", None)
+    num_classes = len(classes) if classes else None
+    return _checked_sets(train_x, train_y, test_x, test_y, key, num_classes)
+
+
+def _dataset_arrays(ds: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(x float32, y)`` numpy arrays of a map-style dataset of ``(sample, label)`` pairs:
+    torchvision's ``.data`` / ``.targets`` when it keeps uint8 pixels there, otherwise
+    every item (PIL images and HWC arrays through ``to_tensor``)."""
+    data = getattr(ds, "data", None)
+    targets = getattr(ds, "targets", getattr(ds, "labels", None))
+    if (
+        getattr(ds, "transform", None) is None
+        and data is not None
+        and targets is not None
+        and str(getattr(data, "dtype", "")) in ("uint8", "torch.uint8")
+        and np.asarray(data).ndim in (3, 4)
+    ):
+        x = np.asarray(data)
+        if x.ndim == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
+            x = x.transpose(0, 3, 1, 2)  # channels last (CIFAR) -> first
+        return x.astype(np.float32) / 255.0, np.asarray(targets)
+    try:
+        n = len(ds)
+    except TypeError as exc:
+        raise DataError(f"{what}: a dataset must have a length (map-style)") from exc
+    xs, ys = [], []
+    for i in range(n):
+        item = ds[i]
+        if not isinstance(item, tuple | list) or len(item) != 2:
+            raise DataError(f"{what}: item {i} is not a (sample, label) pair")
+        x, y = item
+        if not isinstance(x, torch.Tensor | np.ndarray):
+            x = torchvision.transforms.functional.to_tensor(x)  # PIL image -> CHW in [0, 1]
+        xs.append(torch.as_tensor(x).to(torch.float32).numpy())
+        ys.append(int(y))
+    if not xs:
+        raise DataError(f"{what}: the dataset is empty")
+    if len({x.shape for x in xs}) > 1:
+        raise DataError(f"{what}: samples differ in shape ({xs[0].shape} vs others)")
+    return np.stack(xs), np.asarray(ys, dtype=np.int64)
+
+
+# --------------------------------------------------------------------------- your own loader
+
+
+def _load_user(spec: str, root: str, seed: int) -> tuple[ImageSet, ImageSet, int]:
+    """``loader(root, seed)`` of ``data.dataset = "module:loader"``, its output checked."""
+    key = f"data.dataset = {spec!r}"
+    loader = load_object(spec, "data.dataset")
+    try:
+        out = loader(root, seed)
+    except UserError:
+        raise
+    except Exception as exc:  # the user's code: any failure is reported against the key
+        raise DataError(
+            f"{key}: the loader raised {type(exc).__name__}: {exc} (called with root={root!r}, "
+            f"seed={seed})"
+        ) from exc
+    if isinstance(out, tuple | list) and len(out) == 2:
+        if not all(isinstance(d, torch.utils.data.Dataset) for d in out):
+            raise DataError(
+                f"{key}: the loader returned 2 values that are not both torch Datasets; "
+                "return (train_x, train_y, test_x, test_y) arrays or (train_set, test_set)"
+            )
+        (train_x, train_y), (test_x, test_y) = (
+            _dataset_arrays(d, f"{key} ({w})") for d, w in zip(out, ("train", "test"), strict=True)
+        )
+    elif isinstance(out, tuple | list) and len(out) == 4:
+        train_x, train_y, test_x, test_y = out
+    else:
+        what = f"{len(out)} values" if isinstance(out, tuple | list) else type(out).__name__
+        raise DataError(
+            f"{key}: the loader returned {what}; expected a tuple (train_x, train_y, test_x, "
+            "test_y) of numpy arrays or (train_dataset, test_dataset)"
+        )
+    return _checked_sets(train_x, train_y, test_x, test_y, key, None)
+
+
+def _checked_sets(
+    train_x: Any, train_y: Any, test_x: Any, test_y: Any, key: str, num_classes: int | None
+) -> tuple[ImageSet, ImageSet, int]:
+    """Check what a loader or dataset gave and make ImageSets; errors name ``key``.
+
+    ``x``: float32 ``(N, C, H, W)`` images in [0, 1] (``(N, H, W)`` gains a channel axis)
+    or ``(N, d)`` rows of finite values; ``y``: integers >= 0 of shape ``(N,)``. The number
+    of classes is ``num_classes`` if known, else the largest label + 1.
+    """
+    xs = [_as_numpy(train_x, key, "train_x"), _as_numpy(test_x, key, "test_x")]
+    ys = [_as_numpy(train_y, key, "train_y"), _as_numpy(test_y, key, "test_y")]
+    for x, name in zip(xs, ("train_x", "test_x"), strict=True):
+        if x.dtype != np.float32:
+            raise DataError(
+                f"{key}: {name} must be float32, got {x.dtype} (images scaled to [0, 1], e.g. "
+                "x.astype(np.float32) / 255)"
+            )
+        if not 2 <= x.ndim <= 4 or 0 in x.shape[1:]:
+            raise DataError(
+                f"{key}: {name} must have shape (N, C, H, W), (N, H, W) or (N, d), got {x.shape}"
+            )
+        if not np.isfinite(x).all():
+            raise DataError(f"{key}: {name} holds NaN or infinite values")
+    xs = [x[:, None] if x.ndim == 3 else x for x in xs]  # grayscale (N, H, W)
+    if xs[0].shape[1:] != xs[1].shape[1:]:
+        raise DataError(
+            f"{key}: train_x samples have shape {xs[0].shape[1:]}, test_x samples "
+            f"{xs[1].shape[1:]}; they must match"
+        )
+    for x, name in zip(xs, ("train_x", "test_x"), strict=True):
+        if x.ndim == 4 and x.size and (x.min() < 0 or x.max() > 1):
+            raise DataError(
+                f"{key}: {name} images must lie in [0, 1], got [{x.min():.4g}, {x.max():.4g}]"
+            )
+    for y, x, name in zip(ys, xs, ("train_y", "test_y"), strict=True):
+        if not np.issubdtype(y.dtype, np.integer):
+            raise DataError(f"{key}: {name} must hold integer class labels, got {y.dtype}")
+        if y.shape != (x.shape[0],):
+            raise DataError(f"{key}: {name} has shape {y.shape}, expected ({x.shape[0]},)")
+        if y.size and y.min() < 0:
+            raise DataError(f"{key}: {name} holds negative labels (min {y.min()}); use 0..K-1")
+    if xs[0].shape[0] < 1 or xs[1].shape[0] < 2:
+        raise DataError(
+            f"{key}: needs at least 1 train and 2 test samples (the test set is halved into "
+            f"the server's public and test data), got {xs[0].shape[0]} and {xs[1].shape[0]}"
+        )
+    top = int(max(y.max() for y in ys)) + 1
+    if num_classes is None:
+        num_classes = top
+    elif top > num_classes:
+        raise DataError(f"{key}: labels reach {top - 1}, the dataset has {num_classes} classes")
+    train, test = (
+        ImageSet(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y.astype(np.int64)))
+        for x, y in zip(xs, ys, strict=True)
+    )
+    return train, test, num_classes
+
+
+def _as_numpy(value: Any, key: str, name: str) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    if not isinstance(value, np.ndarray):
+        raise DataError(f"{key}: {name} must be a numpy array, got {type(value).__name__}")
+    return value
 
 
 # --------------------------------------------------------------------------- embedded sample
@@ -491,7 +845,13 @@ def partition(
     seed: int,
     samples_per_party: int = 0,
 ) -> list[np.ndarray]:
-    """Split sample indices among parties, seeded.
+    """Split sample indices among parties, seeded (privfl's own partitioners).
+
+    These stay hand-written although flwr-datasets has IID, Dirichlet and shard
+    partitioners (:func:`flwr_datasets_partition`, ``data.partitioner = "flwr-datasets"``):
+    flwr-datasets is an optional package (with HuggingFace ``datasets`` behind it) that
+    privfl does not require, its IID partitioner cuts the pool in order without shuffling,
+    and every published privfl number was drawn with these splits (same seed, same bytes).
 
     Parameters
     ----------
@@ -542,6 +902,17 @@ def partition(
         raise ScenarioError(
             f"data.partition: unknown scheme {scheme!r}; accepted: 'iid', 'dirichlet', 'shards'"
         )
+    return _capped(parts, samples_per_party, rng, scheme, n)
+
+
+def _capped(
+    parts: Sequence[np.ndarray],
+    samples_per_party: int,
+    rng: np.random.Generator,
+    scheme: str,
+    n: int,
+) -> list[np.ndarray]:
+    """Each part cut to ``samples_per_party`` seeded samples (0: kept whole), sorted."""
     if samples_per_party:
         short = [(i, len(p)) for i, p in enumerate(parts) if len(p) < samples_per_party]
         if short:
@@ -549,10 +920,73 @@ def partition(
             raise ScenarioError(
                 f"data.samples_per_party: {samples_per_party} requested but party {i} has only "
                 f"{size} samples under the {scheme!r} partition of {n} samples among "
-                f"{parties} parties"
+                f"{len(parts)} parties"
             )
         parts = [rng.choice(p, size=samples_per_party, replace=False) for p in parts]
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+
+
+def flwr_datasets_partition(
+    labels: np.ndarray,
+    parties: int,
+    scheme: Literal["iid", "dirichlet", "shards"],
+    *,
+    alpha: float,
+    shards_per_party: int,
+    seed: int,
+    samples_per_party: int = 0,
+) -> list[np.ndarray]:
+    """:func:`partition` done by flwr-datasets' partitioners (``data.partitioner =
+    "flwr-datasets"``): ``IidPartitioner`` (over a seeded shuffle of the pool),
+    ``DirichletPartitioner`` and ``ShardPartitioner``, partitioning by label.
+
+    Needs the optional package flwr-datasets (``pip install flwr-datasets``); without it
+    this raises :class:`ScenarioError` naming ``data.partitioner``. Same arguments and
+    return value as :func:`partition`; the splits differ from privfl's own (and
+    ``ShardPartitioner`` leaves out the samples of an incomplete last shard).
+    """
+    try:
+        # Optional dependency: imported only when a scenario asks for it.
+        from datasets import Dataset
+        from flwr_datasets import partitioner as fp
+    except ImportError as exc:
+        raise ScenarioError(
+            "data.partitioner: 'flwr-datasets' needs the flwr-datasets package, which is not "
+            f"installed here ({exc}); install flwr-datasets (pip install flwr-datasets) or "
+            "use data.partitioner = 'privfl'"
+        ) from exc
+    labels = np.asarray(labels)
+    n = labels.size
+    if parties < 1 or n < parties:
+        raise ScenarioError(f"data.parties: {parties} parties for {n} samples")
+    rng = np.random.default_rng(_entropy(seed, "flwr-datasets"))
+    fseed = int(rng.integers(2**31))
+    pool = Dataset.from_dict({"label": labels.tolist(), "index": list(range(n))})
+    if scheme == "iid":
+        pool = pool.shuffle(seed=fseed)
+        part = fp.IidPartitioner(num_partitions=parties)
+    elif scheme == "dirichlet":
+        part = fp.DirichletPartitioner(
+            num_partitions=parties,
+            partition_by="label",
+            alpha=alpha,
+            min_partition_size=max(samples_per_party, min(10, n // parties)),
+            seed=fseed,
+        )
+    elif scheme == "shards":
+        part = fp.ShardPartitioner(
+            num_partitions=parties,
+            partition_by="label",
+            num_shards_per_partition=shards_per_party,
+            seed=fseed,
+        )
+    else:
+        raise ScenarioError(
+            f"data.partition: unknown scheme {scheme!r}; accepted: 'iid', 'dirichlet', 'shards'"
+        )
+    part.dataset = pool
+    parts = [np.asarray(part.load_partition(i)["index"], dtype=np.int64) for i in range(parties)]
+    return _capped(parts, samples_per_party, rng, scheme, n)
 
 
 def _entropy(seed: int, stream: str) -> list[int]:
@@ -670,14 +1104,14 @@ def load_federation(scenario: Scenario) -> Federation:
         Same scenario, same bytes.
     """
     # The resolved source is part of the key: PRIVFL_DATA may change between calls.
-    return _federation(scenario.data, scenario.scenario.seed, _resolve_source(scenario.data))
+    return _federation(scenario.data, scenario.scenario.seed, _resolve(scenario.data))
 
 
 @functools.lru_cache(maxsize=8)
-def _federation(data: DataSection, seed: int, source: _Source) -> Federation:
-    spec = _spec(data.dataset)
-    train, test = _load_split(spec, source, True), _load_split(spec, source, False)
-    parts = partition(
+def _federation(data: DataSection, seed: int, source: tuple) -> Federation:
+    train, test, num_classes = _load_sets(source, seed if source[0] == "loader" else 0)
+    split = partition if data.partitioner == "privfl" else flwr_datasets_partition
+    parts = split(
         train.labels.numpy(),
         data.parties,
         data.partition,
@@ -701,11 +1135,11 @@ def _federation(data: DataSection, seed: int, source: _Source) -> Federation:
         if data.server_test_samples > server_idx.size:
             raise ScenarioError(
                 f"data.server_test_samples: {data.server_test_samples} requested but the "
-                f"server's half of the {spec.name} test set holds {server_idx.size}"
+                f"server's half of the {data.dataset} test set holds {server_idx.size}"
             )
         server_idx = server_idx[: data.server_test_samples]
     return Federation(
-        num_classes=spec.num_classes,
+        num_classes=num_classes,
         train_pool=train,
         parties=tuple(parties),
         server_test=test.subset(server_idx),

@@ -74,13 +74,23 @@ def noise_key(
     HKDF-SHA256 of ``secret`` with the scenario seed, ``purpose``, ``party`` and round as
     info: reproducible by whoever holds ``secret`` and no one else.
     """
+    # A party-local secret is also bound to the seed (one secret, many scenarios); keyed
+    # by the seed itself, the derivation is the one a trusting party has always used.
+    seed = seed_secret(scenario)
+    bind = b"" if secret is None or secret == seed else seed
+    return derive_noise_key(secret, purpose, party, server_round, bind=bind)
+
+
+def derive_noise_key(
+    secret: bytes | None, purpose: str, party: int, server_round: int, *, bind: bytes = b""
+) -> bytes:
+    """:func:`noise_key` without a scenario: ``os.urandom(32)`` for ``secret = None``,
+    else HKDF-SHA256 of ``secret`` over the purpose, party, round (and ``bind``)."""
     if secret is None:
         return os.urandom(32)
     info = f"{purpose}|party={party}|round={server_round}".encode()
-    # A party-local secret is also bound to the seed (one secret, many scenarios); keyed
-    # by the seed itself, the derivation is the one a trusting party has always used.
-    if secret != seed_secret(scenario):
-        info += b"|seed=" + seed_secret(scenario)
+    if bind:
+        info += b"|seed=" + bind
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=_LAB_SALT, info=info).derive(secret)
 
 
@@ -456,9 +466,14 @@ def distributed_noise_multiplier(scenario: Scenario, dim: int) -> float:
     """The effective multiplier of the summed integer noise: std σ·C·s over the
     rounding-inflated sensitivity C·s + sqrt(d)/2 (ring units)."""
     dp, sa = scenario.defense.dp, scenario.defense.secagg
-    s = 2.0**sa.frac_bits
-    sigma = global_noise_multiplier(scenario)
-    return sigma * dp.clip * s / (dp.clip * s + _rounding_slack(dim))
+    return effective_noise_multiplier(global_noise_multiplier(scenario), dp.clip, sa.frac_bits, dim)
+
+
+def effective_noise_multiplier(sigma: float, clip: float, frac_bits: int, dim: int) -> float:
+    """:func:`distributed_noise_multiplier` from explicit values: integer noise of std
+    ``sigma·clip·2^frac_bits`` over the rounding-inflated sensitivity."""
+    s = 2.0**frac_bits
+    return sigma * clip * s / (clip * s + _rounding_slack(dim))
 
 
 def distributed_epsilon(scenario: Scenario, dim: int, rounds: int) -> float:

@@ -1,27 +1,57 @@
-"""Task models for 28×28 single-channel images.
+"""Task models: built-in ones that adapt to the data's sample shape, or the user's own.
 
-All models are Opacus-compatible (no BatchNorm) and take inputs in [0, 1] of shape
-(N, 1, 28, 28); normalisation, where useful, happens inside the model so that attacks
-reconstruct images in pixel space.
+``model.name`` is ``cnn``, ``mlp``, ``lenet`` or ``"module:factory"``, where
+``factory(input_shape, num_classes)`` returns any ``torch.nn.Module`` mapping a batch of
+``(N, *input_shape)`` to ``(N, num_classes)`` logits. The built-in models are
+Opacus-compatible (no BatchNorm) and take inputs in [0, 1]: images ``(C, H, W)`` (the
+CNN and the LeNet) or any shape (the MLP flattens, so it also takes tabular rows
+``(d,)``); normalisation, where useful, happens inside the model so that attacks
+reconstruct images in pixel space. For MNIST's ``(1, 28, 28)`` they are the layers, in
+the order, they always were, so a seed gives the same weights.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
-from privfl.config import Scenario
+from privfl.config import Scenario, ScenarioError
+from privfl.data import sample_shape
+from privfl.plugins import load_object
 
 INPUT_SHAPE = (1, 28, 28)
+BUILTIN_MODELS = ("cnn", "mlp", "lenet")
+
+
+def _image_shape(name: str, input_shape: Sequence[int]) -> tuple[int, int, int]:
+    """``(C, H, W)`` of ``input_shape``, or a ScenarioError saying what ``name`` needs."""
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) != 3 or min(shape) < 1 or min(shape[1:]) < 4:
+        raise ScenarioError(
+            f"model.name: {name!r} takes images of shape (C, H, W) with H, W >= 4; the data's "
+            f"samples have shape {shape}: use 'mlp' (any shape) or a 'module:factory' model"
+        )
+    c, h, w = shape
+    return c, h, w
 
 
 class SmallCNN(nn.Module):
-    """Two conv blocks (GroupNorm, ReLU, max-pool) and two dense layers; ~0.2M params."""
+    """Two conv blocks (GroupNorm, ReLU, max-pool) and two dense layers; ~0.2M params
+    on 1×28×28."""
 
-    def __init__(self, num_classes: int = 10, hidden: int = 128) -> None:
+    def __init__(
+        self,
+        num_classes: int = 10,
+        hidden: int = 128,
+        input_shape: Sequence[int] = INPUT_SHAPE,
+    ) -> None:
         super().__init__()
+        c, h, w = _image_shape("cnn", input_shape)
         self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1),
+            nn.Conv2d(c, 16, 3, padding=1),
             nn.GroupNorm(4, 16),
             nn.ReLU(),
             nn.MaxPool2d(2),
@@ -32,7 +62,7 @@ class SmallCNN(nn.Module):
         )
         self.classifier = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(32 * 7 * 7, hidden),
+            nn.Linear(32 * (h // 4) * (w // 4), hidden),
             nn.ReLU(),
             nn.Linear(hidden, num_classes),
         )
@@ -42,13 +72,18 @@ class SmallCNN(nn.Module):
 
 
 class MLP(nn.Module):
-    """Two hidden ReLU layers."""
+    """Two hidden ReLU layers on the flattened sample (images or tabular rows)."""
 
-    def __init__(self, num_classes: int = 10, hidden: int = 128) -> None:
+    def __init__(
+        self,
+        num_classes: int = 10,
+        hidden: int = 128,
+        input_shape: Sequence[int] = INPUT_SHAPE,
+    ) -> None:
         super().__init__()
         self.net = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(28 * 28, hidden),
+            nn.Linear(math.prod(input_shape), hidden),
             nn.ReLU(),
             nn.Linear(hidden, hidden),
             nn.ReLU(),
@@ -72,17 +107,19 @@ class SigmoidLeNet(nn.Module):
     layer strongly input-dependent.
     """
 
-    def __init__(self, num_classes: int = 10) -> None:
+    def __init__(self, num_classes: int = 10, input_shape: Sequence[int] = INPUT_SHAPE) -> None:
         super().__init__()
+        c, h, w = _image_shape("lenet", input_shape)
         self.body = nn.Sequential(
-            nn.Conv2d(1, 12, 5, padding=2, stride=2),
+            nn.Conv2d(c, 12, 5, padding=2, stride=2),
             nn.Sigmoid(),
             nn.Conv2d(12, 12, 5, padding=2, stride=2),
             nn.Sigmoid(),
             nn.Conv2d(12, 12, 5, padding=2, stride=1),
             nn.Sigmoid(),
         )
-        self.fc = nn.Linear(12 * 7 * 7, num_classes)
+        # Two stride-2 convolutions with padding 2 halve each side, rounding up.
+        self.fc = nn.Linear(12 * -(-h // 4) * -(-w // 4), num_classes)
         with torch.no_grad():
             for p in self.parameters():
                 p.uniform_(-0.5, 0.5)
@@ -91,25 +128,104 @@ class SigmoidLeNet(nn.Module):
         return self.fc(self.body(x).flatten(1))
 
 
-def build_task_model(name: str, num_classes: int, hidden: int = 128) -> nn.Module:
-    """The bare task model called ``name`` (cnn | mlp | lenet)."""
+def build_task_model(
+    name: str,
+    num_classes: int,
+    hidden: int = 128,
+    *,
+    input_shape: Sequence[int] = INPUT_SHAPE,
+) -> nn.Module:
+    """The bare task model called ``name`` for samples of ``input_shape``.
+
+    Parameters
+    ----------
+    name : str
+        ``cnn`` | ``mlp`` | ``lenet`` | ``"module:factory"`` (``factory(input_shape,
+        num_classes)``, imported from the working directory or ``PYTHONPATH``).
+    num_classes : int
+        Outputs (logits) of the model.
+    hidden : int
+        Width of the built-in models' hidden layers (not passed to a factory).
+    input_shape : Sequence[int]
+        Shape of one sample, e.g. ``(1, 28, 28)``, ``(3, 32, 32)`` or ``(d,)``.
+
+    Raises
+    ------
+    ScenarioError
+        Naming ``model.name``: an unknown name, a built-in model that cannot take the
+        shape, or a factory that fails to import, raises, returns no ``nn.Module`` or a
+        model whose output is not ``(N, num_classes)``.
+    """
+    shape = tuple(int(s) for s in input_shape)
     if name == "cnn":
-        return SmallCNN(num_classes, hidden)
+        return SmallCNN(num_classes, hidden, shape)
     if name == "mlp":
-        return MLP(num_classes, hidden)
+        return MLP(num_classes, hidden, shape)
     if name == "lenet":
-        return SigmoidLeNet(num_classes)
-    raise ValueError(f"model.name: unknown model {name!r}; accepted: cnn, mlp, lenet")
+        return SigmoidLeNet(num_classes, shape)
+    if ":" not in name:
+        raise ScenarioError(
+            f"model.name: unknown model {name!r}; accepted: {', '.join(BUILTIN_MODELS)} or "
+            "'module:factory'"
+        )
+    return _user_model(name, num_classes, shape)
 
 
-def build_model(scenario: Scenario, num_classes: int) -> nn.Module:
+def _user_model(spec: str, num_classes: int, shape: tuple[int, ...]) -> nn.Module:
+    factory = load_object(spec, "model.name")
+    try:
+        model = factory(shape, num_classes)
+    except Exception as exc:  # the user's code: any failure is reported against the key
+        raise ScenarioError(
+            f"model.name: {spec}({shape}, {num_classes}) raised {type(exc).__name__}: {exc}"
+        ) from exc
+    if not isinstance(model, nn.Module):
+        raise ScenarioError(
+            f"model.name: {spec}({shape}, {num_classes}) returned a {type(model).__name__}, "
+            "expected a torch.nn.Module"
+        )
+    _check_output(spec, model, shape, num_classes)
+    return model
+
+
+def _check_output(spec: str, model: nn.Module, shape: tuple[int, ...], num_classes: int) -> None:
+    """Run a batch of two zero samples through ``model`` (eval mode, no gradients, no
+    random draws) so a shape mismatch fails here, naming the key, not deep in training."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, *shape))
+    except Exception as exc:  # the user's code: any failure is reported against the key
+        raise ScenarioError(
+            f"model.name: the model of {spec} fails on a batch of shape {(2, *shape)} "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ScenarioError(
+            f"model.name: the model of {spec} maps a batch of shape {(2, *shape)} to {got}, "
+            f"expected logits of shape (2, {num_classes})"
+        )
+
+
+def build_model(
+    scenario: Scenario, num_classes: int, input_shape: Sequence[int] | None = None
+) -> nn.Module:
     """The model every party of ``scenario`` trains, seeded by the scenario's seed.
 
-    When the scenario's attack ships a rigged model (imprint), the task model is wrapped
-    here so that the server and all parties agree on the architecture.
+    ``input_shape`` defaults to the shape of the scenario's samples
+    (:func:`privfl.data.sample_shape`). When the scenario's attack ships a rigged model
+    (imprint), the task model is wrapped here so that the server and all parties agree on
+    the architecture.
     """
+    shape = tuple(sample_shape(scenario) if input_shape is None else input_shape)
     torch.manual_seed(scenario.scenario.seed)
-    model = build_task_model(scenario.model.name, num_classes, scenario.model.hidden)
+    model = build_task_model(
+        scenario.model.name, num_classes, scenario.model.hidden, input_shape=shape
+    )
     if scenario.attack.kind == "imprint":
         from privfl.attacks.imprint import rig_model
 

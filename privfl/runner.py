@@ -73,11 +73,14 @@ def run_scenario(
     """
     from privfl.data import load_federation
     from privfl.server import make_auditor, make_server_app, model_utility_warning, run_federation
+    from privfl.strategies.factory import aggregation_strategy
     from privfl.training import resolve_device
 
     sc = resolve(scenario, overrides)
     out = Path(out_dir).expanduser().resolve()
-    # Fail on missing data or devices here, before Ray starts.
+    # Fail on missing data or devices here, before Ray starts; and on a [strategy] the
+    # server cannot build (import, keyword, constructor).
+    aggregation_strategy(sc)
     resolve_device(sc.scenario.device)
     fed = load_federation(sc)
     hint = model_utility_warning(sc, fed.num_classes)

@@ -1,7 +1,8 @@
-"""The privfl ServerApp: composes the strategy a scenario asks for and runs it.
+"""The privfl ServerApp: builds the strategy a scenario asks for and runs it.
 
-Composition (outermost first): the attack wrapper (it *is* the server, and sees what
-the server sees) ⊃ SecureAggregation ⊃ DPGlobalUpdate ⊃ FedAvg.
+Composition (outermost first, :func:`privfl.strategies.factory.build_strategy`): the
+attack wrapper (it *is* the server, and sees what the server sees) ⊃ SecureAggregation
+⊃ DPGlobalUpdate ⊃ FederationRounds ⊃ the ``[strategy]`` class (FedAvg by default).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy import Strategy
 
 from privfl import __version__
 from privfl.audit import RunAuditor, audit_report
@@ -25,145 +26,15 @@ from privfl.config import SCENARIO_KEY, Scenario, load_scenario, resolve_scenari
 from privfl.data import load_federation
 from privfl.dp import utility_warning
 from privfl.models import build_model
-from privfl.refusal import diverged_reason, refusal_reason
 from privfl.results import AttackReport
+from privfl.strategies.factory import build_strategy
 from privfl.strategies.secure_aggregation import curious_read
-from privfl.strategies.wrapper import StrategyWrapper
+from privfl.strategies.wrapper import StrategyWrapper, strategy_chain
 from privfl.training import evaluate, resolve_device
 
 log = logging.getLogger("privfl")
 
 HELLO = "query.privfl_hello"
-
-
-def _aggregate_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Weighted means; parties without examples carry no weight."""
-    records = [r for r in records if float(r.metric_records["metrics"][weight_key]) > 0]
-    total = sum(float(r.metric_records["metrics"][weight_key]) for r in records)
-    out = MetricRecord({weight_key: total})
-    if not records:
-        return out
-    keys = set().union(*(r.metric_records["metrics"].keys() for r in records)) - {weight_key}
-    for key in sorted(keys):
-        vals = [
-            (
-                float(r.metric_records["metrics"][key]),
-                float(r.metric_records["metrics"][weight_key]),
-            )
-            for r in records
-            if key in r.metric_records["metrics"]
-        ]
-        out[key] = sum(v * w for v, w in vals) / total
-    return out
-
-
-class PrivflFedAvg(FedAvg):
-    """FedAvg over every party each round, tolerant of privfl's side-channel records.
-
-    Records keyed ``privfl.side.*`` (what a malicious participant exfiltrates) are kept
-    in ``side_channel[round]`` and stripped before Flower's reply validation.
-    ``evaluate=False`` asks the parties for no evaluation (their policy withholds it).
-    """
-
-    def __init__(self, parties: int, *, evaluate: bool = True) -> None:
-        super().__init__(
-            fraction_evaluate=1.0 if evaluate else 0.0,
-            min_train_nodes=parties,
-            min_evaluate_nodes=parties,
-            min_available_nodes=parties,
-            train_metrics_aggr_fn=_aggregate_metrics,
-            evaluate_metrics_aggr_fn=_aggregate_metrics,
-        )
-        self.side_channel: dict[int, dict[str, Any]] = {}
-        self.faults: dict[int, list[dict[str, Any]]] = {}
-        # Set when the run must end early (a party's training diverged): no more rounds.
-        self.stop_reason: str | None = None
-
-    def _record_refusals(self, server_round: int, stage: str, replies: list[Message]) -> None:
-        for msg in replies:
-            if (reason := refusal_reason(msg)) is not None:
-                text = "refused: " + reason
-            elif (reason := diverged_reason(msg)) is not None:
-                text = "diverged: " + reason
-            else:
-                continue
-            self.faults.setdefault(server_round, []).append(
-                {"node": msg.metadata.src_node_id, "stage": stage, "reason": text}
-            )
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Any:
-        if self.stop_reason:
-            return []
-        return super().configure_train(server_round, arrays, config, grid)
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Any:
-        if self.stop_reason:
-            return []
-        return super().configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Any) -> MetricRecord | None:
-        replies = list(replies)
-        self._record_refusals(server_round, "evaluate", replies)
-        return super().aggregate_evaluate(server_round, replies)
-
-    def aggregate_train(
-        self, server_round: int, replies: Any
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        self._record_refusals(server_round, "train", replies)
-        cleaned = []
-        for msg in replies:
-            if not msg.has_error():
-                side = {k: v for k, v in msg.content.items() if k.startswith("privfl.side.")}
-                if side:
-                    node = msg.metadata.src_node_id
-                    for k, v in side.items():
-                        self.side_channel.setdefault(server_round, {})[f"{node}:{k}"] = v
-                        del msg.content[k]
-            cleaned.append(msg)
-        return super().aggregate_train(server_round, cleaned)
-
-
-def strategy_chain(strategy: Strategy) -> list[Strategy]:
-    """The strategy and every strategy it wraps (through ``.inner``), outermost first."""
-    chain = [strategy]
-    while hasattr(chain[-1], "inner"):
-        chain.append(chain[-1].inner)
-    return chain
-
-
-def build_strategy(scenario: Scenario, party_of: Mapping[int, int]) -> Strategy:
-    """The server strategy a scenario asks for (see the module docstring for the order)."""
-    # The parties' evaluation policy is public: a server does not ask for what they withhold.
-    ev = scenario.party.evaluation
-    withheld = ev == "withhold" or (ev == "auto" and scenario.defense.dp.mode != "none")
-    strategy: Strategy = PrivflFedAvg(scenario.data.parties, evaluate=not withheld)
-    dp = scenario.defense.dp
-    if dp.mode in ("global", "distributed"):
-        from privfl.strategies.dp_global import DPGlobalUpdate
-
-        strategy = DPGlobalUpdate(strategy, scenario=scenario, party_of=party_of)
-    if scenario.defense.secure_aggregation != "none":
-        from privfl.strategies.secure_aggregation import SecureAggregation
-
-        strategy = SecureAggregation(strategy, scenario=scenario, party_of=party_of)
-    if scenario.attack.kind == "gradient-inversion":
-        from privfl.strategies.curious_server import CuriousServer
-
-        strategy = CuriousServer(strategy, scenario=scenario, party_of=party_of)
-    elif scenario.attack.kind == "active-server":
-        from privfl.strategies.active_server import build_active_server
-
-        strategy = build_active_server(strategy, scenario=scenario, party_of=party_of)
-    elif scenario.attack.kind == "imprint" and scenario.attack.imprint.role == "malicious-server":
-        from privfl.strategies.imprint_server import ImprintServer
-
-        strategy = ImprintServer(strategy, scenario=scenario, party_of=party_of)
-    return strategy
 
 
 def discover_parties(grid: Grid, parties: int, timeout: float) -> dict[int, int]:
@@ -268,7 +139,7 @@ class _RoundLog:
             self.stopped = f"round {server_round}: {reasons[0]}"
             log.warning("stopping the run: %s", self.stopped)
             for s in chain:
-                if isinstance(s, PrivflFedAvg):
+                if hasattr(s, "stop_reason"):
                     s.stop_reason = self.stopped
 
 
@@ -623,6 +494,10 @@ def make_server_app(
         try:
             if scenario is None:
                 sc, out = scenario_from_run_config(context.run_config)
+                # Under `flwr run` Flower's grid waits 3 s between polls for replies.
+                from privfl.deployment import PollingGrid
+
+                grid = PollingGrid(grid)
             else:
                 sc, out = scenario, Path(out_dir or ".")
             results = run_federation(grid, sc, out, progress=progress, auditor=auditor)

@@ -98,16 +98,20 @@ def train_local(
     server_round: int,
     device: torch.device,
     insert: Callable[[float], torch.Tensor | None] | None = None,
+    proximal_mu: float = 0.0,
 ) -> TrainStats:
     """Plain (non-private) local training for one round; returns the mean batch loss.
 
     ``insert(rate)`` (an auditor's canary records) may return a flat gradient over
     ``model.parameters()`` summed over the extra records that join a step (each with
     probability ``rate`` = batch / N); it enters the batch mean like theirs would.
+    ``proximal_mu`` > 0 adds FedProx's term mu/2·||w − w_global||² to the objective
+    (the reported loss stays the data loss).
     """
     model.to(device).train()
     opt = make_optimizer(model, scenario)
     loss_fn = nn.CrossEntropyLoss()
+    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
     images, labels = data.images.to(device), data.labels.to(device)
     torch.manual_seed(derive_seed(scenario.scenario.seed, "train", party, server_round))
     total, steps = 0.0, 0
@@ -115,7 +119,12 @@ def train_local(
         batch = batch.to(device)
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(model(images[batch]), labels[batch])
-        loss.backward()
+        if anchor:
+            params = zip(model.parameters(), anchor, strict=True)
+            drift = sum((p - a).pow(2).sum() for p, a in params)
+            (loss + 0.5 * proximal_mu * drift).backward()
+        else:
+            loss.backward()
         if insert is not None and (extra := insert(len(batch) / len(data))) is not None:
             _add_flat(model, extra.to(device) / len(batch))
         opt.step()

@@ -1,4 +1,9 @@
-"""Flower server strategies: secure aggregation, DP global update, curious and malicious servers."""
+"""Flower server strategies: secure aggregation, DP global update, curious and malicious
+servers, and the factory that builds them from a scenario.
+
+``SecureAggregation`` and ``DPGlobalUpdate`` wrap any ``flwr.serverapp.strategy.Strategy``
+and take explicit parameters; ``build_strategy(scenario, party_of)`` is the one place a
+scenario is read."""
 
 from __future__ import annotations
 
@@ -17,5 +22,11 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "build_active_server": "privfl.strategies.active_server",
         "StrategyWrapper": "privfl.strategies.wrapper",
         "GridProxy": "privfl.strategies.wrapper",
+        "strategy_chain": "privfl.strategies.wrapper",
+        "FederationRounds": "privfl.strategies.rounds",
+        "aggregate_metrics": "privfl.strategies.rounds",
+        "build_strategy": "privfl.strategies.factory",
+        "aggregation_strategy": "privfl.strategies.factory",
+        "BUILTIN_STRATEGIES": "privfl.strategies.factory",
     },
 )

@@ -143,7 +143,9 @@ class ImprintServer(StrategyWrapper):
         assert self._sent is not None
         new, sent = _arrays(arrays), _arrays(self._sent)
         update = {k: new[k].double() - sent[k].double() for k in _KEYS}
-        info = ImprintInfo.from_state(new)
+        # The server knows the shape of the data from its own public samples.
+        shape = load_federation(self.scenario).public.sample_shape
+        info = ImprintInfo.from_state(new, shape)
         recon = reconstruct_from_update(update, info, noise_std=aggregate_noise_std(self.scenario))
         im = self.scenario.attack.imprint
         bins = imprint_bins_of(self.scenario)

@@ -1,9 +1,20 @@
 """Server side of secure aggregation as a Flower strategy wrapper.
 
-``SecureAggregation(inner, scenario=..., party_of=...)`` runs the protocol's message
-stages through the Grid inside each round and hands ``inner.aggregate_train`` one
-synthetic reply carrying ``global + sum_i w_i Δ_i / sum_i w_i`` and the weighted mean
-train loss. Round trips per FL round: 2 (train + shares/masked input, then partial sums
+``SecureAggregation(inner, party_of=..., protocol=..., codec=...)`` runs the protocol's
+message stages through the Grid inside each round and hands ``inner.aggregate_train``
+one synthetic reply carrying ``global + sum_i w_i Δ_i / sum_i w_i`` (its weight,
+``num-examples``, is ``sum_i w_i``: the parties' example counts, or their number where
+DP weighs every party 1) and the weighted mean train loss. Any mean-based Flower
+strategy (FedAvg, FedProx, FedAdam, FedYogi, FedAdagrad, a user's subclass) aggregates
+that one reply as it would the parties' own; an aggregator that ranks single updates
+(FedMedian, FedTrimmedAvg, Krum) cannot, and the factory refuses that combination.
+:meth:`SecureAggregation.from_scenario` reads a scenario's ``defense`` section.
+
+privfl's own protocol is used rather than Flower's ``SecAggPlusWorkflow``: that one
+runs only with the legacy API, derives its masks from a 32-bit seeded Mersenne twister,
+and leaves every party's example count and metrics in plaintext.
+
+Round trips per FL round: 2 (train + shares/masked input, then partial sums
 / unmask); key setup adds 1 (additive) or 2 (masking) once per key epoch.
 
 The server's view is explicit: :attr:`SecureAggregation.server_view` holds deep copies
@@ -23,7 +34,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.app.metadata import Metadata
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from privfl.strategies.wrapper import StrategyWrapper
+from privfl.strategies.wrapper import StrategyWrapper, strategy_chain, weighted_by_key
 
 from privfl.config import SCENARIO_KEY, Scenario
 from privfl.fixedpoint import FixedPointCodec
@@ -46,12 +57,13 @@ def _template_layout(template: ArrayRecord) -> list[tuple[str, tuple[int, ...], 
 
 
 def curious_read(
-    content: RecordDict, template: ArrayRecord, scenario: Scenario
+    content: RecordDict, template: ArrayRecord, scenario: Scenario | FixedPointCodec
 ) -> dict[str, np.ndarray] | None:
     """What a curious server reads from one party's stage payload.
 
     Decodes the ring vector in ``content`` (masked input or partial sum) with the
-    public fixed-point codec and reshapes it to ``template``'s arrays. Returns None when
+    public fixed-point codec (``scenario``: the codec, or the scenario naming it) and
+    reshapes it to ``template``'s arrays. Returns None when
     the payload carries no vector (only ciphertexts or keys).
     """
     vec = wire.read_vector(content)
@@ -61,7 +73,12 @@ def curious_read(
     need = sum(int(np.prod(s)) for _, s, _ in layout)
     if vec.size < need:
         return None
-    vals = FixedPointCodec.from_section(scenario.defense.secagg).decode(vec)
+    codec = (
+        scenario
+        if isinstance(scenario, FixedPointCodec)
+        else FixedPointCodec.from_section(scenario.defense.secagg)
+    )
+    vals = codec.decode(vec)
     out, off = {}, 0
     for k, shape, dtype in layout:
         size = int(np.prod(shape))
@@ -73,17 +90,18 @@ def curious_read(
 def stage_messages(
     configs: Mapping[int, ConfigRecord],
     node_of: Mapping[int, int],
-    scenario: Scenario,
+    common: Scenario | Mapping[str, Any],
     server_round: int,
     msg_type: str,
     extra: Mapping[int, Mapping[str, Any]] | None = None,
 ) -> list[Message]:
-    """One stage message per party: its config (with the scenario and round) and extras."""
-    scenario_json = scenario.to_json()
+    """One stage message per party: its config (with the ``common`` entries, or the
+    scenario as privfl's parties expect it, and the round) and extras."""
+    shared = {SCENARIO_KEY: common.to_json()} if isinstance(common, Scenario) else dict(common)
     msgs = []
     for party, values in configs.items():
         cfg = ConfigRecord(dict(values))
-        cfg[SCENARIO_KEY] = scenario_json
+        cfg.update(shared)
         cfg["server-round"] = server_round
         content = RecordDict({"config": cfg, **(extra or {}).get(party, {})})
         msgs.append(
@@ -103,55 +121,76 @@ class SecureAggregation(StrategyWrapper):
     Parameters
     ----------
     inner : Strategy
-        The strategy that aggregates (e.g. FedAvg or a DP wrapper around it).
-    scenario : Scenario
-        Gives the protocol and ``defense.secagg`` defaults.
+        The strategy that aggregates: a mean-based one (FedAvg, FedAdam, ...), or a
+        :class:`~privfl.strategies.DPGlobalUpdate` (``secure_aggregation=True``) around it.
     party_of : Mapping[int, int]
-        Node id -> party index.
-    protocol, threshold, neighbours, max_retries : optional
-        Override ``defense.secure_aggregation`` / ``defense.secagg`` values.
-    timeout : float, optional
-        Seconds per stage exchange (default ``scenario.timeout``).
+        Node id -> party index (the parties' clients know their own index).
+    protocol : {"additive", "masking"}
+        Additive secret sharing, or pairwise masking with dropout recovery (Bonawitz).
+    codec : FixedPointCodec, optional
+        The ring the parties encode their updates in (default: 62-bit ring, 20
+        fractional bits, values clipped to ±4); must match the parties'.
+    threshold, neighbours : int
+        Masking: the Shamir threshold (0: floor(2m/3) + 1 for neighbourhoods of m), and
+        the neighbours each party masks with (0: all pairs; else an even k < parties).
+    max_retries : int
+        Additive: re-share rounds after a party drops out mid-round.
+    timeout : float
+        Seconds per stage exchange.
     on_failure : {"skip", "raise"}
         A round whose sum cannot be completed (too few parties, refusals, corrupt
         shares) is recorded in :attr:`faults` and releases nothing (``"skip"``, the run
         goes on), or raises :class:`SecureAggregationError`.
+    release_train_loss : bool
+        Pass the parties' summed train loss on to ``inner`` (False where the parties
+        withhold it, under DP).
+    message_config : Mapping, optional
+        Entries added to the config of every message this wrapper sends (privfl's own
+        parties read their round settings there).
     """
 
     def __init__(
         self,
         inner: Strategy,
         *,
-        scenario: Scenario,
         party_of: Mapping[int, int],
-        protocol: str | None = None,
-        threshold: int | None = None,
-        neighbours: int | None = None,
-        max_retries: int | None = None,
-        timeout: float | None = None,
+        protocol: str = "additive",
+        codec: FixedPointCodec | None = None,
+        threshold: int = 0,
+        neighbours: int = 0,
+        max_retries: int = 2,
+        timeout: float = 600.0,
         on_failure: str = "skip",
+        release_train_loss: bool = True,
+        message_config: Mapping[str, Any] | None = None,
     ) -> None:
-        sec = scenario.defense.secagg
         if on_failure not in ("skip", "raise"):
             raise ValueError(f"on_failure must be 'skip' or 'raise', got {on_failure!r}")
         self.on_failure = on_failure
         super().__init__(inner)
-        self.scenario = scenario
         self.party_of = dict(party_of)
         self.node_of = {p: n for n, p in self.party_of.items()}
         if len(self.node_of) != len(self.party_of):
             raise ValueError(f"party_of maps several nodes to one party: {dict(party_of)}")
-        self.protocol = protocol or scenario.defense.secure_aggregation
+        self.protocol = protocol
         if self.protocol not in ("additive", "masking"):
             raise ValueError(
                 f"protocol must be 'additive' or 'masking', got {self.protocol!r} "
                 "(defense.secure_aggregation)"
             )
-        self.threshold = sec.threshold if threshold is None else threshold
-        self.neighbours = sec.neighbours if neighbours is None else neighbours
-        self.max_retries = sec.max_retries if max_retries is None else max_retries
-        self.timeout = scenario.scenario.timeout if timeout is None else timeout
-        self.codec = FixedPointCodec.from_section(sec)
+        for s in strategy_chain(inner):
+            if getattr(s, "secure_aggregation", True) is False:
+                raise ValueError(
+                    f"{type(s).__name__} inside SecureAggregation receives one aggregate: "
+                    "build it with secure_aggregation=True"
+                )
+        self.threshold = threshold
+        self.neighbours = neighbours
+        self.max_retries = max_retries
+        self.timeout = timeout
+        self.codec = codec or FixedPointCodec()
+        self.release_train_loss = release_train_loss
+        self.message_config = dict(message_config or {})
         self.server_view: dict[int, dict[int, dict[str, RecordDict]]] = {}
         self.round_trips: dict[int, int] = {}
         self.stage_seconds: dict[int, dict[str, float]] = {}
@@ -162,6 +201,32 @@ class SecureAggregation(StrategyWrapper):
         self._global: ArrayRecord | None = None
         self._parties: list[int] = []
         self._epoch: dict[str, Any] | None = None
+
+    @classmethod
+    def from_scenario(
+        cls,
+        inner: Strategy,
+        scenario: Scenario,
+        *,
+        party_of: Mapping[int, int],
+        on_failure: str = "skip",
+        **overrides: Any,
+    ) -> SecureAggregation:
+        """The wrapper ``defense.secure_aggregation`` / ``defense.secagg`` describe;
+        ``overrides`` replace single parameters (tests, benches)."""
+        sec = scenario.defense.secagg
+        params: dict[str, Any] = {
+            "protocol": scenario.defense.secure_aggregation,
+            "codec": FixedPointCodec.from_section(sec),
+            "threshold": sec.threshold,
+            "neighbours": sec.neighbours,
+            "max_retries": sec.max_retries,
+            "timeout": scenario.scenario.timeout,
+            "release_train_loss": scenario.defense.dp.mode == "none",
+            "message_config": {SCENARIO_KEY: scenario.to_json()},
+        }
+        params.update(overrides)
+        return cls(inner, party_of=party_of, on_failure=on_failure, **params)
 
     # ------------------------------------------------------------------ helpers
     def _exchange(
@@ -175,7 +240,9 @@ class SecureAggregation(StrategyWrapper):
         """Send one message per party, return ``{party: content}`` of error-free replies."""
         assert self._grid is not None, "configure_train must run before any stage"
         t0 = time.perf_counter()
-        msgs = stage_messages(configs, self.node_of, self.scenario, server_round, msg_type, extra)
+        msgs = stage_messages(
+            configs, self.node_of, self.message_config, server_round, msg_type, extra
+        )
         replies = self._send_and_receive(msgs)
         out = self._record(server_round, stage, replies)
         self.round_trips[server_round] = self.round_trips.get(server_round, 0) + 1
@@ -352,7 +419,8 @@ class SecureAggregation(StrategyWrapper):
             if party not in self._parties:
                 continue
             cfg = ConfigRecord(dict(m.content.config_records.get("config", ConfigRecord())))
-            cfg.setdefault(SCENARIO_KEY, self.scenario.to_json())
+            for key, value in self.message_config.items():
+                cfg.setdefault(key, value)
             cfg["server-round"] = server_round
             cfg[wire.PREFIX + "session"] = ep["session"]
             cfg[wire.PREFIX + "parties"] = self._parties
@@ -419,9 +487,9 @@ class SecureAggregation(StrategyWrapper):
             arrays[k] = Array((g.astype(np.float64) + upd).astype(g.dtype))
             off += size
         n_w = round(weight) if abs(weight - round(weight)) < 1e-3 else float(weight)
-        metrics = MetricRecord({"num-examples": n_w})
-        if self.scenario.defense.dp.mode == "none":
-            metrics["train-loss"] = float(wloss / weight)  # under DP the parties withhold it
+        metrics = MetricRecord({weighted_by_key(self.inner): n_w})
+        if self.release_train_loss:
+            metrics["train-loss"] = float(wloss / weight)
         content = RecordDict({"arrays": arrays, "metrics": metrics, **side})
         self.included = {server_round: included}
         return self.inner.aggregate_train(

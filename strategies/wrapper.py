@@ -49,6 +49,20 @@ class StrategyWrapper(Strategy):
         self.inner.summary()
 
 
+def strategy_chain(strategy: Strategy) -> list[Strategy]:
+    """The strategy and every strategy it wraps (through ``.inner``), outermost first."""
+    chain = [strategy]
+    while hasattr(chain[-1], "inner"):
+        chain.append(chain[-1].inner)
+    return chain
+
+
+def weighted_by_key(strategy: Strategy) -> str:
+    """The metric the innermost aggregating strategy weighs replies by (FedAvg's
+    ``weighted_by_key``; ``num-examples`` for a strategy that has none)."""
+    return getattr(strategy_chain(strategy)[-1], "weighted_by_key", "num-examples")
+
+
 class GridProxy(Grid):
     """A Grid that forwards everything to the grid it wraps; an attacker's grid subclasses
     it and overrides the exchanges it watches or rewrites."""

@@ -103,7 +103,9 @@ def test_imageset_subset_and_len():
     [
         (torch.rand(3, 28, 28), torch.zeros(3, dtype=torch.int64), "images"),
         (torch.rand(3, 1, 28, 28).double(), torch.zeros(3, dtype=torch.int64), "images"),
-        (torch.rand(3, 3, 28, 28), torch.zeros(3, dtype=torch.int64), "images"),
+        (torch.rand(3), torch.zeros(3, dtype=torch.int64), "images"),
+        (torch.rand(3, 3, 0, 28), torch.zeros(3, dtype=torch.int64), "images"),
+        (torch.full((3, 5), float("nan")), torch.zeros(3, dtype=torch.int64), "finite"),
         (torch.rand(3, 1, 28, 28), torch.zeros(3, dtype=torch.int32), "labels"),
         (torch.rand(3, 1, 28, 28), torch.zeros(2, dtype=torch.int64), "3 images but 2 labels"),
         (torch.rand(3, 1, 28, 28) * 2, torch.zeros(3, dtype=torch.int64), r"\[0, 1\]"),
@@ -112,6 +114,14 @@ def test_imageset_subset_and_len():
 def test_imageset_rejects_bad_shapes(images, labels, match):
     with pytest.raises(ValueError, match=match):
         ImageSet(images, labels)
+
+
+def test_imageset_takes_colour_images_of_any_size_and_tabular_rows():
+    colour = ImageSet(torch.rand(4, 3, 32, 20), torch.arange(4))
+    assert colour.sample_shape == (3, 32, 20) and colour.subset([1, 2]).sample_shape == (3, 32, 20)
+    # Rows are features, not pixels: any finite value.
+    rows = ImageSet(torch.randn(4, 7) * 10, torch.arange(4))
+    assert rows.sample_shape == (7,) and float(rows.images.min()) < 0
 
 
 # --------------------------------------------------------------------------- partition

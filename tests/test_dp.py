@@ -140,7 +140,7 @@ def test_server_side_clipping_bounds_every_party(monkeypatch):
     dim = sum(int(np.prod(s)) for s in SHAPES.values())
     rng = np.random.default_rng(0)
     deltas = {n: rng.normal(0, 1 + 3 * p, dim) for n, p in NODES.items()}
-    strat = DPGlobalUpdate(FedAvg(), scenario=sc, party_of=NODES)
+    strat = DPGlobalUpdate.from_scenario(FedAvg(), sc, party_of=NODES)
     base = _global(0.1)
     strat._ensure_accountant(base)
     strat._current = base
@@ -201,7 +201,7 @@ def test_aggregate_noise_std_matches_sigma_clip_over_n():
     sc = _scenario(
         {"mode": "global", "noise_multiplier": sigma, "clip": clip, "clipping": "server"}
     )
-    strat = DPGlobalUpdate(FedAvg(), scenario=sc, party_of=NODES)
+    strat = DPGlobalUpdate.from_scenario(FedAvg(), sc, party_of=NODES)
     base = _global(0.0)
     strat._ensure_accountant(base)
     strat._current = base
@@ -380,8 +380,8 @@ def test_budget_stop_keeps_results_and_stops_sending():
         rounds=5,
     )
     grid = LoopbackGrid(_node_app(), NODES)
-    strat = DPGlobalUpdate(
-        FedAvg(fraction_evaluate=0.0, min_available_nodes=4), scenario=sc, party_of=NODES
+    strat = DPGlobalUpdate.from_scenario(
+        FedAvg(fraction_evaluate=0.0, min_available_nodes=4), sc, party_of=NODES
     )
     sent: list[int] = []
     original = grid.send_and_receive
@@ -462,4 +462,4 @@ def test_misspecified_dp_block_is_a_clear_error(dp, extra, key):
 
 def test_dp_global_update_rejects_other_modes():
     with pytest.raises(ValueError, match="'global' or 'distributed'"):
-        DPGlobalUpdate(FedAvg(), scenario=_scenario({"mode": "client", "epsilon": 1.0}))
+        DPGlobalUpdate.from_scenario(FedAvg(), _scenario({"mode": "client", "epsilon": 1.0}))

@@ -125,7 +125,9 @@ def test_qmia_holds_out_enough_public_records_for_its_operating_point():
         M.QuantileMIA(1, schedule="step")  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("name", ["mia_small_hospitals", "mia_small_hospitals_dpsgd", "mia_federated"])
+@pytest.mark.parametrize(
+    "name", ["mia_small_hospitals", "mia_small_hospitals_dpsgd", "mia_federated"]
+)
 def test_shipped_membership_scenarios_evaluate_balanced_sets(name):
     from privfl.runner import resolve
 
@@ -587,8 +589,13 @@ def test_bench_summarises_attacks_over_seeds() -> None:
         row(1, "lira", 0.66, 0.020),
     ]
     lines = seed_summary(rows)
-    assert "mia_small_hospitals qmia  over 2 seeds: AUC 0.670 ± 0.010, TPR@0.1% 0.019 ± 0.006" in lines[0]
-    assert lines[-1].startswith("mia_small_hospitals QMIA's TPR@0.1% >= LiRA's on 1/2 seeds (seeds 1)")
+    assert (
+        "mia_small_hospitals qmia  over 2 seeds: AUC 0.670 ± 0.010, TPR@0.1% 0.019 ± 0.006"
+        in lines[0]
+    )
+    assert lines[-1].startswith(
+        "mia_small_hospitals QMIA's TPR@0.1% >= LiRA's on 1/2 seeds (seeds 1)"
+    )
     assert _seed_list("0, 1,4") == [0, 1, 4]
     with pytest.raises(Exception, match="comma-separated integers"):
         _seed_list("0,x")

@@ -16,6 +16,8 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from privfl.clients.app import make_client_app
 from privfl.clients.policy import PartyPolicy, simulation_policy
+from privfl.strategies.factory import aggregation_strategy
+from privfl.strategies.rounds import FederationRounds
 from privfl.strategies.secure_aggregation import SecureAggregation
 
 from privfl.config import SCENARIO_KEY, Scenario
@@ -26,7 +28,6 @@ from privfl.refusal import REFUSAL_CODE, refusal_reason
 from privfl.secagg import wire
 from privfl.secagg.loopback import LoopbackGrid
 from privfl.secagg.masking import MaskingError, MaskingParty, MaskingServer
-from privfl.server import PrivflFedAvg
 
 NODES = {100 + i: i for i in range(3)}
 SECRET = bytes(range(32))
@@ -72,7 +73,8 @@ def _nodes(sc: Scenario) -> dict[int, int]:
 
 
 def _strategy(sc: Scenario) -> SecureAggregation:
-    return SecureAggregation(PrivflFedAvg(sc.data.parties), scenario=sc, party_of=_nodes(sc))
+    inner = FederationRounds(aggregation_strategy(sc))
+    return SecureAggregation.from_scenario(inner, sc, party_of=_nodes(sc))
 
 
 def _run(sc: Scenario, grid, rounds=1):

@@ -1,9 +1,10 @@
-"""``privfl bench membership``: QMIA, LOSS and offline LiRA on the seed MIA scenarios.
+"""``privfl bench membership``: QMIA, LOSS and offline LiRA on the membership scenarios.
 
-``mia_small_hospitals`` / ``mia_small_hospitals_dpsgd`` train their single target in-process exactly as a run does
-(:func:`privfl.attacks.membership.run_membership`). ``mia_federated`` needs a global model:
-here it is the FedAvg of the parties' ``train_local`` updates computed in-process (the
-same local training as a Flower run, without Flower), so the rows come without Ray.
+``mia_small_hospitals`` / ``mia_small_hospitals_dpsgd`` train their single target
+in-process exactly as a run does (:func:`privfl.attacks.membership.run_membership`).
+``mia_federated`` needs a global model: here it is the FedAvg of the parties'
+``train_local`` updates computed in-process (the same local training as a Flower run,
+without Flower), so the rows come without Ray.
 One row per (scenario, attack), printed beside the reference figure.
 """
 

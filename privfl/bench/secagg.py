@@ -66,7 +66,9 @@ def _message_api_run(protocol: str, n: int, dim: int, rounds: int) -> dict[str, 
     nodes = {100 + i: i for i in range(n)}
     grid = LoopbackGrid(app, nodes)
     inner = FedAvg(fraction_evaluate=0.0, min_available_nodes=n, min_train_nodes=n)
-    strat = inner if protocol == "none" else SecureAggregation(inner, scenario=sc, party_of=nodes)
+    strat = (
+        inner if protocol == "none" else SecureAggregation.from_scenario(inner, sc, party_of=nodes)
+    )
     arrays = ArrayRecord({"w": Array(np.zeros(dim, np.float32))})
     cfg = ConfigRecord({"privfl.scenario": sc.to_json()})
     times = []

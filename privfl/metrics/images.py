@@ -1,7 +1,8 @@
 """Quality of reconstructed images against the true ones.
 
-Images are float tensors in [0, 1], shaped ``(N, C, H, W)`` (a single ``(C, H, W)``
-image is accepted where noted). PSNR uses a data range of 1; SSIM is torchmetrics'
+Images are float tensors in [0, 1], shaped ``(N, C, H, W)`` with any channel count (a
+single ``(C, H, W)`` image is accepted where noted); grids draw 3 or 4 channels in colour,
+any other count in grey. PSNR uses a data range of 1; SSIM is torchmetrics'
 maintained implementation (Gaussian window, σ = 1.5). Reconstructions and truths are
 paired by an optimal assignment on PSNR, so an attack is not penalised for returning
 the batch in another order, and N reconstructions may be compared with M ≠ N truths.
@@ -239,5 +240,9 @@ def image_grid_figure(
 
 
 def _show(img: Tensor) -> np.ndarray:
+    """What imshow draws of a ``(C, H, W)`` image: RGB(A) as colour, any other channel
+    count as the grey mean over its channels."""
     img = img.clamp(0, 1)
-    return img[0].numpy() if img.shape[0] == 1 else img.permute(1, 2, 0).numpy()
+    if img.shape[0] in (3, 4):
+        return img.permute(1, 2, 0).numpy()
+    return img.mean(0).numpy()

@@ -1,0 +1,162 @@
+"""privfl's round bookkeeping around any Flower strategy.
+
+:class:`FederationRounds` adds to whatever strategy aggregates (Flower's FedAvg, FedAdam,
+FedProx, a user's own class) what a privfl run needs from the server: the public side
+channels a party attaches (``privfl.side.*``) are collected and removed before Flower's
+reply validation, every refusal and divergence is recorded, the run stops after a party
+diverged, no evaluation is requested when the parties withhold it, and the released
+model keeps the dtypes of the model sent (Flower's FedOpt strategies step with float64
+scalars, which NumPy 2 promotes a float32 model to).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from privfl.strategies.wrapper import StrategyWrapper
+
+from privfl.refusal import diverged_reason, refusal_reason
+from privfl.secagg.wire import SIDE_PREFIX
+
+
+def aggregate_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Weighted means of the parties' metrics; parties without examples carry no weight.
+
+    Passed to Flower's strategies as ``train_metrics_aggr_fn`` / ``evaluate_metrics_aggr_fn``:
+    unlike Flower's default it tolerates a metric some parties do not report (a DP party
+    withholds its train loss).
+    """
+    records = [r for r in records if float(r.metric_records["metrics"][weight_key]) > 0]
+    total = sum(float(r.metric_records["metrics"][weight_key]) for r in records)
+    out = MetricRecord({weight_key: total})
+    if not records:
+        return out
+    keys = set().union(*(r.metric_records["metrics"].keys() for r in records)) - {weight_key}
+    for key in sorted(keys):
+        vals = [
+            (
+                float(r.metric_records["metrics"][key]),
+                float(r.metric_records["metrics"][weight_key]),
+            )
+            for r in records
+            if key in r.metric_records["metrics"]
+        ]
+        out[key] = sum(v * w for v, w in vals) / total
+    return out
+
+
+class FederationRounds(StrategyWrapper):
+    """Side channels, faults and early stop around ``inner`` (innermost wrapper).
+
+    Parameters
+    ----------
+    inner : Strategy
+        The aggregation strategy; built by the caller with every party in every round.
+    evaluate : bool
+        False when the parties withhold evaluation (their policy is public): the server
+        does not ask for it.
+    party_of : Mapping[int, int], optional
+        Node id -> party index. Replies are aggregated in party order: Flower samples
+        nodes with an unseeded ``random.sample``, and float sums in a different order
+        differ in their last bits, so the same seed would not give the same numbers.
+
+    Attributes
+    ----------
+    side_channel : dict[int, dict[str, Any]]
+        Round -> ``"<node>:<key>"`` -> record, for every ``privfl.side.*`` record.
+    faults : dict[int, list[dict]]
+        Round -> ``{node, stage, reason}`` for every refusal and divergence.
+    stop_reason : str or None
+        Set by the run when a party's training diverged: no further rounds are sent.
+    """
+
+    def __init__(
+        self, inner: Strategy, *, evaluate: bool = True, party_of: Mapping[int, int] | None = None
+    ) -> None:
+        super().__init__(inner)
+        self.evaluate = evaluate
+        self.party_of = dict(party_of or {})
+        self.side_channel: dict[int, dict[str, Any]] = {}
+        self.faults: dict[int, list[dict[str, Any]]] = {}
+        self.stop_reason: str | None = None
+        self._sent: ArrayRecord | None = None
+
+    def _in_party_order(self, replies: Iterable[Message]) -> list[Message]:
+        def party(msg: Message) -> int:
+            node = msg.metadata.src_node_id
+            return self.party_of.get(node, node)
+
+        return sorted(replies, key=party)
+
+    def _record_refusals(self, server_round: int, stage: str, replies: list[Message]) -> None:
+        for msg in replies:
+            if (reason := refusal_reason(msg)) is not None:
+                text = "refused: " + reason
+            elif (reason := diverged_reason(msg)) is not None:
+                text = "diverged: " + reason
+            else:
+                continue
+            self.faults.setdefault(server_round, []).append(
+                {"node": msg.metadata.src_node_id, "stage": stage, "reason": text}
+            )
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Delegate, or send nothing once the run was stopped."""
+        if self.stop_reason:
+            return []
+        self._sent = arrays
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Delegate, unless the run was stopped or the parties withhold evaluation."""
+        if self.stop_reason or not self.evaluate:
+            return []
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Record refusals, then delegate."""
+        replies = self._in_party_order(replies)
+        self._record_refusals(server_round, "evaluate", replies)
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Record refusals, keep and strip the side channels, then delegate."""
+        replies = self._in_party_order(replies)
+        self._record_refusals(server_round, "train", replies)
+        for msg in replies:
+            if msg.has_error():
+                continue
+            side = [k for k in msg.content if k.startswith(SIDE_PREFIX)]
+            node = msg.metadata.src_node_id
+            for k in side:
+                self.side_channel.setdefault(server_round, {})[f"{node}:{k}"] = msg.content[k]
+                del msg.content[k]
+        arrays, metrics = self.inner.aggregate_train(server_round, replies)
+        return _like(arrays, self._sent), metrics
+
+
+def _like(arrays: ArrayRecord | None, sent: ArrayRecord | None) -> ArrayRecord | None:
+    """``arrays`` with the dtype of the same-named array in ``sent``."""
+    if arrays is None or sent is None:
+        return arrays
+    dtypes = {k: v.dtype for k, v in sent.items()}
+    if all(v.dtype == dtypes.get(k, v.dtype) for k, v in arrays.items()):
+        return arrays
+    return ArrayRecord(
+        {
+            k: Array(v.numpy().astype(dtypes[k])) if k in dtypes and v.dtype != dtypes[k] else v
+            for k, v in arrays.items()
+        }
+    )
