@@ -16,17 +16,18 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
-from privfl.config import Scenario
+from privfl.config import SCENARIO_KEY, Scenario, scenario_from_json
 from privfl.data import load_federation
 from privfl.dp import clip_l2, flatten, global_noise_multiplier
 from privfl.fixedpoint import FixedPointCodec
 from privfl.models import build_model
-from privfl.training import resolve_device, train_local
+from privfl.training import TrainConfig, resolve_device, train_local
 
 # Recomputed training matches a party's to float rounding; relative tolerance of weights.
 WEIGHT_RTOL = 1e-5
@@ -73,6 +74,10 @@ class ActiveServerEvaluator:
         self.scenario = scenario
         self.codec = FixedPointCodec.from_section(scenario.defense.secagg)
 
+    def party_metrics(self) -> dict[str, float]:
+        """What a report records of the parties' policy (known here, not to the attacker)."""
+        return {"trust_server": float(self.scenario.party.trust_server)}
+
     # ------------------------------------------------------------------ ground truth
     def honest_update(
         self,
@@ -96,7 +101,7 @@ class ActiveServerEvaluator:
             stats = train_local(
                 model,
                 fed.parties[party].train,
-                sc,
+                TrainConfig.from_scenario(sc),
                 party=party,
                 server_round=server_round,
                 device=resolve_device(sc.scenario.device),
@@ -130,14 +135,18 @@ class ActiveServerEvaluator:
         self,
         server_round: int,
         sent: ArrayRecord | None,
-        asked: Scenario,
+        asked: Scenario | Mapping[str, Any],
         got: Mapping[int, tuple[Mapping[str, np.ndarray], float]],
     ) -> Score:
         """downgrade: which plain replies are the parties' honest, un-noised local weights.
 
         ``got[party] = (weights, num-examples)`` as received; ``asked`` is the scenario
-        the server sent (the parties that trusted it trained under it).
+        the server sent, or the config entries that carry it (the parties that trusted
+        it trained under it).
         """
+        if not isinstance(asked, Scenario):
+            text = asked.get(SCENARIO_KEY)
+            asked = scenario_from_json(str(text)) if text is not None else self.scenario
         if sent is None or not got:
             return Score(0, {"plain_replies": 0}, ["no party sent a plain update"])
         recovered, worst, notes = 0, 0.0, []

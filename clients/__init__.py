@@ -1,5 +1,6 @@
 """Flower ClientApp and mods: the honest party, its policy, secure aggregation, DP-SGD,
-the malicious participant."""
+the malicious participant, and the honest trainer (``train_local`` with a
+``TrainConfig``)."""
 
 from __future__ import annotations
 
@@ -25,5 +26,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "train_dp_sgd": "privfl.clients.dp_sgd",
         "BudgetExhaustedError": "privfl.clients.dp_sgd",
         "participant_mod": "privfl.clients.malicious_participant",
+        "TrainConfig": "privfl.training",
+        "train_local": "privfl.training",
     },
 )

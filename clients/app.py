@@ -45,7 +45,7 @@ from privfl.data import ImageSet, load_federation
 from privfl.models import build_model
 from privfl.refusal import diverged_reply
 from privfl.secagg.identity import load_roster
-from privfl.training import evaluate, resolve_device, train_local
+from privfl.training import TrainConfig, evaluate, resolve_device, train_local
 
 
 def scenario_of(msg: Message) -> Scenario:
@@ -127,7 +127,7 @@ def train(msg: Message, context: Context, *, auditor: RunAuditor | None = None) 
         stats = train_local(
             model,
             data,
-            scenario,
+            TrainConfig.from_scenario(scenario),
             party=party,
             server_round=server_round,
             device=device,

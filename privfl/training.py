@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -36,23 +37,74 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def local_steps(n: int, scenario: Scenario) -> int:
+@dataclass(frozen=True)
+class TrainConfig:
+    """A party's local-training hyper-parameters (the ``[training]`` section), explicit.
+
+    ``seed`` is the run seed a party's batch order and torch seed are derived from,
+    together with its index and the round (:func:`local_batches`): the same config gives
+    the same batches, so an evaluator can rebuild what a party trained on.
+    """
+
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    local_epochs: int = 1
+    # > 0: exactly this many optimiser steps per round instead of local_epochs.
+    local_steps: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"TrainConfig.optimizer: 'sgd' or 'adam', got {self.optimizer!r}")
+        if self.batch_size < 1 or self.local_epochs < 1 or self.local_steps < 0:
+            raise ValueError(
+                "TrainConfig: need batch_size >= 1, local_epochs >= 1, local_steps >= 0, got "
+                f"{self.batch_size}, {self.local_epochs}, {self.local_steps}"
+            )
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr: must be > 0, got {self.lr}")
+
+    @classmethod
+    def from_scenario(cls, scenario: Scenario) -> TrainConfig:
+        """The config ``scenario.training`` and ``scenario.seed`` describe."""
+        t = scenario.training
+        return cls(
+            optimizer=t.optimizer,
+            lr=t.lr,
+            momentum=t.momentum,
+            weight_decay=t.weight_decay,
+            batch_size=t.batch_size,
+            local_epochs=t.local_epochs,
+            local_steps=t.local_steps,
+            seed=scenario.scenario.seed,
+        )
+
+
+def train_config(config: TrainConfig | Scenario) -> TrainConfig:
+    """``config`` itself, or the :class:`TrainConfig` of a scenario."""
+    return config if isinstance(config, TrainConfig) else TrainConfig.from_scenario(config)
+
+
+def local_steps(n: int, config: TrainConfig | Scenario) -> int:
     """Optimiser steps a party with ``n`` training samples takes in one round."""
-    t = scenario.training
+    t = train_config(config)
     if t.local_steps > 0:
         return t.local_steps
     return t.local_epochs * max(1, -(-n // t.batch_size))
 
 
-def local_batches(n: int, scenario: Scenario, party: int, server_round: int) -> list[torch.Tensor]:
+def local_batches(
+    n: int, config: TrainConfig | Scenario, party: int, server_round: int
+) -> list[torch.Tensor]:
     """Index batches (into the party's train set) for every local step of a round."""
-    t = scenario.training
+    t = train_config(config)
     if n < 1:
         raise ValueError(f"party {party} has no training data")
-    gen = torch.Generator().manual_seed(
-        derive_seed(scenario.scenario.seed, "batches", party, server_round)
-    )
-    steps = local_steps(n, scenario)
+    gen = torch.Generator().manual_seed(derive_seed(t.seed, "batches", party, server_round))
+    steps = local_steps(n, t)
     batches: list[torch.Tensor] = []
     order = torch.randperm(n, generator=gen)
     pos = 0
@@ -80,8 +132,9 @@ class TrainStats:
     steps: int
 
 
-def make_optimizer(model: nn.Module, scenario: Scenario) -> torch.optim.Optimizer:
-    t = scenario.training
+def make_optimizer(model: nn.Module, config: TrainConfig | Scenario) -> torch.optim.Optimizer:
+    """The optimiser ``config`` names over ``model``'s parameters."""
+    t = train_config(config)
     if t.optimizer == "sgd":
         return torch.optim.SGD(
             model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay
@@ -92,7 +145,7 @@ def make_optimizer(model: nn.Module, scenario: Scenario) -> torch.optim.Optimize
 def train_local(
     model: nn.Module,
     data: ImageSet,
-    scenario: Scenario,
+    config: TrainConfig | Scenario,
     *,
     party: int,
     server_round: int,
@@ -106,16 +159,18 @@ def train_local(
     ``model.parameters()`` summed over the extra records that join a step (each with
     probability ``rate`` = batch / N); it enters the batch mean like theirs would.
     ``proximal_mu`` > 0 adds FedProx's term mu/2·||w − w_global||² to the objective
-    (the reported loss stays the data loss).
+    (the reported loss stays the data loss). ``config`` may be a scenario (its
+    :meth:`TrainConfig.from_scenario`).
     """
+    config = train_config(config)
     model.to(device).train()
-    opt = make_optimizer(model, scenario)
+    opt = make_optimizer(model, config)
     loss_fn = nn.CrossEntropyLoss()
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
     images, labels = data.images.to(device), data.labels.to(device)
-    torch.manual_seed(derive_seed(scenario.scenario.seed, "train", party, server_round))
+    torch.manual_seed(derive_seed(config.seed, "train", party, server_round))
     total, steps = 0.0, 0
-    for batch in local_batches(len(data), scenario, party, server_round):
+    for batch in local_batches(len(data), config, party, server_round):
         batch = batch.to(device)
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(model(images[batch]), labels[batch])

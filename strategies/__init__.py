@@ -1,9 +1,10 @@
 """Flower server strategies: secure aggregation, DP global update, curious and malicious
 servers, and the factory that builds them from a scenario.
 
-``SecureAggregation`` and ``DPGlobalUpdate`` wrap any ``flwr.serverapp.strategy.Strategy``
-and take explicit parameters; ``build_strategy(scenario, party_of)`` is the one place a
-scenario is read."""
+``SecureAggregation``, ``DPGlobalUpdate``, ``ImprintServer`` and the malicious servers of
+``active_server`` wrap any ``flwr.serverapp.strategy.Strategy`` and take explicit
+parameters (``from_scenario`` reads them from a scenario); ``build_strategy(scenario,
+party_of)`` is the one place a scenario is read."""
 
 from __future__ import annotations
 
@@ -18,7 +19,14 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "DPGlobalUpdate": "privfl.strategies.dp_global",
         "CuriousServer": "privfl.strategies.curious_server",
         "ImprintServer": "privfl.strategies.imprint_server",
+        "ImprintServerEvaluator": "privfl.strategies.imprint_server",
         "ActiveServer": "privfl.strategies.active_server",
+        "DowngradeServer": "privfl.strategies.active_server",
+        "NoiseStripServer": "privfl.strategies.active_server",
+        "KeyMitmServer": "privfl.strategies.active_server",
+        "IsolationServer": "privfl.strategies.active_server",
+        "RoundReplayServer": "privfl.strategies.active_server",
+        "ModelInconsistencyServer": "privfl.strategies.active_server",
         "build_active_server": "privfl.strategies.active_server",
         "StrategyWrapper": "privfl.strategies.wrapper",
         "GridProxy": "privfl.strategies.wrapper",

@@ -21,6 +21,10 @@ ModelInconsistencyServer    sends all but the target a model whose ReLUs are dea
 
 A party that refuses (``privfl.clients.policy``) answers with an error reply; the
 attacker records the refusal, skips what cannot finish, and the run ends normally.
+
+Every class takes explicit keyword parameters (the attack round, the target, what the
+attack needs of its own) and wraps the strategies it subverts; ``from_scenario`` (and
+:func:`build_active_server`) reads them from ``attack.active_server``.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from functools import partial
+from typing import Any, ClassVar, Self
 
 import numpy as np
 import torch
@@ -37,6 +42,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from privfl.attacks.active_server import ActiveServerEvaluator, Score
+from privfl.strategies.dp_global import DPGlobalUpdate
 from privfl.strategies.secure_aggregation import (
     SecureAggregation,
     SecureAggregationError,
@@ -146,10 +152,25 @@ class ActiveServer(StrategyWrapper):
     ----------
     inner : Strategy
         The honest server it subverts (secure aggregation, DP, FedAvg).
-    scenario : Scenario
-        The run's scenario; ``attack.active_server`` names the target and the round.
     party_of : Mapping[int, int]
         Node id -> party index (the server learns it at start-up).
+    attack_round : int
+        The round the attack acts in.
+    target_party : int
+        The party whose input the attack goes after (attacks on one party).
+    codec : FixedPointCodec, optional
+        The parties' fixed-point ring (default: that of the :class:`SecureAggregation`
+        it wraps).
+    timeout : float
+        Seconds per exchange the attacker sends itself.
+    message_config : Mapping, optional
+        Entries added to the config of every message the attacker sends itself (default:
+        those of the :class:`SecureAggregation` it wraps: privfl's parties read their
+        round settings there).
+    evaluator : ActiveServerEvaluator, optional
+        Judges what the attack recovered against the parties' honest training (it holds
+        the ground truth, the attacker does not). Without one :meth:`attack_reports` is
+        empty and the findings stay in the attacker's attributes.
 
     Attributes
     ----------
@@ -168,34 +189,80 @@ class ActiveServer(StrategyWrapper):
     method: ClassVar[str] = ""
     targets_one_party: ClassVar[bool] = True
 
-    def __init__(self, inner: Strategy, *, scenario: Scenario, party_of: Mapping[int, int]) -> None:
+    def __init__(
+        self,
+        inner: Strategy,
+        *,
+        party_of: Mapping[int, int],
+        attack_round: int,
+        target_party: int = 0,
+        codec: FixedPointCodec | None = None,
+        timeout: float = 600.0,
+        message_config: Mapping[str, Any] | None = None,
+        evaluator: ActiveServerEvaluator | None = None,
+    ) -> None:
         super().__init__(inner)
-        self.scenario = scenario
-        self.settings = scenario.attack.active_server
         self.party_of = dict(party_of)
         self.node_of = {p: n for n, p in self.party_of.items()}
-        self.target = self.settings.target_party
+        self.attack_round = attack_round
+        self.target = target_party
         if self.targets_one_party and self.target not in self.node_of:
             raise ValueError(
-                f"attack.active_server.target_party = {self.target} is held by no node "
-                f"(parties: {sorted(self.node_of)})"
+                f"{type(self).__name__}: target_party = {self.target} is held by no node "
+                f"(parties: {sorted(self.node_of)}; attack.active_server.target_party)"
             )
-        self.codec = FixedPointCodec.from_section(scenario.defense.secagg)
-        self.timeout = scenario.scenario.timeout
+        self._secagg = next((s for s in self._chain() if isinstance(s, SecureAggregation)), None)
+        if codec is None:
+            codec = self._secagg.codec if self._secagg is not None else FixedPointCodec()
+        self.codec = codec
+        self.timeout = timeout
+        if message_config is None and self._secagg is not None:
+            message_config = self._secagg.message_config
+        self.message_config = dict(message_config or {})
         self.transcript: dict[int, list[Exchange]] = {}
         self.refusals: list[Refusal] = []
         self.errors: list[str] = []
         self.failures: list[str] = []
         self.protocol_faults: list[str] = []
         self.sent: dict[int, ArrayRecord] = {}
-        self.evaluator = ActiveServerEvaluator(scenario)
+        self.evaluator = evaluator
         self._configs: dict[int, ConfigRecord] = {}
         self._round = 0
         self._grid: ServerGrid | None = None
         self._train: Exchange | None = None
         self._score: Score | None = None
-        self._secagg = next((s for s in self._chain() if isinstance(s, SecureAggregation)), None)
         self._faults_read: dict[int, int] = {}
+
+    @classmethod
+    def from_scenario(
+        cls, inner: Strategy, scenario: Scenario, *, party_of: Mapping[int, int]
+    ) -> Self:
+        """The attacker ``attack.active_server`` describes, with an evaluator of the run.
+
+        Raises
+        ------
+        ValueError
+            The scenario lacks what the attack needs (naming the key).
+        """
+        cls._check_scenario(scenario)
+        return cls(inner, party_of=party_of, **cls._scenario_options(scenario))
+
+    @classmethod
+    def _check_scenario(cls, scenario: Scenario) -> None:
+        """What the attack needs of the scenario (subclasses)."""
+
+    @classmethod
+    def _scenario_options(cls, scenario: Scenario) -> dict[str, Any]:
+        """The keyword parameters ``scenario`` gives (subclasses add their own)."""
+        settings = scenario.attack.active_server
+        return {
+            "attack_round": settings.round,
+            "target_party": settings.target_party,
+            "codec": FixedPointCodec.from_section(scenario.defense.secagg),
+            "timeout": scenario.scenario.timeout,
+            "message_config": {SCENARIO_KEY: scenario.to_json()},
+            "evaluator": ActiveServerEvaluator(scenario),
+        }
 
     def _chain(self) -> list[Strategy]:
         """The strategies this one wraps, outermost first."""
@@ -205,9 +272,18 @@ class ActiveServer(StrategyWrapper):
         return chain
 
     # ------------------------------------------------------------------ checks
-    def _require(self, ok: bool, what: str) -> None:
+    @classmethod
+    def _require(cls, ok: bool, what: str) -> None:
         if not ok:
-            raise ValueError(f"attack.active_server.method = {self.method!r} needs {what}")
+            raise ValueError(f"attack.active_server.method = {cls.method!r} needs {what}")
+
+    def _require_protocol(self, *protocols: str) -> None:
+        """The wrapped strategies run secure aggregation with one of ``protocols``."""
+        if self._secagg is None or self._secagg.protocol not in protocols:
+            raise ValueError(
+                f"{type(self).__name__} needs a SecureAggregation inside it with protocol "
+                f"{' or '.join(repr(p) for p in protocols)}"
+            )
 
     # ------------------------------------------------------------------ the relay
     def _open(self, messages: list[Message]) -> Exchange:
@@ -281,7 +357,9 @@ class ActiveServer(StrategyWrapper):
     ) -> Exchange:
         """Send one message of the attacker's own per party; the exchange as recorded."""
         assert self._grid is not None, "configure_train must run first"
-        msgs = stage_messages(configs, self.node_of, self.scenario, server_round, msg_type, extra)
+        msgs = stage_messages(
+            configs, self.node_of, self.message_config, server_round, msg_type, extra
+        )
         self._grid.send_and_receive(msgs, timeout=self.timeout)
         return self.transcript[self._round][-1]
 
@@ -347,7 +425,10 @@ class ActiveServer(StrategyWrapper):
         raise NotImplementedError
 
     def attack_reports(self) -> list[AttackReport]:
-        """One report: what was recovered (judged by the evaluator), what the parties refused."""
+        """One report: what was recovered (judged by the evaluator), what the parties
+        refused; none without an evaluator."""
+        if self.evaluator is None:
+            return []
         if self._score is None:
             t0 = time.perf_counter()
             self._score = self._evaluate()
@@ -358,8 +439,8 @@ class ActiveServer(StrategyWrapper):
             "failed_sums": len(self.failures),
             "errors": len(self.errors),
             "protocol_faults": len(self.protocol_faults),
-            "attack_round": self.settings.round,
-            "trust_server": float(self.scenario.party.trust_server),
+            "attack_round": self.attack_round,
+            **self.evaluator.party_metrics(),
             **score.metrics,
         }
         notes = [
@@ -396,33 +477,51 @@ def downgraded_scenario(scenario: Scenario) -> Scenario:
 class DowngradeServer(ActiveServer):
     """In the attack round, ask every party for a round with no defenses at all.
 
-    The train messages carry a scenario whose ``defense.secure_aggregation`` and
-    ``defense.dp.mode`` are ``"none"``; a party that takes its defenses from the message
+    The train messages carry ``request``: for privfl's parties a scenario whose
+    ``defense.secure_aggregation`` and ``defense.dp.mode`` are ``"none"``
+    (:func:`downgraded_scenario`); a party that takes its defenses from the message
     answers with its plain local weights, number of examples and loss. The round is
     aggregated with plain FedAvg on whatever came back (skipped if nothing did).
     Stopped by parties that keep their own defenses and refuse the request.
+
+    Parameters
+    ----------
+    request : Mapping[str, Any]
+        Config entries the attack round's train messages carry in place of the round's.
+    **kwargs
+        Those of :class:`ActiveServer`.
     """
 
     method = "downgrade"
     targets_one_party = False
 
-    def __init__(self, inner: Strategy, *, scenario: Scenario, party_of: Mapping[int, int]) -> None:
-        super().__init__(inner, scenario=scenario, party_of=party_of)
+    def __init__(self, inner: Strategy, *, request: Mapping[str, Any], **kwargs: Any) -> None:
+        super().__init__(inner, **kwargs)
+        if not request:
+            raise ValueError("DowngradeServer: request names no config entry to send")
+        self.request = dict(request)
+        self.plain: dict[int, RecordDict] = {}
+
+    @classmethod
+    def _check_scenario(cls, scenario: Scenario) -> None:
         d = scenario.defense
-        self._require(
+        cls._require(
             d.secure_aggregation != "none" or d.dp.mode != "none",
             "a defense to downgrade (defense.secure_aggregation or defense.dp.mode)",
         )
-        self.asked = downgraded_scenario(scenario)
-        self.plain: dict[int, RecordDict] = {}
+
+    @classmethod
+    def _scenario_options(cls, scenario: Scenario) -> dict[str, Any]:
+        request = {SCENARIO_KEY: downgraded_scenario(scenario).to_json()}
+        return {**super()._scenario_options(scenario), "request": request}
 
     def _configure_round(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord
     ) -> list[Message]:
-        if server_round != self.settings.round:
+        if server_round != self.attack_round:
             return super()._configure_round(server_round, arrays, config)
         cfg = ConfigRecord(dict(config))
-        cfg[SCENARIO_KEY] = self.asked.to_json()
+        cfg.update(self.request)
         cfg[SERVER_ROUND] = server_round
         return [
             Message(
@@ -437,7 +536,7 @@ class DowngradeServer(ActiveServer):
     def _aggregate_round(
         self, server_round: int, replies: list[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        if server_round != self.settings.round:
+        if server_round != self.attack_round:
             return super()._aggregate_round(server_round, replies)
         assert self._train is not None
         self.plain = {
@@ -457,7 +556,7 @@ class DowngradeServer(ActiveServer):
         return self._chain()[-1].aggregate_train(server_round, plain)
 
     def _evaluate(self) -> Score:
-        rnd = self.settings.round
+        rnd = self.attack_round
         got = {
             p: (
                 {k: a.numpy() for k, a in c["arrays"].items()},
@@ -465,7 +564,8 @@ class DowngradeServer(ActiveServer):
             )
             for p, c in self.plain.items()
         }
-        return self.evaluator.score_plain_updates(rnd, self.sent.get(rnd), self.asked, got)
+        assert self.evaluator is not None
+        return self.evaluator.score_plain_updates(rnd, self.sent.get(rnd), self.request, got)
 
 
 # --------------------------------------------------------------------------- 2. noise strip
@@ -479,23 +579,56 @@ class NoiseStripServer(ActiveServer):
     regenerates every share with :func:`privfl.dp.distributed_noise` and subtracts them
     from the decoded sum, leaving the sum of the clipped updates. Stopped by parties that
     key their noise from a secret of their own (or the OS).
+
+    Parameters
+    ----------
+    noise_share : callable
+        ``noise_share(size, party=, server_round=)``: the noise vector (ring units,
+        ``codec.scale`` per unit) the server believes ``party`` added to its input.
+    **kwargs
+        Those of :class:`ActiveServer`.
     """
 
     method = "noise_strip"
     targets_one_party = False
 
-    def __init__(self, inner: Strategy, *, scenario: Scenario, party_of: Mapping[int, int]) -> None:
-        super().__init__(inner, scenario=scenario, party_of=party_of)
-        self._require(scenario.defense.dp.mode == "distributed", 'defense.dp.mode = "distributed"')
+    def __init__(
+        self, inner: Strategy, *, noise_share: Callable[..., np.ndarray], **kwargs: Any
+    ) -> None:
+        super().__init__(inner, **kwargs)
+        if not any(
+            isinstance(s, DPGlobalUpdate) and s.mode == "distributed" for s in self._chain()
+        ):
+            raise ValueError(
+                "NoiseStripServer needs a DPGlobalUpdate(mode='distributed') inside it"
+            )
+        self.noise_share = noise_share
         self.residual: np.ndarray | None = None
         self.summed: list[int] = []
         self.noise_norm = float("nan")
+
+    @classmethod
+    def _check_scenario(cls, scenario: Scenario) -> None:
+        cls._require(scenario.defense.dp.mode == "distributed", 'defense.dp.mode = "distributed"')
+
+    @classmethod
+    def _scenario_options(cls, scenario: Scenario) -> dict[str, Any]:
+        options = super()._scenario_options(scenario)
+        # What a party that trusts the server adds: noise keyed from the scenario seed.
+        options["noise_share"] = partial(
+            distributed_noise,
+            scenario=scenario,
+            scale=options["codec"].scale,
+            secret=seed_secret(scenario),
+            min_parties=scenario.data.parties,
+        )
+        return options
 
     def _aggregate_round(
         self, server_round: int, replies: list[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         arrays, metrics = super()._aggregate_round(server_round, replies)
-        if server_round == self.settings.round and arrays is not None:
+        if server_round == self.attack_round and arrays is not None:
             self._strip(server_round, arrays, metrics)
         return arrays, metrics
 
@@ -509,20 +642,13 @@ class NoiseStripServer(ActiveServer):
         total = (flatten(arrays.to_numpy_ndarrays()) - sent) * count
         noise = np.zeros_like(total)
         for party in self.summed:
-            noise += distributed_noise(
-                total.size,
-                scenario=self.scenario,
-                party=party,
-                server_round=server_round,
-                scale=self.codec.scale,
-                secret=seed_secret(self.scenario),
-                min_parties=self.scenario.data.parties,
-            )
+            noise += self.noise_share(total.size, party=party, server_round=server_round)
         noise /= self.codec.scale
         self.noise_norm = float(np.linalg.norm(noise))
         self.residual = total - noise
 
     def _evaluate(self) -> Score:
+        assert self.evaluator is not None
         return self.evaluator.score_noise_strip(
             self.residual, self.summed, noise_norm=self.noise_norm
         )
@@ -544,12 +670,9 @@ class KeyMitmServer(ActiveServer):
 
     method = "key_mitm"
 
-    def __init__(self, inner: Strategy, *, scenario: Scenario, party_of: Mapping[int, int]) -> None:
-        super().__init__(inner, scenario=scenario, party_of=party_of)
-        self._require(
-            scenario.defense.secure_aggregation == "additive",
-            'defense.secure_aggregation = "additive" (its key directory travels in train messages)',
-        )
+    def __init__(self, inner: Strategy, **kwargs: Any) -> None:
+        super().__init__(inner, **kwargs)
+        self._require_protocol("additive")
         self._session = b""
         self._real: dict[int, bytes] = {}  # the channel keys the parties advertised
         self._fake_sk: dict[int, bytes] = {}  # the server's stand-in for each party
@@ -557,6 +680,13 @@ class KeyMitmServer(ActiveServer):
         # (round, attempt) -> {"to": {j: s_tj}, "from": {j: s_jt}}, opened in the middle
         self._opened: dict[tuple[int, int], dict[str, dict[int, np.ndarray]]] = {}
         self.recovered: np.ndarray | None = None
+
+    @classmethod
+    def _check_scenario(cls, scenario: Scenario) -> None:
+        cls._require(
+            scenario.defense.secure_aggregation == "additive",
+            'defense.secure_aggregation = "additive" (its key directory travels in train messages)',
+        )
 
     def _configure_round(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord
@@ -633,7 +763,7 @@ class KeyMitmServer(ActiveServer):
         self, server_round: int, replies: list[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         arrays, metrics = super()._aggregate_round(server_round, replies)
-        if server_round == self.settings.round and arrays is not None:
+        if server_round == self.attack_round and arrays is not None:
             self._recover(server_round)
         return arrays, metrics
 
@@ -662,7 +792,8 @@ class KeyMitmServer(ActiveServer):
         self._failed(server_round, f"no complete set of party {t}'s shares was opened")
 
     def _evaluate(self) -> Score:
-        rnd = self.settings.round
+        assert self.evaluator is not None
+        rnd = self.attack_round
         return self.evaluator.score_input(self.target, rnd, self.sent.get(rnd), self.recovered)
 
 
@@ -681,20 +812,26 @@ class IsolationServer(ActiveServer):
 
     method = "isolation"
 
-    def __init__(self, inner: Strategy, *, scenario: Scenario, party_of: Mapping[int, int]) -> None:
-        super().__init__(inner, scenario=scenario, party_of=party_of)
-        self._require(
+    def __init__(self, inner: Strategy, **kwargs: Any) -> None:
+        super().__init__(inner, **kwargs)
+        self._require_protocol("additive")
+        if len(self.party_of) < 3:
+            raise ValueError("IsolationServer needs >= 3 parties (a sum of the others)")
+        self.recovered: np.ndarray | None = None
+
+    @classmethod
+    def _check_scenario(cls, scenario: Scenario) -> None:
+        cls._require(
             scenario.defense.secure_aggregation == "additive",
             'defense.secure_aggregation = "additive"',
         )
-        self._require(scenario.data.parties >= 3, "data.parties >= 3 (a sum of the others)")
-        self.recovered: np.ndarray | None = None
+        cls._require(scenario.data.parties >= 3, "data.parties >= 3 (a sum of the others)")
 
     def _aggregate_round(
         self, server_round: int, replies: list[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         arrays, metrics = super()._aggregate_round(server_round, replies)
-        if server_round == self.settings.round and arrays is not None:
+        if server_round == self.attack_round and arrays is not None:
             self._isolate(server_round)
         return arrays, metrics
 
@@ -740,7 +877,8 @@ class IsolationServer(ActiveServer):
         self.recovered = self.codec.decode(self.codec.sub(total, sub))
 
     def _evaluate(self) -> Score:
-        rnd = self.settings.round
+        assert self.evaluator is not None
+        rnd = self.attack_round
         return self.evaluator.score_input(self.target, rnd, self.sent.get(rnd), self.recovered)
 
 
@@ -761,20 +899,24 @@ class RoundReplayServer(ActiveServer):
     method = "round_replay"
     targets_one_party = False
 
-    def __init__(self, inner: Strategy, *, scenario: Scenario, party_of: Mapping[int, int]) -> None:
-        super().__init__(inner, scenario=scenario, party_of=party_of)
-        self._require(
+    def __init__(self, inner: Strategy, **kwargs: Any) -> None:
+        super().__init__(inner, **kwargs)
+        self._require_protocol("masking")
+        self.replayed: ArrayRecord | None = None
+        self.differences: dict[int, np.ndarray] = {}
+
+    @classmethod
+    def _check_scenario(cls, scenario: Scenario) -> None:
+        cls._require(
             scenario.defense.secure_aggregation == "masking",
             'defense.secure_aggregation = "masking"',
         )
-        self.replayed: ArrayRecord | None = None
-        self.differences: dict[int, np.ndarray] = {}
 
     def _aggregate_round(
         self, server_round: int, replies: list[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         arrays, metrics = super()._aggregate_round(server_round, replies)
-        if server_round == self.settings.round and arrays is not None:
+        if server_round == self.attack_round and arrays is not None:
             self._replay(server_round, arrays)
         return arrays, metrics
 
@@ -824,7 +966,8 @@ class RoundReplayServer(ActiveServer):
         }
 
     def _evaluate(self) -> Score:
-        rnd = self.settings.round
+        assert self.evaluator is not None
+        rnd = self.attack_round
         return self.evaluator.score_differences(
             rnd, self.sent.get(rnd), self.replayed, self.differences
         )
@@ -880,24 +1023,48 @@ class ModelInconsistencyServer(ActiveServer):
     bias, so the aggregate's weights are the target's update alone (scaled by its share
     of the examples). Stopped by parties that bind the model they received into their
     ciphertexts: parties sent different models cannot complete the sum.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The attacker's own copy of the task model's architecture (its weights are
+        overwritten) to check the dead model on.
+    probe : Tensor
+        Public inputs on which every ReLU must stay off.
+    **kwargs
+        Those of :class:`ActiveServer`.
     """
 
     method = "model_inconsistency"
 
-    def __init__(self, inner: Strategy, *, scenario: Scenario, party_of: Mapping[int, int]) -> None:
-        super().__init__(inner, scenario=scenario, party_of=party_of)
-        self._require(scenario.defense.secure_aggregation != "none", "defense.secure_aggregation")
-        fed = load_federation(scenario)
-        self._model = build_model(scenario, fed.num_classes)
-        self._probe = fed.public.images[:64]
+    def __init__(
+        self, inner: Strategy, *, model: nn.Module, probe: torch.Tensor, **kwargs: Any
+    ) -> None:
+        super().__init__(inner, **kwargs)
+        self._require_protocol("additive", "masking")
+        self._model = model
+        self._probe = probe
         self.excluded = ""
         self.aggregate: dict[str, np.ndarray] | None = None
+
+    @classmethod
+    def _check_scenario(cls, scenario: Scenario) -> None:
+        cls._require(scenario.defense.secure_aggregation != "none", "defense.secure_aggregation")
+
+    @classmethod
+    def _scenario_options(cls, scenario: Scenario) -> dict[str, Any]:
+        fed = load_federation(scenario)
+        return {
+            **super()._scenario_options(scenario),
+            "model": build_model(scenario, fed.num_classes),
+            "probe": fed.public.images[:64],
+        }
 
     def _configure_round(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord
     ) -> list[Message]:
         msgs = super()._configure_round(server_round, arrays, config)
-        if server_round != self.settings.round:
+        if server_round != self.attack_round:
             return msgs
         dead, self.excluded = dead_relu_model(self._model, arrays, self._probe)
         out = []
@@ -913,7 +1080,7 @@ class ModelInconsistencyServer(ActiveServer):
         self, server_round: int, replies: list[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         arrays, metrics = super()._aggregate_round(server_round, replies)
-        if server_round == self.settings.round and arrays is not None:
+        if server_round == self.attack_round and arrays is not None:
             sent = self.sent[server_round]
             self.aggregate = {
                 k: a.numpy().astype(np.float64) - sent[k].numpy().astype(np.float64)
@@ -922,7 +1089,8 @@ class ModelInconsistencyServer(ActiveServer):
         return arrays, metrics
 
     def _evaluate(self) -> Score:
-        rnd = self.settings.round
+        assert self.evaluator is not None
+        rnd = self.attack_round
         return self.evaluator.score_isolated_update(
             self.target, rnd, self.sent.get(rnd), self.aggregate, exclude=[self.excluded]
         )
@@ -946,11 +1114,12 @@ ACTIVE_SERVERS: dict[str, type[ActiveServer]] = {
 def build_active_server(
     strategy: Strategy, *, scenario: Scenario, party_of: Mapping[int, int]
 ) -> ActiveServer:
-    """The malicious server ``attack.active_server.method`` names, wrapping ``strategy``."""
+    """The malicious server ``attack.active_server.method`` names, wrapping ``strategy``
+    (its ``from_scenario``)."""
     method = scenario.attack.active_server.method
     if method not in ACTIVE_SERVERS:
         raise ValueError(
             f"attack.active_server.method: unknown method {method!r}; accepted: "
             f"{', '.join(ACTIVE_SERVERS)}"
         )
-    return ACTIVE_SERVERS[method](strategy, scenario=scenario, party_of=party_of)
+    return ACTIVE_SERVERS[method].from_scenario(strategy, scenario, party_of=party_of)

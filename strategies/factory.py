@@ -124,6 +124,8 @@ def build_strategy(scenario: Scenario, party_of: Mapping[int, int]) -> Strategy:
         aggregation_strategy(scenario, evaluate=not withheld),
         evaluate=not withheld,
         party_of=party_of,
+        parties_per_round=scenario.scenario.parties_per_round,
+        seed=scenario.scenario.seed,
     )
     if scenario.defense.dp.mode in ("global", "distributed"):
         strategy = DPGlobalUpdate.from_scenario(strategy, scenario, party_of=party_of)
@@ -140,5 +142,5 @@ def build_strategy(scenario: Scenario, party_of: Mapping[int, int]) -> Strategy:
     elif scenario.attack.kind == "imprint" and scenario.attack.imprint.role == "malicious-server":
         from privfl.strategies.imprint_server import ImprintServer  # imports the attacks
 
-        strategy = ImprintServer(strategy, scenario=scenario, party_of=party_of)
+        strategy = ImprintServer.from_scenario(strategy, scenario, party_of=party_of)
     return strategy

@@ -244,7 +244,7 @@ def test_malicious_server_rearms_block_and_keeps_task_aggregate() -> None:
             "scenarios/imprint_secagg.toml",
             [f"attack.imprint.rearm={str(rearm).lower()}", "attack.imprint.round=2"],
         )
-        server = ImprintServer(Inner(None), scenario=sc, party_of={})
+        server = ImprintServer.from_scenario(Inner(None), sc, {})
         server.configure_train(1, shipped, None, None)
         out, _ = server.aggregate_train(1, [])
         assert (out["task.0.weight"].numpy() == 0.5).all()
@@ -289,7 +289,7 @@ def test_attack_round_uses_server_hyper_parameters_and_is_rolled_back() -> None:
         def aggregate_train(self, server_round, replies):
             return drifted, None
 
-    server = ImprintServer(Inner(None), scenario=sc, party_of={})
+    server = ImprintServer.from_scenario(Inner(None), sc, {})
     for rnd in (im.round - 1, im.round):
         server.configure_train(rnd, shipped, ConfigRecord({SCENARIO_KEY: sc.to_json()}), None)
         out, _ = server.aggregate_train(rnd, [])

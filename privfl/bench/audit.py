@@ -47,7 +47,7 @@ from privfl.config import Scenario
 from privfl.data import ImageSet, load_federation
 from privfl.dp import KeyStream, calibrate_noise
 from privfl.models import build_task_model
-from privfl.training import train_local
+from privfl.training import TrainConfig, train_local
 
 DELTA = 1e-5
 EPSILON = 3.0
@@ -142,12 +142,14 @@ def _party_level(s: Setting, *, seed: int) -> AuditResult:
     dim = sum(p.numel() for p in model.parameters())
     initial = nn.utils.parameters_to_vector(model.parameters()).detach().double().numpy()
 
+    config = TrainConfig.from_scenario(sc)
+
     def updates(rnd: int, current: np.ndarray) -> list[np.ndarray]:
         out = []
         for party, data in enumerate(fed.parties):
             vec = torch.from_numpy(current).float()
             nn.utils.vector_to_parameters(vec, model.parameters())
-            train_local(model, data.train, sc, party=party, server_round=rnd, device="cpu")
+            train_local(model, data.train, config, party=party, server_round=rnd, device="cpu")
             local = nn.utils.parameters_to_vector(model.parameters()).detach().double().numpy()
             out.append(local - current)
         return out

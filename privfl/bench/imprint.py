@@ -30,7 +30,7 @@ def imprint_trial(scenario: Scenario) -> dict[str, Any]:
     )
     from privfl.data import load_federation
     from privfl.models import build_model
-    from privfl.training import resolve_device, round_batch_data, train_local
+    from privfl.training import TrainConfig, resolve_device, round_batch_data, train_local
 
     # The attack round's hyper-parameters (the server's own local steps / batch size).
     scenario = attack_round_scenario(scenario)
@@ -42,10 +42,11 @@ def imprint_trial(scenario: Scenario) -> dict[str, Any]:
     aggregate = {k: torch.zeros(sent[k].shape, dtype=torch.float64) for k in keys}
     total_weight = 0
     device = resolve_device("cpu")
+    config = TrainConfig.from_scenario(scenario)
     for party in range(scenario.data.parties):
         model.load_state_dict(sent)
         data = fed.parties[party].train
-        train_local(model, data, scenario, party=party, server_round=1, device=device)
+        train_local(model, data, config, party=party, server_round=1, device=device)
         new = model.state_dict()
         for k in keys:
             aggregate[k] += len(data) * (new[k].double() - sent[k].double())

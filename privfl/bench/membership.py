@@ -55,18 +55,19 @@ def fedavg_global_model(scenario: Scenario, device: torch.device | str = "cpu") 
     """The global model of ``scenario.rounds`` rounds of plain FedAvg, in-process."""
     from privfl.data import load_federation
     from privfl.models import build_model
-    from privfl.training import train_local
+    from privfl.training import TrainConfig, train_local
 
     fed = load_federation(scenario)
     model = build_model(scenario, fed.num_classes)
     global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    config = TrainConfig.from_scenario(scenario)
     for rnd in range(1, scenario.scenario.rounds + 1):
         total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in global_state.items()}
         weight = 0
         for party in range(scenario.data.parties):
             model.load_state_dict(global_state)
             data = fed.parties[party].train
-            train_local(model, data, scenario, party=party, server_round=rnd, device=device)
+            train_local(model, data, config, party=party, server_round=rnd, device=device)
             for k, v in model.state_dict().items():
                 total[k] += len(data) * v.detach().double().cpu()
             weight += len(data)
