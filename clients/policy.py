@@ -11,13 +11,15 @@ hyper-parameters the server may choose taken from the message.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
+import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from flwr.app import ConfigRecord, Context, Message
+from flwr.app import ConfigRecord, Context, Error, Message
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from privfl.config import SCENARIO_KEY, Scenario, ScenarioError, scenario_from_json
@@ -71,8 +73,13 @@ class PartyPolicy:
 
     @property
     def min_parties(self) -> int:
-        """The fewest parties whose inputs a sum may hold before this party joins it."""
-        return self.scenario.party.resolve_min_parties(self.scenario.data.parties)
+        """The fewest parties whose inputs a sum may hold before this party joins it.
+
+        Automatic (0) sizes it for the parties of one round as the party's own scenario
+        says (``scenario.parties_per_round``, else ``data.parties``), never the server.
+        """
+        own = self.scenario
+        return own.party.resolve_min_parties(own.scenario.per_round(own.data.parties))
 
     def noise_secret(self, requested: Scenario | None) -> bytes | None:
         """The key material of this party's DP noise and sampling coins (None: the OS)."""
@@ -117,9 +124,57 @@ def simulation_policy(scenario: Scenario, party: int, secret: bytes | None = Non
         scenario=scenario,
         party=party,
         identity_key=derive_identity(secret, party),
-        roster=derive_roster(secret, scenario.data.parties),
+        roster=_roster(secret, scenario.data.parties),
         lab_secret=secret,
     )
+
+
+@functools.lru_cache(maxsize=4)
+def _roster(secret: bytes, parties: int) -> Mapping[int, bytes]:
+    # Simulated parties in one process share one roster: n parties, not n^2 key derivations.
+    return types.MappingProxyType(derive_roster(secret, parties))
+
+
+# --------------------------------------------------------------------------- dropouts
+
+DROPOUT_CODE = 4408
+DROPOUT_PREFIX = "privfl dropout: "
+# Where each message falls in a round; a party that drops out answers nothing from its
+# dropout stage on.
+_STAGE_ORDER = {"advertise": 0, "keyshare": 1, "train": 2, "sum": 3, "reshare": 3, "unmask": 3}
+
+
+def drops_out(scenario: Scenario, party: int, server_round: int) -> bool:
+    """Whether simulated ``party`` drops out of ``server_round`` (``scenario.dropout_rate``).
+
+    A public, reproducible coin from the seed, the round and the party: a dropout is a
+    simulated network failure, not a secret.
+    """
+    rate = scenario.scenario.dropout_rate
+    if not rate:
+        return False
+    label = f"privfl-dropout|{scenario.scenario.seed}|{server_round}|{party}".encode()
+    coin = int.from_bytes(hashlib.sha256(label).digest()[:8], "big") / 2.0**64
+    return coin < rate
+
+
+def _message_stage(mtype: str, cfg: ConfigRecord) -> str | None:
+    if mtype == "train":
+        return "train"
+    if not mtype.startswith(_STAGE_PREFIX):
+        return None
+    stage = mtype.removeprefix(_STAGE_PREFIX)
+    return str(cfg.get(_SA + "stage", "")) if stage == "setup" else stage
+
+
+def _dropped(policy: PartyPolicy, mtype: str, cfg: ConfigRecord) -> bool:
+    own = policy.scenario.scenario
+    stage = _message_stage(mtype, cfg)
+    if not own.dropout_rate or stage not in _STAGE_ORDER:
+        return False
+    if _STAGE_ORDER[stage] < _STAGE_ORDER[own.dropout_stage]:
+        return False
+    return drops_out(policy.scenario, policy.party, int(cfg.get("server-round", 0)))
 
 
 def _check_defenses(own: Scenario, requested: Scenario) -> None:
@@ -182,6 +237,19 @@ def _parties(cfg: ConfigRecord, key: str) -> list[int]:
     return [int(p) for p in cfg.get(key, [])]
 
 
+def _check_masking_graph(policy: PartyPolicy, cfg: ConfigRecord) -> None:
+    # The Shamir threshold and the neighbour graph decide how many colluders can unmask
+    # a party: they come from the party's own policy, never from the server's message.
+    sec = policy.scenario.defense.secagg
+    t, k = int(cfg.get(_SA + "threshold", -1)), int(cfg.get(_SA + "neighbours", -1))
+    if (t, k) != (sec.threshold, sec.neighbours):
+        raise RefusalError(
+            f"mask-key sharing with threshold {t} and {k} neighbours refused: my policy "
+            f"says threshold {sec.threshold} and {sec.neighbours} neighbours (0 = automatic / "
+            "all pairs)"
+        )
+
+
 def _check_stage(policy: PartyPolicy, mtype: str, cfg: ConfigRecord, state: ConfigRecord) -> None:
     own = policy.scenario.defense.secure_aggregation
     if own == "none":
@@ -196,6 +264,8 @@ def _check_stage(policy: PartyPolicy, mtype: str, cfg: ConfigRecord, state: Conf
             n = len(_parties(cfg, _SA + "dir_parties"))
         if n < m:
             raise RefusalError(f"key setup among {n} parties refused: party.min_parties is {m}")
+        if str(cfg.get(_SA + "stage", "")) == "keyshare":
+            _check_masking_graph(policy, cfg)
         return
     rnd, current = int(cfg.get("server-round", -1)), int(state["last-round"])
     if rnd != current:
@@ -241,6 +311,11 @@ def make_policy_mod(policy_of: Callable[[Context], PartyPolicy]) -> Mod:
         if cfg is None:
             cfg = ConfigRecord()
             msg.content["config"] = cfg
+        if _dropped(policy, mtype, cfg):
+            # A dropped party sends nothing; an error reply stands in for the silence so
+            # the server need not wait out its timeout.
+            reason = f"party {policy.party} dropped out of round {cfg.get('server-round')}"
+            return Message(Error(code=DROPOUT_CODE, reason=DROPOUT_PREFIX + reason), reply_to=msg)
         requested = scenario_from_json(str(cfg[SCENARIO_KEY])) if SCENARIO_KEY in cfg else None
         state = _state(context)
         _publish(context, policy, requested, state)

@@ -495,8 +495,14 @@ def handle_reshare(
         raise SecAggClientError(f"party {party}: nothing cached to re-share in round {rnd}")
     parties = [int(p) for p in cfg[wire.PREFIX + "parties"]]
     directory = {int(p): bytes.fromhex(k) for p, k in st["directory"].items()}
+    # Sealed under the round's binding, as the partial sums that open them expect.
     cts = proto.share(
-        cache["v"].numpy(), rnd=rnd, attempt=attempt, parties=parties, directory=directory
+        cache["v"].numpy(),
+        rnd=rnd,
+        attempt=attempt,
+        parties=parties,
+        directory=directory,
+        bind=_stored_bind(st, rnd),
     )
     _save(context, proto, st)
     payload = ConfigRecord({"round": rnd, "attempt": attempt})

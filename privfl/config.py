@@ -49,10 +49,25 @@ class ScenarioSection:
     cpus_per_party: int = 1
     # Seconds the server waits for replies in one exchange.
     timeout: float = 600.0
+    # Parties sampled each round (0 = every party), drawn from seed and round number.
+    # Party-level DP credits no amplification for this sample (a fixed-size sample the
+    # server draws); defense.dp.party_sampling_rate must then stay 1.
+    parties_per_round: int = 0
+    # Simulated dropouts: each sampled party drops out of a round with this probability,
+    # at dropout_stage (drawn from seed, round and party; the party simply stops answering).
+    dropout_rate: float = 0.0
+    dropout_stage: Literal["train", "advertise", "keyshare", "sum", "unmask"] = "train"
 
     def validate(self, key: str) -> None:
         if self.rounds < 1:
             _fail(f"{key}.rounds", f"must be >= 1, got {self.rounds}")
+        if self.parties_per_round < 0:
+            _fail(
+                f"{key}.parties_per_round",
+                f"must be >= 0 (0 = every party), got {self.parties_per_round}",
+            )
+        if not 0.0 <= self.dropout_rate < 1.0:
+            _fail(f"{key}.dropout_rate", f"must be in [0, 1), got {self.dropout_rate}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             _fail(
                 f"{key}.device", f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}"
@@ -63,6 +78,46 @@ class ScenarioSection:
             _fail(f"{key}.cpus_per_party", f"must be >= 1, got {self.cpus_per_party}")
         if self.timeout <= 0:
             _fail(f"{key}.timeout", f"must be > 0, got {self.timeout}")
+
+    def per_round(self, parties: int) -> int:
+        """Parties asked to train in one round, of a federation of ``parties``."""
+        return min(self.parties_per_round, parties) if self.parties_per_round else parties
+
+    def validate_for(self, key: str, scenario: Scenario) -> None:
+        """Checks against the rest of the scenario (party count, DP sampling, protocol)."""
+        n, m = scenario.data.parties, self.parties_per_round
+        if m > n:
+            _fail(f"{key}.parties_per_round", f"must be <= data.parties ({n}), got {m}")
+        sa = scenario.defense.secure_aggregation
+        if m and sa != "none" and m < 2:
+            _fail(f"{key}.parties_per_round", f"secure aggregation needs >= 2 a round, got {m}")
+        dp = scenario.defense.dp
+        if m and dp.mode in ("global", "distributed") and dp.party_sampling_rate != 1.0:
+            # Two samplers would compose into a sample no accountant here describes.
+            _fail(
+                "defense.dp.party_sampling_rate",
+                f"must be 1.0 when {key}.parties_per_round samples the parties ({m} a "
+                f"round); got {dp.party_sampling_rate}",
+            )
+        stage = self.dropout_stage
+        if self.dropout_rate and stage != "train":
+            allowed = {
+                "additive": ("advertise", "sum"),
+                "masking": ("advertise", "keyshare", "unmask"),
+            }.get(sa, ())
+            if stage not in allowed:
+                _fail(
+                    f"{key}.dropout_stage",
+                    f"{stage!r} is no stage of defense.secure_aggregation = {sa!r}; accepted: "
+                    f"{', '.join(('train', *allowed))}",
+                )
+        mp = scenario.party.min_parties
+        if mp > self.per_round(n):
+            _fail(
+                "party.min_parties",
+                f"must be <= the parties of a round ({self.per_round(n)}), got {mp}: "
+                "every round would be refused",
+            )
 
 
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "cifar100")
@@ -248,6 +303,9 @@ class TrainingSection:
 
 # Rings an automatic defense.secagg.ring_bits chooses from, smallest first.
 RING_CHOICES = (32, 62)
+# Neighbours per party of the automatic masking graph, per bit of the party count (Bell et
+# al. 2020 show O(log n) neighbours suffice for a random graph).
+NEIGHBOUR_FACTOR = 3.0
 
 
 @dataclass(frozen=True)
@@ -267,6 +325,10 @@ class SecAggSection:
     # a k-regular Harary graph, offsets +-1 .. +-k/2 around a ring of the parties).
     threshold: int = 0
     neighbours: int = 0
+    # Masking: size the neighbours from the parties of a round, n, as SecAgg+ does: the
+    # smallest even k >= NEIGHBOUR_FACTOR * log2(n), all pairs when k >= n - 1. The
+    # validated scenario holds the chosen k in ``neighbours``.
+    auto_neighbours: bool = False
     # Additive: how many times a round is retried without the dropped parties.
     max_retries: int = 2
 
@@ -322,6 +384,21 @@ class SecAggSection:
                 return bits
         return RING_CHOICES[-1]  # validate_for then names the keys to change
 
+    @staticmethod
+    def log_neighbours(parties: int) -> int:
+        """SecAgg+'s degree for ``parties`` per round: the smallest even k >= NEIGHBOUR_FACTOR
+        * log2(parties), or 0 (all pairs) when that leaves no party out."""
+        k = math.ceil(NEIGHBOUR_FACTOR * math.log2(max(parties, 2)))
+        k += k % 2
+        return 0 if k >= parties - 1 else k
+
+    @staticmethod
+    def dropout_threshold(size: int, dropout_rate: float) -> int:
+        """The largest threshold that neighbourhoods of ``size`` reach despite dropouts:
+        their expected survivors less one standard deviation (binomial), rounded down."""
+        q = dropout_rate
+        return math.floor(size * (1 - q) - math.sqrt(size * q * (1 - q)))
+
     def neighbourhood_size(self, parties: int) -> int:
         """Parties in one masking neighbourhood, self included."""
         k = self.neighbours
@@ -357,26 +434,64 @@ class SecAggSection:
             return
         n = scenario.data.parties
         if protocol == "masking":
-            if self.neighbours and self.neighbours >= n:
-                _fail(
-                    f"{key}.neighbours",
-                    f"must be < data.parties ({n}) for a k-regular graph (0 = all pairs), "
-                    f"got {self.neighbours}",
-                )
-            m = self.neighbourhood_size(n)
-            if self.threshold > m:
-                _fail(
-                    f"{key}.threshold",
-                    f"must be <= the neighbourhood size {m} (neighbours + 1 = "
-                    f"{'data.parties' if m == n else f'{self.neighbours} + 1'}), "
-                    f"got {self.threshold}",
-                )
+            self._check_masking(key, scenario)
         # Parties weigh their update by their number of examples, except under DP
         # (weight 1); without samples_per_party that number is only known at run time,
         # where the encoder checks it again.
         unit = scenario.defense.dp.mode in ("global", "distributed")
         spp = scenario.data.samples_per_party
         self.check_headroom(key, parties=n, max_weight=1.0 if unit or not spp else float(spp))
+
+    def _check_masking(self, key: str, scenario: Scenario) -> None:
+        """The masking graph and threshold for the parties of one round and its dropouts.
+
+        Fixes an automatic ``neighbours`` to :meth:`log_neighbours`, and an automatic
+        ``threshold`` that dropouts would not let neighbourhoods reach to
+        :meth:`dropout_threshold` (never below a majority of the neighbourhood).
+        """
+        sc = scenario.scenario
+        n = sc.per_round(scenario.data.parties)
+        what = "the parties of a round" if n < scenario.data.parties else "data.parties"
+        if self.auto_neighbours:
+            k = self.log_neighbours(n)
+            if self.neighbours not in (0, k):
+                _fail(
+                    f"{key}.neighbours",
+                    f"is sized automatically ({k} for {n} parties a round) with "
+                    f"{key}.auto_neighbours; leave it at 0, got {self.neighbours}",
+                )
+            object.__setattr__(self, "neighbours", k)  # validation completes construction
+        if self.neighbours and self.neighbours >= n:
+            _fail(
+                f"{key}.neighbours",
+                f"must be < {what} ({n}) for a k-regular graph (0 = all pairs), "
+                f"got {self.neighbours}",
+            )
+        m = self.neighbourhood_size(n)
+        if self.threshold > m:
+            _fail(
+                f"{key}.threshold",
+                f"must be <= the neighbourhood size {m} (neighbours + 1 = "
+                f"{what if m == n else f'{self.neighbours} + 1'}), "
+                f"got {self.threshold}",
+            )
+        # Dropouts at or after the masked inputs need t survivors in every neighbourhood;
+        # earlier ones only restart key setup.
+        rate = sc.dropout_rate if sc.dropout_stage in ("train", "unmask") else 0.0
+        if not rate:
+            return
+        reach, majority = self.dropout_threshold(m, rate), m // 2 + 1
+        t = self.threshold or (2 * m) // 3 + 1
+        if not self.threshold and t > reach >= majority:
+            object.__setattr__(self, "threshold", reach)
+        elif t > reach:
+            fix = "lower it" if self.threshold and reach >= majority else "raise neighbours"
+            _fail(
+                f"{key}.threshold",
+                f"{t} of a neighbourhood of {m} cannot be reached with scenario.dropout_rate "
+                f"= {rate:g} (expected survivors less one standard deviation: {reach}, a "
+                f"majority is {majority}); {fix}, parties_per_round or lower the dropout rate",
+            )
 
 
 @dataclass(frozen=True)
@@ -679,7 +794,8 @@ class PartySection:
     trust_server: bool = False
     # Fewest parties whose inputs a sum may hold before this party lets its input into it;
     # distributed DP sizes each party's noise share for it. 0 = automatic:
-    # max(2, floor(2n/3) + 1) for n = data.parties (the masking threshold's rule).
+    # max(2, floor(2n/3) + 1) for n = the parties of a round (scenario.parties_per_round, or
+    # data.parties when every party takes part): the masking threshold's rule.
     min_parties: int = 0
     # Where DP noise and DP sampling coins come from: "os" (the OS CSPRNG, secret and not
     # reproducible) or "lab" (an AES-CTR stream keyed from a party-local lab secret and
@@ -885,6 +1001,7 @@ class Scenario:
                 "party-level DP calibrates its noise to the mean of clipped updates; use a "
                 "mean-based strategy (fedavg, fedprox, fedadam, fedyogi, fedadagrad)",
             )
+        self.scenario.validate_for("scenario", self)
         self.defense.secagg.validate_for("defense.secagg", self)
         au = self.audit
         if au.enabled:

@@ -28,6 +28,7 @@ from privfl.dp import utility_warning
 from privfl.models import build_model
 from privfl.results import AttackReport
 from privfl.strategies.factory import build_strategy
+from privfl.strategies.rounds import FederationRounds
 from privfl.strategies.secure_aggregation import curious_read
 from privfl.strategies.wrapper import StrategyWrapper, strategy_chain
 from privfl.training import evaluate, resolve_device
@@ -274,6 +275,8 @@ def run_federation(
         _merge_client_metrics(rounds, result)
         _merge_epsilon(rounds, strategy_chain(strategy))
         _merge_faults(rounds, strategy_chain(strategy), party_of)
+        if scenario.scenario.parties_per_round:
+            _merge_sampled(rounds, strategy_chain(strategy))
         if result.arrays:  # empty when no round released a model (DP budget)
             model.load_state_dict(result.arrays.to_torch_state_dict())
         for s in strategy_chain(strategy):
@@ -413,6 +416,15 @@ def privacy_statement(scenario: Scenario) -> dict[str, Any]:
         "parties_trust_server": party.trust_server,
         "min_parties": party.resolve_min_parties(scenario.data.parties),
     }
+
+
+def _merge_sampled(rounds: list[dict[str, Any]], chain: list[Strategy]) -> None:
+    """The parties sampled for each round (``scenario.parties_per_round``)."""
+    for s in chain:
+        if isinstance(s, FederationRounds):
+            for row in rounds:
+                if row["round"] in s.sampled:
+                    row["parties"] = list(s.sampled[row["round"]])
 
 
 def _merge_faults(

@@ -18,15 +18,16 @@ Round trips per FL round: 2 (train + shares/masked input, then partial sums
 / unmask); key setup adds 1 (additive) or 2 (masking) once per key epoch.
 
 The server's view is explicit: :attr:`SecureAggregation.server_view` holds deep copies
-of every payload received, and :func:`curious_read` decodes one payload the way a
-curious server would.
+of the payloads received (every round, or only those ``keep_view`` names once the next
+round begins), and :func:`curious_read` decodes one payload the way a curious server
+would.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -115,6 +116,14 @@ def stage_messages(
     return msgs
 
 
+def _view_an_attack_needs(scenario: Scenario) -> dict[int, Collection[int] | None]:
+    """The round and party whose payloads a scenario's curious server attacks."""
+    gi = scenario.attack.gradient_inversion
+    if scenario.attack.kind == "gradient-inversion":
+        return {gi.round: [gi.target_party]}
+    return {}
+
+
 class SecureAggregation(StrategyWrapper):
     """Wrap ``inner`` so that it only ever sees the securely aggregated update.
 
@@ -132,7 +141,11 @@ class SecureAggregation(StrategyWrapper):
         fractional bits, values clipped to ±4); must match the parties'.
     threshold, neighbours : int
         Masking: the Shamir threshold (0: floor(2m/3) + 1 for neighbourhoods of m), and
-        the neighbours each party masks with (0: all pairs; else an even k < parties).
+        the neighbours each party masks with (0: all pairs; else an even k < parties of a
+        round; the deterministic graph's caveat is in
+        :func:`privfl.secagg.masking.neighbourhoods`). The protocol runs among the
+        parties ``inner`` asks to train each round: with parties sampled per round, each
+        new sample gets its own key setup and graph.
     max_retries : int
         Additive: re-share rounds after a party drops out mid-round.
     timeout : float
@@ -147,6 +160,10 @@ class SecureAggregation(StrategyWrapper):
     message_config : Mapping, optional
         Entries added to the config of every message this wrapper sends (privfl's own
         parties read their round settings there).
+    keep_view : bool or Mapping[int, Collection[int] | None]
+        What :attr:`server_view` keeps once the next round begins: True every round,
+        else ``{round: parties}`` (None: all parties of that round); the current round
+        is always there. A run of many parties keeps only what an attack asks for.
     """
 
     def __init__(
@@ -163,6 +180,7 @@ class SecureAggregation(StrategyWrapper):
         on_failure: str = "skip",
         release_train_loss: bool = True,
         message_config: Mapping[str, Any] | None = None,
+        keep_view: bool | Mapping[int, Collection[int] | None] = True,
     ) -> None:
         if on_failure not in ("skip", "raise"):
             raise ValueError(f"on_failure must be 'skip' or 'raise', got {on_failure!r}")
@@ -192,6 +210,7 @@ class SecureAggregation(StrategyWrapper):
         self.release_train_loss = release_train_loss
         self.message_config = dict(message_config or {})
         self.server_view: dict[int, dict[int, dict[str, RecordDict]]] = {}
+        self.keep_view = keep_view
         self.round_trips: dict[int, int] = {}
         self.stage_seconds: dict[int, dict[str, float]] = {}
         # Round -> what went wrong: {party, stage, reason} for every refusal, failed
@@ -224,11 +243,26 @@ class SecureAggregation(StrategyWrapper):
             "timeout": scenario.scenario.timeout,
             "release_train_loss": scenario.defense.dp.mode == "none",
             "message_config": {SCENARIO_KEY: scenario.to_json()},
+            "keep_view": _view_an_attack_needs(scenario),
         }
         params.update(overrides)
         return cls(inner, party_of=party_of, on_failure=on_failure, **params)
 
     # ------------------------------------------------------------------ helpers
+    def _prune_view(self, server_round: int) -> None:
+        """Drop the views of earlier rounds that ``keep_view`` does not ask for."""
+        if self.keep_view is True:
+            return
+        keep = self.keep_view or {}
+        for rnd in [r for r in self.server_view if r < server_round]:
+            if rnd not in keep:
+                del self.server_view[rnd]
+            elif (parties := keep[rnd]) is not None:
+                wanted = {self.node_of[p] for p in parties if p in self.node_of}
+                view = self.server_view[rnd]
+                for node in [n for n in view if n not in wanted]:
+                    del view[node]
+
     def _exchange(
         self,
         server_round: int,
@@ -388,6 +422,7 @@ class SecureAggregation(StrategyWrapper):
     ) -> Iterable[Message]:
         """Inner's train messages plus what parties need; key setup when due."""
         self._grid, self._global = grid, arrays
+        self._prune_view(server_round)
         msgs = list(self.inner.configure_train(server_round, arrays, config, grid))
         self._parties = []
         if not msgs:  # e.g. a DP budget is spent: no round, nothing to protect
@@ -401,7 +436,11 @@ class SecureAggregation(StrategyWrapper):
             )
         parties = sorted(self.party_of[m.metadata.dst_node_id] for m in msgs)
         ep = self._epoch
-        if ep is None or not set(parties) <= set(ep["parties"]):
+        # Masking keys one epoch per party set: with parties sampled per round, an epoch's
+        # members left out of a round would be unmasked as dropouts (their mask keys
+        # revealed), so a new sample gets fresh keys among itself only.
+        stale = set(parties) != set(ep["parties"]) if ep and self.protocol == "masking" else False
+        if ep is None or stale or not set(parties) <= set(ep["parties"]):
             try:
                 self._setup(server_round, parties)
             except SecureAggregationError as exc:

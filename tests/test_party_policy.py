@@ -272,6 +272,29 @@ def test_forged_key_directory_is_detected(protocol, trust):
     assert "forged or altered key directory" in f["reason"]
 
 
+@pytest.mark.parametrize("trust", [True, False])
+def test_a_lowered_masking_threshold_is_refused(trust):
+    # A threshold of 1 would let the server alone open every party's self-mask seed.
+    sc = _scenario(protocol="masking", trust=trust)
+    app = make_client_app(sc, secret=SECRET)
+
+    def lower(msg):
+        cfg = msg.content.config_records.get("config")
+        if cfg is not None and cfg.get(wire.PREFIX + "stage") == "keyshare":
+            msg = Message(copy.deepcopy(msg.content), metadata=msg.metadata)
+            msg.content["config"][wire.PREFIX + "threshold"] = 1
+        return msg
+
+    strat, _ = _run(sc, TamperGrid(app, NODES, on_send=lower), rounds=1)
+    reasons = " ".join(f["reason"] for f in strat.faults.get(1, []))
+    if trust:
+        assert "threshold" not in reasons
+        assert strat.included[1] == [0, 1, 2]
+        return
+    assert "mask-key sharing with threshold 1 and 0 neighbours refused" in reasons
+    assert getattr(strat, "included", {}).get(1, []) == []  # nothing summed, nothing released
+
+
 # ------------------------------------------------------------------ 6. round replay
 
 

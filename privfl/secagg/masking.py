@@ -78,6 +78,15 @@ def neighbourhoods(parties: Sequence[int], k: int) -> dict[int, list[int]]:
 
     ``k == 0`` or ``k >= len(parties) - 1``: everyone. Otherwise a k-regular Harary graph
     on the sorted parties (offsets ``+-1 .. +-k/2`` around a ring); ``k`` must be even.
+    ``defense.secagg.auto_neighbours`` sizes ``k`` as SecAgg+ does (O(log n), see
+    :meth:`privfl.config.SecAggSection.log_neighbours`).
+
+    Security caveat: SecAgg+ (Bell et al. 2020) draws a *random* graph the server cannot
+    predict at key setup; this one is deterministic and public. A server colluding with
+    the ``k`` parties placed around a victim holds all of the victim's pairwise masks and
+    recovers its input from its masked input once its self mask is removed, so with
+    ``0 < k < n - 1`` the guarantee holds only against collusions that do not cover a
+    whole neighbourhood (all pairs: fewer than ``t`` parties).
     """
     ps = sorted(parties)
     n = len(ps)

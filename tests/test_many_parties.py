@@ -1,0 +1,224 @@
+"""Cross-device rounds: parties sampled per round, simulated dropouts, secure aggregation
+among the sampled parties only (through privfl's own ClientApp, no Ray)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord
+from privfl.clients.app import make_client_app
+from privfl.clients.policy import drops_out, simulation_policy
+from privfl.strategies.factory import build_strategy
+from privfl.strategies.rounds import sample_parties
+from privfl.strategies.secure_aggregation import SecureAggregation
+
+from privfl.config import SCENARIO_KEY, Scenario, ScenarioError
+from privfl.data import load_federation
+from privfl.dp import accounted_sampling_rate
+from privfl.models import build_model
+from privfl.secagg.loopback import LoopbackGrid
+
+SECRET = bytes(range(32))
+PARTIES, PER_ROUND = 12, 8
+
+
+def _scenario(protocol="masking", **scenario) -> Scenario:
+    raw = {
+        "scenario": {"rounds": 2, "seed": 5, "parties_per_round": PER_ROUND, **scenario},
+        "data": {"parties": PARTIES, "samples_per_party": 16, "server_test_samples": 50},
+        "model": {"name": "mlp", "hidden": 16},
+        "training": {"local_steps": 1, "batch_size": 8, "lr": 0.1},
+        "defense": {"secure_aggregation": protocol},
+    }
+    return Scenario.from_dict(raw)
+
+
+def _nodes() -> dict[int, int]:
+    return {100 + p: p for p in range(PARTIES)}
+
+
+def _run(sc: Scenario, keep_view=None):
+    grid = LoopbackGrid(make_client_app(sc, secret=SECRET), _nodes())
+    strat = build_strategy(sc, _nodes())
+    if keep_view is not None:
+        strat.keep_view = keep_view
+    fed = load_federation(sc)
+    start = ArrayRecord(build_model(sc, fed.num_classes).state_dict())
+    cfg = ConfigRecord({SCENARIO_KEY: sc.to_json()})
+    res = strat.start(
+        grid, start, num_rounds=sc.scenario.rounds, train_config=cfg, evaluate_config=cfg
+    )
+    return strat, res, grid
+
+
+def _flat(arrays: ArrayRecord) -> np.ndarray:
+    return np.concatenate([a.numpy().ravel().astype(np.float64) for a in arrays.values()])
+
+
+def _dropped(sc: Scenario, rnd: int) -> list[int]:
+    sampled = sample_parties(range(PARTIES), PER_ROUND, seed=sc.scenario.seed, server_round=rnd)
+    return [p for p in sampled if drops_out(sc, p, rnd)]
+
+
+def test_sample_is_reproducible_and_changes_with_the_round():
+    a = sample_parties(range(1000), 100, seed=0, server_round=1)
+    assert a == sample_parties(range(1000), 100, seed=0, server_round=1)
+    assert len(a) == len(set(a)) == 100 and a == sorted(a)
+    assert a != sample_parties(range(1000), 100, seed=0, server_round=2)
+    assert a != sample_parties(range(1000), 100, seed=1, server_round=1)
+    assert sample_parties(range(5), 0, seed=0, server_round=1) == [0, 1, 2, 3, 4]
+
+
+def test_scenario_keys_are_checked_against_the_rest():
+    with pytest.raises(ScenarioError, match="scenario.parties_per_round"):
+        _scenario(parties_per_round=PARTIES + 1)
+    with pytest.raises(ScenarioError, match="defense.dp.party_sampling_rate"):
+        _scenario().replace(
+            [
+                "defense.dp.mode='global'",
+                "defense.dp.epsilon=3.0",
+                "defense.dp.party_sampling_rate=0.5",
+            ]
+        )
+    with pytest.raises(ScenarioError, match="scenario.dropout_stage.*'unmask'.*additive"):
+        _scenario("additive", dropout_rate=0.1, dropout_stage="unmask")
+    with pytest.raises(ScenarioError, match="party.min_parties"):
+        _scenario().replace(["party.min_parties=9"])
+
+
+def test_no_amplification_is_credited_for_the_servers_sample():
+    sc = _scenario().replace(["defense.dp.mode='distributed'", "defense.dp.epsilon=3.0"])
+    assert accounted_sampling_rate(sc) == 1.0
+
+
+def test_min_parties_is_sized_for_the_parties_of_a_round():
+    assert simulation_policy(_scenario(), 0, SECRET).min_parties == 6  # floor(2*8/3) + 1
+    whole = _scenario(parties_per_round=0)
+    assert simulation_policy(whole, 0, SECRET).min_parties == 9  # floor(2*12/3) + 1
+
+
+@pytest.mark.parametrize("protocol", ["masking", "additive"])
+def test_only_the_sampled_parties_train_and_the_sum_is_theirs(protocol):
+    sc = _scenario(protocol)
+    strat, res, _ = _run(sc, keep_view=True)
+    _, plain, _ = _run(sc.replace(["defense.secure_aggregation='none'"]))
+    assert isinstance(strat, SecureAggregation)
+    for rnd in (1, 2):
+        want = sample_parties(range(PARTIES), PER_ROUND, seed=5, server_round=rnd)
+        # Every stage of the protocol went to this round's sample and no one else.
+        for stage in ("train", "setup/advertise", "unmask" if protocol == "masking" else "sum#0"):
+            heard = {strat.party_of[n] for n, v in strat.server_view[rnd].items() if stage in v}
+            assert heard == set(want), stage
+    assert strat.included[2] == sample_parties(range(PARTIES), PER_ROUND, seed=5, server_round=2)
+    assert not strat.faults
+    # The secure sum of the sampled parties is the plain mean of the same parties,
+    # up to the fixed-point quantisation.
+    np.testing.assert_allclose(_flat(res.arrays), _flat(plain.arrays), atol=1e-4)
+
+
+def test_masking_recovers_the_sum_when_parties_drop_after_sending_masked_inputs():
+    sc = _scenario(dropout_rate=0.1, dropout_stage="unmask")
+    assert any(_dropped(sc, r) for r in (1, 2)), "seed chosen so that someone drops"
+    strat, res, _ = _run(sc)
+    _, plain, _ = _run(sc.replace(["defense.secure_aggregation='none'", "scenario.dropout_rate=0"]))
+    dropped_faults = [f for r in strat.faults.values() for f in r if f["stage"] == "unmask"]
+    assert {f["party"] for f in dropped_faults} == {p for r in (1, 2) for p in _dropped(sc, r)}
+    # Their masked inputs arrived: the sum still holds every sampled party.
+    assert strat.included[2] == sample_parties(range(PARTIES), PER_ROUND, seed=5, server_round=2)
+    np.testing.assert_allclose(_flat(res.arrays), _flat(plain.arrays), atol=1e-4)
+
+
+@pytest.mark.parametrize("protocol", ["masking", "additive"])
+def test_dropouts_before_the_inputs_leave_the_sum_of_the_survivors(protocol):
+    sc = _scenario(protocol, dropout_rate=0.1, dropout_stage="train")
+    assert all(_dropped(sc, r) for r in (1, 2)), "seed chosen so that someone drops"
+    strat, res, _ = _run(sc)
+    _, plain, _ = _run(sc.replace(["defense.secure_aggregation='none'"]))
+    survivors = [
+        p
+        for p in sample_parties(range(PARTIES), PER_ROUND, seed=5, server_round=2)
+        if p not in _dropped(sc, 2)
+    ]
+    assert strat.included[2] == survivors
+    np.testing.assert_allclose(_flat(res.arrays), _flat(plain.arrays), atol=1e-4)
+
+
+def test_additive_cannot_survive_a_dropout_after_partial_sums():
+    sc = _scenario("additive", dropout_rate=0.1, dropout_stage="sum", rounds=1)
+    assert _dropped(sc, 1), "seed chosen so that someone drops"
+    strat, _, _ = _run(sc)
+    assert strat.included[1] == []
+    assert any("round skipped" in f["reason"] for f in strat.faults[1])
+
+
+@pytest.mark.parametrize(("n", "k"), [(8, 0), (10, 0), (20, 14), (100, 20), (1000, 30)])
+def test_automatic_neighbours_grow_with_log_n(n, k):
+    raw = {
+        "scenario": {"parties_per_round": n},
+        "data": {"parties": 1000},
+        "defense": {"secure_aggregation": "masking", "secagg": {"auto_neighbours": True}},
+    }
+    sec = Scenario.from_dict(raw).defense.secagg
+    assert sec.neighbours == k
+    # The validated scenario round-trips with the chosen graph.
+    assert Scenario.from_json(Scenario.from_dict(raw).to_json()).defense.secagg.neighbours == k
+
+
+def test_threshold_is_sized_for_the_dropout_rate_or_refused():
+    def sec(rate, **secagg):
+        raw = {
+            "scenario": {"parties_per_round": 100, "dropout_rate": rate},
+            "data": {"parties": 1000},
+            "defense": {
+                "secure_aggregation": "masking",
+                "secagg": {"auto_neighbours": True, **secagg},
+            },
+        }
+        return Scenario.from_dict(raw).defense.secagg
+
+    assert sec(0.05).threshold == 0  # floor(2*21/3) + 1 = 15 <= 18 (expected survivors less 1 sd)
+    assert sec(0.3).threshold == 12  # 14.7 - 2.1: below 15, still a majority of 21
+    with pytest.raises(ScenarioError, match="defense.secagg.threshold.*raise neighbours"):
+        sec(0.45)
+    with pytest.raises(ScenarioError, match="defense.secagg.threshold: 20 of a neighbourhood"):
+        sec(0.05, threshold=20)
+
+
+def test_the_server_keeps_only_the_view_an_attack_asks_for():
+    sc = _scenario("masking", rounds=3)
+    strat, _, _ = _run(sc)
+    assert set(strat.server_view) == {3}  # the last round, until a next one begins
+    strat, _, _ = _run(sc, keep_view={1: [2, 7]})
+    assert set(strat.server_view) == {1, 3}
+    assert {strat.party_of[n] for n in strat.server_view[1]} == {2, 7} & set(
+        sample_parties(range(PARTIES), PER_ROUND, seed=5, server_round=1)
+    )
+    gi = sc.replace(
+        [
+            "attack.kind='gradient-inversion'",
+            "attack.gradient_inversion.round=2",
+            "attack.gradient_inversion.target_party=4",
+            "model.name='lenet'",
+        ]
+    )
+    inner = build_strategy(sc, _nodes())
+    assert SecureAggregation.from_scenario(inner.inner, gi, party_of=_nodes()).keep_view == {2: [4]}
+
+
+def test_results_record_each_rounds_sample(tmp_path):
+    import json
+    from importlib.resources import files
+
+    import jsonschema
+
+    from privfl.server import run_federation
+
+    sc = _scenario(protocol="additive")
+    grid = LoopbackGrid(make_client_app(sc, secret=SECRET), _nodes())
+    results = run_federation(grid, sc, tmp_path / "run", progress=False)
+    rows = {r["round"]: r for r in results["rounds"]}
+    for rnd in (1, 2):
+        expected = sample_parties(range(PARTIES), PER_ROUND, seed=5, server_round=rnd)
+        assert rows[rnd]["parties"] == sorted(expected)
+    schema = json.loads(files("privfl").joinpath("schema/results.schema.json").read_text())
+    jsonschema.validate(json.loads((tmp_path / "run" / "results.json").read_text()), schema)
