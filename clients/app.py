@@ -4,7 +4,8 @@ A party's defenses come from its own copy of the scenario, never from a server m
 :func:`make_client_app` hands every simulated party its policy directly, and the app
 ``flwr run`` loads reads it from the SuperNode's node config (``policy``: a scenario
 file or the name of a shipped one, ``policy-overrides``; ``data-root``, the folder of
-its own data; ``identity-key``, ``roster`` and ``lab-secret`` for its keys) or, failing
+its own data; ``own-data=true`` when every record there is this party's, rather than a
+federation to take its partition of; ``identity-key``, ``roster`` and ``lab-secret`` for its keys) or, failing
 that, from the run config of a local simulation. The party index is the SuperNode's
 ``partition-id``. Mods on the train handler, outermost first: the policy (refuses what
 would weaken it), secure aggregation, the malicious participant (a no-op on honest
@@ -41,7 +42,7 @@ from privfl.config import (
     resolve_scenario_path,
     scenario_from_json,
 )
-from privfl.data import ImageSet, load_federation
+from privfl.data import ImageSet, PartyData, load_federation, own_data
 from privfl.models import build_model
 from privfl.refusal import diverged_reply
 from privfl.secagg.identity import load_roster
@@ -78,10 +79,19 @@ def _setup(msg: Message, context: Context) -> tuple[Scenario, int, torch.nn.Modu
             f"partition-id {party} but the scenario has {scenario.data.parties} parties"
         )
     torch.set_num_threads(scenario.scenario.cpus_per_party)
-    fed = load_federation(scenario)
-    model = build_model(scenario, fed.num_classes)
+    _, num_classes = _my_data(scenario, party, context)
+    model = build_model(scenario, num_classes)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     return scenario, party, model, resolve_device(scenario.scenario.device)
+
+
+def _my_data(scenario: Scenario, party: int, context: Context) -> tuple[PartyData, int]:
+    # A deployed hospital with only its own records at its data-root trains on all of them
+    # (node config own-data=true); otherwise its partition of the scenario's federation.
+    if str(context.node_config.get("own-data", "false")).lower() in ("true", "1", "yes"):
+        return own_data(scenario)
+    fed = load_federation(scenario)
+    return fed.parties[party], fed.num_classes
 
 
 def hello(msg: Message, context: Context) -> Message:
@@ -97,7 +107,7 @@ def train(msg: Message, context: Context, *, auditor: RunAuditor | None = None) 
     ``auditor`` (a lab run's privacy audit) hands the party its canary records.
     """
     scenario, party, model, device = _setup(msg, context)
-    data = load_federation(scenario).parties[party].train
+    data = _my_data(scenario, party, context)[0].train
     server_round = int(msg.content["config"]["server-round"])
     epsilon: float | None = None
     record = party_record(context)
@@ -160,7 +170,7 @@ def train(msg: Message, context: Context, *, auditor: RunAuditor | None = None) 
 def evaluate_local(msg: Message, context: Context) -> Message:
     """Evaluate the global model on this party's local test split."""
     scenario, party, model, device = _setup(msg, context)
-    test = load_federation(scenario).parties[party].test
+    test = _my_data(scenario, party, context)[0].test
     loss, acc = evaluate(model, test, device)
     metrics = MetricRecord({"num-examples": len(test), "eval-loss": loss, "eval-acc": acc})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

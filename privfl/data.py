@@ -1089,6 +1089,32 @@ class Federation:
     public: ImageSet
 
 
+def own_data(scenario: Scenario) -> tuple[PartyData, int]:
+    """A deployed party's own data: every training record at ``data.root`` is its own.
+
+    A hospital whose node holds only its own records (node config ``own-data=true``) trains
+    on all of them instead of on one partition of a federation; ``party_test_fraction`` of
+    them (seeded by ``scenario.seed``) are kept for its local evaluation. Nothing else is
+    loaded: no other party's records and no server split.
+
+    Returns
+    -------
+    (PartyData, int)
+        The party's data (indices into the records at ``data.root``) and the number of
+        classes of the dataset.
+    """
+    return _own_data(scenario.data, scenario.scenario.seed, _resolve(scenario.data))
+
+
+@functools.lru_cache(maxsize=2)
+def _own_data(data: DataSection, seed: int, source: tuple) -> tuple[PartyData, int]:
+    train, _test, num_classes = _load_sets(source, seed if source[0] == "loader" else 0)
+    shuffled = np.random.default_rng(_entropy(seed, "own-test")).permutation(len(train))
+    n_test = int(np.floor(data.party_test_fraction * len(train)))
+    tr, te = np.sort(shuffled[n_test:]), np.sort(shuffled[:n_test])
+    return PartyData(train.subset(tr), train.subset(te), np.concatenate([tr, te])), num_classes
+
+
 def load_federation(scenario: Scenario) -> Federation:
     """The federation of ``scenario``: cached per process on its data section and seed.
 

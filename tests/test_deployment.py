@@ -67,6 +67,41 @@ def test_node_reads_its_own_policy_and_data_root(tmp_path):
     )
 
 
+def test_a_node_with_own_data_trains_on_all_of_it(tmp_path):
+    import numpy as np
+    from privfl.clients.app import _my_data
+
+    from privfl.config import Scenario
+
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 40), ("t10k", 10)):
+        for kind, arr in (
+            ("images-idx3", rng.integers(0, 256, (n, 28, 28))),
+            ("labels-idx1", rng.integers(0, 10, n)),
+        ):
+            header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(
+                int(d).to_bytes(4, "big") for d in arr.shape
+            )
+            (raw / f"{prefix}-{kind}-ubyte").write_bytes(header + arr.astype(np.uint8).tobytes())
+    sc = Scenario.from_dict(
+        {
+            "data": {
+                "root": str(tmp_path),
+                "parties": 3,
+                "party_test_fraction": 0.25,
+                "partition": "iid",
+            }
+        }
+    )
+    mine, classes = _my_data(sc, 2, _context({"partition-id": 2, "own-data": "true"}))
+    assert (len(mine.train), len(mine.test), classes) == (30, 10, 10)
+    assert sorted(mine.indices.tolist()) == list(range(40))  # every record, each once
+    share, _ = _my_data(sc, 2, _context({"partition-id": 2}))
+    assert len(share.train) + len(share.test) < 40  # a third of a federation
+
+
 def test_certificates_chain_to_their_authority(tmp_path):
     certs = make_certificates(tmp_path)
     ca = x509.load_pem_x509_certificate(certs.ca.read_bytes())
