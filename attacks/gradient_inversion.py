@@ -26,7 +26,9 @@ attacker's public images when it has them) and then held fixed, which removes mo
 DLG's label/image ambiguity. One local SGD step gives the gradient exactly
 (``Δ = −lr·g``); with several steps the update is inverted either as the average
 gradient (``multi_step="average"``) or by unrolling the local steps
-(``multi_step="simulate"``), as Inverting Gradients does for FedAvg.
+(``multi_step="simulate"``), as Inverting Gradients does for FedAvg. The party's SGD
+momentum and weight decay, which the server sets with lr, are applied as the party's
+optimiser applies them (:attr:`AttackerKnowledge.momentum`, ``weight_decay``).
 """
 
 from __future__ import annotations
@@ -75,6 +77,9 @@ class AttackerKnowledge:
     samples : int
         Distinct samples behind the update when the local steps are simulated (each step
         then takes ``batch_size`` of them, in turn); 0 means ``batch_size``.
+    momentum, weight_decay : float
+        The party's SGD momentum (heavy ball, no dampening) and L2 weight decay, as
+        ``torch.optim.SGD`` applies them; the server set both with lr.
     """
 
     batch_size: int
@@ -85,6 +90,8 @@ class AttackerKnowledge:
     num_classes: int = 10
     auxiliary_images: Tensor | None = field(default=None, compare=False, repr=False)
     samples: int = 0
+    momentum: float = 0.0
+    weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -97,11 +104,28 @@ class AttackerKnowledge:
             raise ValueError(f"lr: must be > 0, got {self.lr}")
         if self.num_classes < 2:
             raise ValueError(f"num_classes: must be >= 2, got {self.num_classes}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum: must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay: must be >= 0, got {self.weight_decay}")
 
     @property
     def images(self) -> int:
         """How many images the attack reconstructs."""
         return self.samples or self.batch_size
+
+    @property
+    def step_weight(self) -> float:
+        """``Σ_s`` of the weight each local step's gradient gets in ``−Δ/lr``.
+
+        Plain SGD: ``S``. With momentum ``μ`` the gradient of step ``k`` is carried into
+        the ``S − k`` later steps too, ``(1 − μ^(S−k+1)) / (1 − μ)`` in all, so equal
+        gradients sum to ``Σ_j (1 − μ^j) / (1 − μ)``.
+        """
+        mu, steps = self.momentum, self.local_steps
+        if mu == 0.0:
+            return float(steps)
+        return sum((1.0 - mu**j) / (1.0 - mu) for j in range(1, steps + 1))
 
 
 @dataclass
@@ -130,14 +154,28 @@ def gradient_from_update(
     ``update`` maps parameter names (``state_dict`` keys) to ``new − old`` weights; keys
     that are not trainable parameters (buffers) are ignored. With ``S`` local steps of
     learning rate ``lr``, ``Δ = −lr·Σ g_s``, so the average step gradient is
-    ``−Δ / (lr·S)`` (exact for ``S = 1``).
+    ``−Δ / (lr·S)`` (exact for ``S = 1``); with momentum ``S`` becomes
+    :attr:`AttackerKnowledge.step_weight`. Weight decay stays in: ``g_s`` includes
+    ``wd·θ`` (see :func:`_decayed`).
     """
     names = _param_names(model)
     missing = [n for n in names if n not in update]
     if missing:
         raise KeyError(f"update lacks the model parameters {missing}; got keys {sorted(update)}")
-    scale = -1.0 / (knowledge.lr * knowledge.local_steps)
+    scale = -1.0 / (knowledge.lr * knowledge.step_weight)
     return [torch.as_tensor(update[n]).detach().double().cpu() * scale for n in names]
+
+
+def _decayed(model: nn.Module, grads: Sequence[Tensor], weight_decay: float) -> list[Tensor]:
+    """``grads − wd·θ``: the loss gradient alone, from an SGD step that also decayed
+    the weights ``θ`` the server sent (exact for one step)."""
+    if weight_decay == 0.0:
+        return list(grads)
+    params = [p for _, p in model.named_parameters() if p.requires_grad]
+    return [
+        g - weight_decay * p.detach().to(device=g.device, dtype=g.dtype)
+        for g, p in zip(grads, params, strict=True)
+    ]
 
 
 def _last_layer(grads: Sequence[Tensor], num_classes: int) -> tuple[Tensor | None, Tensor]:
@@ -181,13 +219,16 @@ def recover_labels(
     knowledge : AttackerKnowledge
         Gives the batch size, the number of classes and any auxiliary images.
     model : nn.Module, optional
-        The attacked model at the sent weights (for the auxiliary estimate).
+        The attacked model at the sent weights (for the auxiliary estimate, and to
+        take the party's weight decay back out of ``grads``).
 
     Returns
     -------
     Tensor
         ``(batch_size,)`` int64 labels, sorted.
     """
+    if model is not None:  # the decay term carries no label information
+        grads = _decayed(model, grads, knowledge.weight_decay)
     bias, weight = _last_layer(grads, knowledge.num_classes)
     g = (bias if bias is not None else weight.sum(dim=1)).double().cpu()
     # Averaged over S steps of B, g_c = m_c − Σ_s n_sc/(S·B): each of the ``images``
@@ -258,9 +299,21 @@ class _GradientModel:
         return list(torch.autograd.grad(loss, params, create_graph=True))
 
     def simulated_gradient(
-        self, x: Tensor, y: Tensor, steps: int, lr: float, batch: int | None = None
+        self,
+        x: Tensor,
+        y: Tensor,
+        steps: int,
+        lr: float,
+        batch: int | None = None,
+        *,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        scale: float | None = None,
+        create_graph: bool = True,
     ) -> list[Tensor]:
-        """``−Δ/(lr·steps)`` of ``steps`` unrolled SGD steps (differentiable).
+        """``−Δ/(lr·scale)`` of ``steps`` unrolled SGD steps (differentiable), with the
+        party's momentum and weight decay as ``torch.optim.SGD`` applies them;
+        ``scale`` defaults to ``steps``.
 
         With ``batch`` set, step ``s`` trains on rows ``s·batch … s·batch + batch − 1``
         of ``x`` (modulo its length), as a party walking through its shuffled data does;
@@ -268,6 +321,7 @@ class _GradientModel:
         """
         start = {n: self.params[n].requires_grad_(True) for n in self.names}
         params = dict(start)
+        velocity: dict[str, Tensor] = {}
         for s in range(steps):
             if batch is None or batch >= len(x):
                 xs, ys = x, y
@@ -275,9 +329,19 @@ class _GradientModel:
                 rows = (torch.arange(batch, device=x.device) + s * batch) % len(x)
                 xs, ys = x[rows], y[rows]
             loss = self.loss(params, xs, ys)
-            g = torch.autograd.grad(loss, [params[n] for n in self.names], create_graph=True)
-            params = {n: params[n] - lr * gi for n, gi in zip(self.names, g, strict=True)}
-        return [(start[n] - params[n]) / (lr * steps) for n in self.names]
+            g = torch.autograd.grad(
+                loss, [params[n] for n in self.names], create_graph=create_graph
+            )
+            new = {}
+            for n, gi in zip(self.names, g, strict=True):
+                if weight_decay:
+                    gi = gi + weight_decay * params[n]
+                if momentum:
+                    gi = momentum * velocity[n] + gi if n in velocity else gi
+                    velocity[n] = gi
+                new[n] = params[n] - lr * gi
+            params = new
+        return [(start[n] - params[n]) / (lr * (scale or steps)) for n in self.names]
 
 
 def _clone(model: nn.Module) -> nn.Module:
@@ -321,8 +385,21 @@ def _matcher(
 ) -> Callable[[Tensor, Tensor], list[Tensor]]:
     if multi_step == "simulate" and knowledge.local_steps > 1:
         return lambda x, y: gm.simulated_gradient(
-            x, y, knowledge.local_steps, knowledge.lr, knowledge.batch_size
+            x,
+            y,
+            knowledge.local_steps,
+            knowledge.lr,
+            knowledge.batch_size,
+            momentum=knowledge.momentum,
+            weight_decay=knowledge.weight_decay,
+            scale=knowledge.step_weight,
         )
+    wd = knowledge.weight_decay
+    if wd:
+        # the observed steps also decayed the weights: so must the dummy gradient
+        return lambda x, y: [
+            g + wd * gm.params[n] for g, n in zip(gm.grads(x, y), gm.names, strict=True)
+        ]
     return gm.grads
 
 

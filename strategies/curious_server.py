@@ -156,7 +156,7 @@ class CuriousServer(StrategyWrapper):
     num_classes : int, optional
         Default: from the federation.
     input_shape : tuple of int, optional
-        Shape of one input (default ``privfl.models.INPUT_SHAPE``).
+        Shape of one input (default: that of the federation's public images).
     """
 
     def __init__(
@@ -239,7 +239,11 @@ class CuriousServer(StrategyWrapper):
         )
 
     def _knowledge(
-        self, reply: RecordDict, num_classes: int, auxiliary: torch.Tensor | None
+        self,
+        reply: RecordDict,
+        num_classes: int,
+        auxiliary: torch.Tensor | None,
+        input_shape: tuple[int, ...],
     ) -> AttackerKnowledge:
         from privfl.training import local_steps
 
@@ -255,17 +259,17 @@ class CuriousServer(StrategyWrapper):
         # one batch each over the distinct samples those steps can have touched.
         batch = min(n, t.batch_size) if simulate else min(n, steps * t.batch_size)
         samples = min(n, steps * t.batch_size) if simulate else 0
-        from privfl.models import INPUT_SHAPE
-
         return AttackerKnowledge(
             batch_size=batch,
             labels_known=self.settings.labels_known,
             local_steps=steps,
             lr=t.lr,
-            input_shape=self._input_shape or INPUT_SHAPE,
+            input_shape=input_shape,
             num_classes=num_classes,
             auxiliary_images=auxiliary,
             samples=samples,
+            momentum=t.momentum,
+            weight_decay=t.weight_decay,
         )
 
     def _truth(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -299,10 +303,13 @@ class CuriousServer(StrategyWrapper):
         model = copy.deepcopy(self._model)
         model.load_state_dict(sent.to_torch_state_dict())
         aux = self.settings.auxiliary_samples
+        public = load_federation(self.scenario).public.images
         self.knowledge = self._knowledge(
             reply,
             self._num_classes,
-            load_federation(self.scenario).public.images[:aux] if aux else None,
+            public[:aux] if aux else None,
+            # the task's image shape (channels, height, width) is public, like the model
+            self._input_shape or tuple(public.shape[1:]),
         )
         labels = self._truth()[1] if self.knowledge.labels_known else None
         from privfl.training import resolve_device
@@ -380,6 +387,16 @@ class CuriousServer(StrategyWrapper):
             )
         if kn.local_steps > 1:
             notes.append(f"{kn.local_steps} local steps modelled as '{s.multi_step}'")
+        if kn.momentum or kn.weight_decay:
+            notes.append(
+                f"the party's SGD momentum {kn.momentum} and weight decay {kn.weight_decay} "
+                "are modelled"
+            )
+        if self.scenario.training.optimizer != "sgd":
+            notes.append(
+                f"the parties train with {self.scenario.training.optimizer}: the attack "
+                "models their update as SGD steps, so expect less"
+            )
         return [
             AttackReport(
                 name="gradient-inversion",

@@ -269,9 +269,9 @@ def test_under_real_secure_aggregation_the_attack_reads_the_payload_and_gets_not
     app.train(mods=[secagg_mod])(_party_train)
     register_secure_aggregation(app)
     grid = CapturingLoopback(app, {n: p for n, p in NODES.items()})
-    secure = SecureAggregation(
+    secure = SecureAggregation.from_scenario(
         FedAvg(fraction_evaluate=0.0, min_available_nodes=3, min_train_nodes=3),
-        scenario=sc,
+        sc,
         party_of=NODES,
     )
     cs = CuriousServer(

@@ -1,13 +1,16 @@
 """Gradient inversion on tiny models and synthetic 8×8 images (no spine needed)."""
 
 import copy
+import dataclasses
 import time
 
 import pytest
 import torch
 from privfl.attacks.gradient_inversion import (
     AttackerKnowledge,
+    _cosine,
     _GradientModel,
+    _matcher,
     dlg,
     duplicate_pairs,
     gradient_from_update,
@@ -38,14 +41,13 @@ def _blob(n: int, seed: int = 0) -> torch.Tensor:
     return nn.functional.interpolate(coarse, size=(8, 8), mode="bilinear", align_corners=False)
 
 
-def _sgd_update(model: nn.Module, x, y, lr: float, steps: int = 1) -> dict[str, torch.Tensor]:
+def _sgd_update(
+    model: nn.Module, x, y, lr: float, steps: int = 1, **sgd: float
+) -> dict[str, torch.Tensor]:
     """What a party sends back minus what it got: ``steps`` SGD steps on (x, y)."""
-    m = type(model)(*model) if isinstance(model, nn.Sequential) else model
-    import copy
-
     m = copy.deepcopy(model)
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    opt = torch.optim.SGD(m.parameters(), lr=lr)
+    opt = torch.optim.SGD(m.parameters(), lr=lr, **sgd)
     for _ in range(steps):
         opt.zero_grad()
         nn.functional.cross_entropy(m(x), y).backward()
@@ -266,3 +268,38 @@ def test_duplicate_fixes_are_deterministic_and_stay_in_the_box():
     assert a.objective < 1e-3 and a.images.min() >= 0 and a.images.max() <= 1
     with pytest.raises(ValueError, match="warmup"):
         dlg(model, target, kn, labels=y, warmup=0)
+
+
+def test_attacks_take_any_image_shape_and_the_partys_weight_decay():
+    # colour 32×32 images through conv-GroupNorm-ReLU-maxpool: nothing assumes MNIST
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.GroupNorm(2, 8),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(8 * 16 * 16, 4),
+    )
+    shape = (3, 32, 32)
+    x = torch.rand((2, *shape), generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([3, 1])
+    sgd = {"momentum": 0.9, "weight_decay": 0.01}
+    update = _sgd_update(model, x, y, 0.1, **sgd)
+    kn = AttackerKnowledge(batch_size=2, lr=0.1, input_shape=shape, num_classes=4, **sgd)
+    target = gradient_from_update(model, update, kn)
+    gm = _GradientModel(model, torch.device("cpu"))
+    dummy = _matcher(gm, target, kn, "average")(x.double(), y)
+    assert float(_cosine([t.detach() for t in dummy], target)) < 1e-9  # decay included
+    assert recover_labels(target, kn, model).tolist() == [1, 3]
+    for method in ("dlg", "inverting-gradients"):
+        rec = invert_update(
+            model, update, kn, method, iterations=3, restarts=1, lr=0.1, tv_weight=0.01, seed=0
+        )
+        assert rec.images.shape == (2, *shape) and rec.labels.tolist() == [1, 3]
+    one = dataclasses.replace(kn, batch_size=1)
+    update1 = _sgd_update(model, x[:1], y[:1], 0.1, **sgd)
+    rec = invert_update(
+        model, update1, one, "idlg", iterations=3, restarts=1, lr=0.1, tv_weight=0.0, seed=0
+    )
+    assert rec.images.shape == (1, *shape) and rec.labels.tolist() == [3]

@@ -3,12 +3,15 @@ shipped ``ig_*`` scenarios with tiny budgets (the attack's figures are in
 ``privfl bench inversion``)."""
 
 import copy
+import dataclasses
 
+import pytest
 import torch
 from privfl.attacks.gradient_inversion import (
     AttackerKnowledge,
     _cosine,
     _GradientModel,
+    _l2,
     gradient_from_update,
     inverting_gradients,
     recover_labels,
@@ -64,6 +67,36 @@ def test_simulating_the_local_steps_reproduces_the_party_update_exactly():
     assert float(_cosine(sim, observed)) < 1e-9
     assert float(_cosine(one_batch, observed)) > 0.1  # the batches matter
     assert float(_cosine(gm.grads(x, y), observed).detach()) > 0.1  # and so do the steps
+
+
+def test_momentum_and_weight_decay_are_simulated_as_the_party_applied_them():
+    over = ("training.lr=0.05", "training.momentum=0.9", "training.weight_decay=0.001")
+    sc, fed, model, update, truth = _fedavg_round("ig_fedavg", 0, *over)
+    plain = _knowledge(sc, fed.num_classes)
+    kn = dataclasses.replace(plain, momentum=0.9, weight_decay=0.001)
+    observed = gradient_from_update(model, update, kn)
+    gm = _GradientModel(model, torch.device("cpu"))
+    x, y = truth.images.double(), truth.labels
+
+    def simulated(k: AttackerKnowledge) -> list[torch.Tensor]:
+        sim = gm.simulated_gradient(
+            x,
+            y,
+            5,
+            k.lr,
+            8,
+            momentum=k.momentum,
+            weight_decay=k.weight_decay,
+            scale=k.step_weight,
+            create_graph=False,
+        )
+        return [t.detach() for t in sim]
+
+    assert kn.step_weight == pytest.approx(sum((1 - 0.9**j) / 0.1 for j in range(1, 6)))
+    assert float(_cosine(simulated(kn), observed)) < 1e-9
+    assert float(_cosine(simulated(plain), observed)) > 1e-3  # momentum ignored: off
+    # and the scale is right, so that L2 distances (DLG) match too
+    assert float(_l2(simulated(kn), observed) / _l2(observed, [0 * t for t in observed])) < 1e-9
 
 
 def test_labels_of_a_five_step_update_are_mostly_recovered():

@@ -31,7 +31,7 @@ import torch
 from privfl.config import load_scenario, resolve_scenario_path
 
 # The reference figure for each shipped scenario.
-FOUNDING = {
+REFERENCE = {
     "dlg_batch1": "1 of 1, reconstructed exactly",
     "dlg_batch7": "3 of 7",
     "dlg_secagg": "nothing (0 of 7)",
@@ -41,37 +41,31 @@ FOUNDING = {
     "ig_fedavg_secagg": "target: 0 of 40",
 }
 
-# What this bench printed per seed when the ig_* scenarios were tuned (2-core CPU,
-# --threads 1): recovered/total, best PSNR, CPU seconds of the whole run.
+# What was measured per seed when the ig_* scenarios were tuned (2-core CPU, --threads 1):
+# recovered/total, best PSNR, CPU seconds of the whole run or of the attack alone.
 MEASURED: dict[str, dict[int, str]] = {
     "ig_cnn_b1": {
-        0: "0/1, 17.3 dB, 33 s CPU",
-        1: "0/1, 16.8 dB, 33 s CPU",
-        2: "1/1, 30.5 dB, 33 s CPU",
-        3: "1/1, 27.9 dB, 33 s CPU",
-        4: "1/1, 26.9 dB, 33 s CPU",
+        0: "1/1, 20.9 dB, attack 47 s CPU",
+        1: "1/1, 23.3 dB, attack 45 s CPU",
+        2: "1/1, 30.6 dB, attack 44 s CPU",
+        3: "1/1, 28.0 dB, attack 37 s CPU",
+        4: "1/1, 27.4 dB, attack 36 s CPU",
     },
     "ig_cnn_b8": {
-        0: "4/8, best 23.6 dB, 108 s CPU",
-        1: "1/8, best 20.6 dB, 109 s CPU",
-        2: "2/8, best 20.1 dB, 115 s CPU",
-        3: "6/8, best 25.5 dB, 102 s CPU",
-        4: "5/8, best 28.8 dB, 103 s CPU",
+        0: "8/8, best 25.4 dB, attack 101 s CPU",
+        1: "5/8, best 28.9 dB, attack 125 s CPU",
+        2: "2/8, best 25.3 dB, attack 125 s CPU",
+        3: "8/8, best 29.2 dB, attack 108 s CPU",
+        4: "5/8, best 28.1 dB, attack 107 s CPU",
     },
-    "ig_fedavg": {
-        0: "2/40, best 20.7 dB, mean 13.2 dB, labels 40/40, 556 s CPU",
-        1: "0/40, best 16.6 dB, mean 12.2 dB, labels 40/40, 529 s CPU",
-        2: "0/40, best 15.4 dB, mean 12.2 dB, labels 40/40, 527 s CPU",
-        3: "0/40, best 17.1 dB, mean 12.8 dB, labels 40/40, 539 s CPU",
-        4: "3/40, best 18.9 dB, mean 13.0 dB, labels 40/40, 546 s CPU",
-    },
+    "ig_fedavg": {0: "0/40, best 14.0 dB, labels 33/40, attack 591 s CPU"},
     # with -o attack.gradient_inversion.iterations=200: the payload is ring noise
     "ig_fedavg_secagg": {
-        0: "0/40, best 7.1 dB (200 steps), 16 s CPU",
-        1: "0/40, best 6.4 dB (200 steps), 15 s CPU",
-        2: "0/40, best 7.5 dB (200 steps), 15 s CPU",
-        3: "0/40, best 7.0 dB (200 steps), 15 s CPU",
-        4: "0/40, best 7.0 dB (200 steps), 15 s CPU",
+        0: "0/40, best 6.6 dB (200 steps), 16 s CPU",
+        1: "0/40, best 6.2 dB (200 steps), 16 s CPU",
+        2: "0/40, best 6.3 dB (200 steps), 17 s CPU",
+        3: "0/40, best 6.6 dB (200 steps), 17 s CPU",
+        4: "0/40, best 6.7 dB (200 steps), 16 s CPU",
     },
 }
 
@@ -116,7 +110,7 @@ def gradient_inversion_bench_rows(
                     # the machine may be shared: CPU time of the whole run says more
                     "cpu_seconds_run": round(cpu, 1),
                     "measured": MEASURED.get(sc.scenario.name, {}).get(seed, "-"),
-                    "reference": FOUNDING.get(sc.scenario.name, "-"),
+                    "reference": REFERENCE.get(sc.scenario.name, "-"),
                 }
             )
     return rows
@@ -141,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, got in summary.items():
         print(
             f"{name}: recovered {', '.join(got)} on seeds {args.seeds}; "
-            f"reference: {FOUNDING.get(name, '-')}",
+            f"reference: {REFERENCE.get(name, '-')}",
             flush=True,
         )
     return 0
