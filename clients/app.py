@@ -6,10 +6,10 @@ A party's defenses come from its own copy of the scenario, never from a server m
 file or the name of a shipped one, ``policy-overrides``; ``data-root``, the folder of
 its own data; ``own-data=true`` when every record there is this party's, rather than a
 federation to take its partition of; ``identity-key``, ``roster`` and ``lab-secret`` for
-its keys) or, failing that, from the run config of a local simulation. The party index is the SuperNode's
-``partition-id``. Mods on the train handler, outermost first: the policy (refuses what
-would weaken it), secure aggregation, the malicious participant (a no-op on honest
-parties), update clipping.
+its keys) or, failing that, from the run config of a local simulation. The party index
+is the SuperNode's ``partition-id``. Mods on the train handler, outermost first: the
+policy (refuses what would weaken it), secure aggregation, the malicious participant (a
+no-op on honest parties), update clipping.
 """
 
 from __future__ import annotations
