@@ -33,6 +33,7 @@ BENCH_SUITES = {
     "imprint": "privfl.bench.imprint",
     "membership": "privfl.bench.membership",
     "audit": "privfl.bench.audit",
+    "scale": "privfl.bench.scale",
 }
 
 
