@@ -32,6 +32,7 @@ from privfl.refusal import (  # noqa: F401  (re-exported: the party side of refu
     refusal_reason,
     refusal_reply,
 )
+from privfl.results import atomic_write_private
 from privfl.secagg.identity import IdentityError, derive_identity, derive_roster
 from privfl.secagg.wire import PREFIX as _SA
 
@@ -107,12 +108,7 @@ def lab_secret() -> bytes:
             raise RefusalError(f"{LAB_SECRET_ENV} must be hex, got {env[:8]!r}...") from exc
     path = cache_dir() / "lab-secret"
     if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(os.urandom(32).hex())
-        os.replace(tmp, path)  # atomic: concurrent parties agree on one secret
+        atomic_write_private(path, os.urandom(32).hex())  # concurrent parties: one file wins
     return bytes.fromhex(path.read_text().strip())
 
 

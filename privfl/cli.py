@@ -97,6 +97,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
+    from privfl.results import atomic_write_private
     from privfl.secagg.identity import generate_identity, public_identity, save_roster
 
     out = Path(args.out)
@@ -105,10 +106,7 @@ def _cmd_keys(args: argparse.Namespace) -> int:
     for p in range(args.parties):
         key = generate_identity()
         roster[p] = public_identity(key)
-        path = out / f"party-{p}.key"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(key.hex())
+        atomic_write_private(out / f"party-{p}.key", key.hex())
     save_roster(out / "roster.json", roster)
     print(
         f"wrote {args.parties} identity keys (party-<i>.key, keep each with its party only) "

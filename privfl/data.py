@@ -1109,10 +1109,20 @@ def own_data(scenario: Scenario) -> tuple[PartyData, int]:
 @functools.lru_cache(maxsize=2)
 def _own_data(data: DataSection, seed: int, source: tuple) -> tuple[PartyData, int]:
     train, _test, num_classes = _load_sets(source, seed if source[0] == "loader" else 0)
-    shuffled = np.random.default_rng(_entropy(seed, "own-test")).permutation(len(train))
-    n_test = int(np.floor(data.party_test_fraction * len(train)))
+    rng = np.random.default_rng(_entropy(seed, "own-test"))
+    everything = np.arange(len(train))
+    return _with_local_test(train, everything, data.party_test_fraction, rng), num_classes
+
+
+def _with_local_test(
+    pool: ImageSet, idx: np.ndarray, fraction: float, rng: np.random.Generator
+) -> PartyData:
+    """A party's records ``idx`` of ``pool``, ``fraction`` of them (drawn by ``rng``) kept
+    for its local test; floor keeps at least one train sample, since fraction < 1."""
+    shuffled = rng.permutation(idx)
+    n_test = int(np.floor(fraction * idx.size))
     tr, te = np.sort(shuffled[n_test:]), np.sort(shuffled[:n_test])
-    return PartyData(train.subset(tr), train.subset(te), np.concatenate([tr, te])), num_classes
+    return PartyData(pool.subset(tr), pool.subset(te), np.concatenate([tr, te]))
 
 
 def load_federation(scenario: Scenario) -> Federation:
@@ -1147,13 +1157,7 @@ def _federation(data: DataSection, seed: int, source: tuple) -> Federation:
         samples_per_party=data.samples_per_party,
     )
     rng = np.random.default_rng(_entropy(seed, "party-test"))
-    parties = []
-    for idx in parts:
-        shuffled = rng.permutation(idx)
-        # floor keeps at least one train sample, since party_test_fraction < 1.
-        n_test = int(np.floor(data.party_test_fraction * idx.size))
-        tr, te = np.sort(shuffled[n_test:]), np.sort(shuffled[:n_test])
-        parties.append(PartyData(train.subset(tr), train.subset(te), np.concatenate([tr, te])))
+    parties = [_with_local_test(train, idx, data.party_test_fraction, rng) for idx in parts]
     perm = np.random.default_rng(_entropy(seed, "server-split")).permutation(len(test))
     half = len(test) // 2
     public_idx, server_idx = perm[:half], perm[half:]

@@ -56,6 +56,7 @@ from privfl.config import Scenario, scenario_from_json
 from privfl.errors import UserError
 from privfl.node import shorten_object_retries
 from privfl.reaper import reap_descendants
+from privfl.results import atomic_write_private
 from privfl.secagg.identity import generate_identity, public_identity, save_roster
 from privfl.strategies.wrapper import GridProxy
 
@@ -266,7 +267,7 @@ def make_certificates(folder: Path) -> Certificates:
     )
     out.ca.write_bytes(ca.public_bytes(pem))
     out.cert.write_bytes(cert.public_bytes(pem))
-    _write_private(
+    atomic_write_private(
         out.key,
         key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
     )
@@ -277,7 +278,7 @@ def make_node_auth_key(folder: Path) -> tuple[Path, Path]:
     """A SuperNode's authentication key pair (EC P-384, OpenSSH format): (private, public)."""
     key = ec.generate_private_key(ec.SECP384R1())
     private, public = folder / "node-auth.key", folder / "node-auth.pub"
-    _write_private(
+    atomic_write_private(
         private,
         key.private_bytes(
             serialization.Encoding.PEM,
@@ -291,12 +292,6 @@ def make_node_auth_key(folder: Path) -> tuple[Path, Path]:
         )
     )
     return private, public
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
 
 
 def node_config(values: Mapping[str, Any]) -> str:
@@ -603,7 +598,7 @@ def _start(
         folder = root / f"party-{party}"
         folder.mkdir()
         (folder / "policy.toml").write_text(policy_text)
-        _write_private(folder / "identity.key", key.hex().encode())
+        atomic_write_private(folder / "identity.key", key.hex().encode())
         shutil.copy(roster_path, folder / "roster.json")
         config: dict[str, Any] = {
             "partition-id": party,

@@ -9,7 +9,6 @@ recovered.
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,6 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.task_identity import TaskIdentity
 from privfl.clients.app import make_client_app
 from privfl.strategies.active_server import (
     ACTIVE_SERVERS,
@@ -47,19 +45,7 @@ TOTAL = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
-
-
-@pytest.fixture(autouse=True)
-def _quiet_flower():
-    # Strategy.start logs every round and the whole scenario at INFO.
-    logger = logging.getLogger("flwr")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    yield
-    logger.setLevel(level)
+pytestmark = pytest.mark.usefixtures("task_identity", "quiet_flower")
 
 
 def _scenario(method: str, *overrides: str) -> Scenario:

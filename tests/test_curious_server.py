@@ -9,7 +9,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.task_identity import TaskIdentity
 from privfl.clients.secagg import register_secure_aggregation, secagg_mod
 from privfl.strategies.curious_server import CuriousServer, RecordingGrid
 from privfl.strategies.secure_aggregation import SecureAggregation, curious_read
@@ -24,9 +23,7 @@ LR = 0.1
 NODES = {11: 0, 22: 1, 33: 2}  # node id -> party
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _model() -> nn.Module:

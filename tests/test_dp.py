@@ -9,7 +9,6 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from privfl.clients.dp_mods import clip_update_mod
@@ -34,11 +33,7 @@ from privfl.dp import (
 )
 from privfl.secagg.loopback import LoopbackGrid
 
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    # Messages need a run id outside a running app (a Grid sets it in real runs).
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 SHAPES = {"w": (40, 25), "b": (25,)}

@@ -7,7 +7,6 @@ against privfl's parties; ``from_scenario`` gives the configuration the scenario
 
 from __future__ import annotations
 
-import logging
 from functools import partial
 from typing import Any
 
@@ -16,7 +15,6 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import FedAvg, Strategy
-from flwr.supercore.task_identity import TaskIdentity
 from privfl.attacks.active_server import ActiveServerEvaluator
 from privfl.attacks.imprint import (
     BIAS_KEY,
@@ -58,18 +56,7 @@ TOTAL = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
-
-
-@pytest.fixture(autouse=True)
-def _quiet_flower():
-    logger = logging.getLogger("flwr")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    yield
-    logger.setLevel(level)
+pytestmark = pytest.mark.usefixtures("task_identity", "quiet_flower")
 
 
 def _honest_server(sc: Scenario) -> Strategy:
