@@ -1,4 +1,5 @@
-"""``run_scenario``: run one scenario on Flower's simulation engine, in this process.
+"""``run_scenario``: run one scenario on Flower's simulation engine (or in-process, without
+Ray), in this process.
 
 Flower 1.42's supported entry point is ``flwr run .`` (see README), which needs an app
 folder and a SuperLink. For a Python call that returns results we use
@@ -18,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from privfl.config import Scenario, load_scenario, resolve_scenario_path
+from privfl.errors import UserError
 from privfl.reaper import reap_descendants
 
 DEFAULT_SCENARIO = "three_hospitals"
+ENGINES = ("simulation", "inprocess")
 
 
 def resolve(scenario: str | Path | Scenario | None, overrides: Iterable[str] = ()) -> Scenario:
@@ -54,6 +57,7 @@ def run_scenario(
     overrides: Iterable[str] = (),
     progress: bool | None = None,
     verbose: bool = False,
+    engine: str = "simulation",
 ) -> dict[str, Any]:
     """Run a scenario end to end and return its results (also in ``out_dir/results.json``).
 
@@ -70,6 +74,11 @@ def run_scenario(
         Show a per-round progress bar (default: when stderr is a terminal).
     verbose
         Keep Flower's and Ray's INFO logs.
+    engine
+        ``"simulation"``: Flower's simulation engine (Ray). ``"inprocess"``: the same
+        ServerApp logic, ClientApp, mods and serialised messages delivered in this process
+        without Ray, one party after another; for many small parties, where starting a
+        thousand Ray SuperNodes costs more than the run.
     """
     from privfl.data import load_federation
     from privfl.server import make_auditor, make_server_app, model_utility_warning, run_federation
@@ -90,8 +99,13 @@ def run_scenario(
     if sc.attack.kind == "membership-inference" and sc.attack.membership.target == "single":
         return run_federation(None, sc, out, progress=progress)
 
-    outcome: list[Any] = []
+    if engine not in ENGINES:
+        raise UserError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
     auditor = make_auditor(sc, fed.num_classes)
+    if engine == "inprocess":
+        _quiet_flower(verbose)
+        return _run_inprocess(sc, out, progress=progress, auditor=auditor)
+    outcome: list[Any] = []
     server_app = make_server_app(
         sc, out, progress=progress, on_done=outcome.append, auditor=auditor
     )
@@ -122,6 +136,20 @@ def run_scenario(
     if isinstance(outcome[0], BaseException):
         raise RuntimeError(f"scenario {sc.scenario.name!r} failed: {outcome[0]}") from outcome[0]
     return json.loads((out / "results.json").read_text())
+
+
+def _run_inprocess(
+    sc: Scenario, out: Path, *, progress: bool | None, auditor: Any
+) -> dict[str, Any]:
+    from privfl.clients.app import make_client_app
+    from privfl.secagg.loopback import LoopbackGrid
+    from privfl.server import run_federation
+
+    # Node ids are arbitrary to the protocol; offset so that none is 0 (the server's).
+    grid = LoopbackGrid(
+        make_client_app(sc, auditor=auditor), {1000 + p: p for p in range(sc.data.parties)}
+    )
+    return run_federation(grid, sc, out, progress=progress, auditor=auditor)
 
 
 def _quiet_flower(verbose: bool) -> None:
