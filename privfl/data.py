@@ -30,6 +30,13 @@ How a dataset is shared out (:func:`load_federation`): the train set is partitio
 the parties (:func:`partition`), each party keeps a fraction as its local test split, and
 the test set is halved into the server's public data and the server's test data. Every
 split is drawn from ``scenario.seed``: the same scenario gives the same bytes.
+
+One read-only store for every process: a decoded MNIST-family or CIFAR split is written
+once to privfl's cache (``pools/``, keyed by the path, size and mtime of its source files;
+atomically, CRC-checked when opened, rebuilt if damaged) and memory-mapped read-only, so
+the Ray actors of a simulation share its pages instead of each decoding a copy. Parties,
+``server_test`` and ``public`` are views of the pools (:meth:`ImageSet.view`): indices and
+labels, their images gathered only when read.
 """
 
 from __future__ import annotations
@@ -37,12 +44,19 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import json
 import os
 import pickle
+import threading
 import uuid
+import warnings
+import weakref
 import zipfile
-from collections.abc import Sequence
-from dataclasses import dataclass
+import zlib
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import FrozenInstanceError, dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -88,6 +102,13 @@ class DataError(UserError, ValueError):
 
 
 @dataclass(frozen=True, eq=False)
+class _View:
+    """What a view holds: the pool it reads from and its rows there."""
+
+    pool: ImageSet
+    rows: np.ndarray  # int64 positions in the pool, >= 0
+
+
 class ImageSet:
     """Samples and their labels: images of any size and channel count, or tabular rows.
 
@@ -101,65 +122,448 @@ class ImageSet:
 
     Notes
     -----
-    Loaded sets are cached per process and shared: treat the tensors as read-only.
+    Loaded sets are cached per process and shared: treat the tensors as read-only. A loaded
+    pool is memory-mapped from privfl's cache, read-only (writes into its tensors raise), and
+    its pages are shared by every process that opens it. A *view* (:meth:`view`; every
+    party's ``train`` / ``test``) holds only its rows of a pool and their labels: ``images``
+    gathers those rows when asked, so a view costs O(rows) memory however large the pool.
     """
 
-    images: torch.Tensor
-    labels: torch.Tensor
+    __slots__ = ("__weakref__", "_gathered", "_images", "_labels", "_store", "_view")
 
-    def __post_init__(self) -> None:
-        im, lb = self.images, self.labels
-        if not isinstance(im, torch.Tensor) or not isinstance(lb, torch.Tensor):
-            raise TypeError(
-                "ImageSet: images and labels must be torch tensors, got "
-                f"{type(im).__name__} and {type(lb).__name__}"
-            )
-        if im.dtype != torch.float32 or im.ndim not in (2, 4) or 0 in im.shape[1:]:
-            raise ValueError(
-                f"ImageSet.images: expected float32 of shape (N, C, H, W) or (N, d), "
-                f"got {im.dtype} of shape {tuple(im.shape)}"
-            )
-        if lb.dtype != torch.int64 or lb.ndim != 1:
-            raise ValueError(
-                f"ImageSet.labels: expected int64 of shape (N,), got {lb.dtype} of shape "
-                f"{tuple(lb.shape)}"
-            )
-        if im.shape[0] != lb.shape[0]:
-            raise ValueError(
-                f"ImageSet: {im.shape[0]} images but {lb.shape[0]} labels; they must match"
-            )
-        if im.numel() and not bool(torch.isfinite(im).all()):
-            raise ValueError("ImageSet.images: values must be finite (found NaN or inf)")
-        if im.ndim == 4 and im.numel() and (im.min() < 0 or im.max() > 1):
-            raise ValueError(
-                f"ImageSet.images: values must lie in [0, 1], got "
-                f"[{im.min().item():.4g}, {im.max().item():.4g}]"
-            )
+    _images: torch.Tensor | None
+    _labels: torch.Tensor
+    _view: _View | None
+    _store: tuple[Path, str] | None  # (cache file, key) of a memory-mapped pool
+    _gathered: torch.Tensor | None  # a view's last gathered images, see _gather
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        _check_tensors(images, labels)
+        self._set(images, labels, None, None)
+
+    def _set(
+        self,
+        images: torch.Tensor | None,
+        labels: torch.Tensor,
+        view: _View | None,
+        store: tuple[Path, str] | None,
+    ) -> None:
+        for name, value in (
+            ("_images", images),
+            ("_labels", labels),
+            ("_view", view),
+            ("_store", store),
+            ("_gathered", None),
+        ):
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise FrozenInstanceError(f"cannot delete field {name!r}")
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # A mapped pool travels as its cache file and a view as its rows, never their pixels.
+        if self._view is not None:
+            return _make_view, (self._view.pool, self._view.rows)
+        if self._store is not None:
+            return _reopen_pool, self._store
+        return ImageSet, (self._images, self._labels)
+
+    def __repr__(self) -> str:
+        what = f"view of {len(self)} rows" if self._view is not None else f"{len(self)} samples"
+        return f"ImageSet({what}, sample_shape={self.sample_shape})"
+
+    @property
+    def images(self) -> torch.Tensor:
+        """float32 ``(N, *sample_shape)``; a view's rows are gathered from its pool."""
+        if self._view is None:
+            assert self._images is not None
+            return self._images
+        return _gather(self)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """int64 ``(N,)``."""
+        return self._labels
+
+    @property
+    def pool(self) -> ImageSet | None:
+        """The set this one is a view of (:meth:`view`), or None if it holds its own images."""
+        return None if self._view is None else self._view.pool
+
+    @property
+    def rows(self) -> np.ndarray | None:
+        """A view's positions in :attr:`pool` (None if it holds its own images)."""
+        return None if self._view is None else self._view.rows
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
         """Shape of one sample: ``(C, H, W)`` for images, ``(d,)`` for tabular rows."""
-        return tuple(int(s) for s in self.images.shape[1:])
+        base = self if self._view is None else self._view.pool
+        assert base._images is not None
+        return tuple(int(s) for s in base._images.shape[1:])
 
     def __len__(self) -> int:
-        return int(self.labels.shape[0])
+        return int(self._labels.shape[0])
+
+    def view(self, indices: np.ndarray | torch.Tensor | Sequence[int]) -> ImageSet:
+        """The samples at ``indices`` (integer positions, in the given order) as a view: it
+        keeps the positions, not the images, and gathers them each time ``images`` is read."""
+        idx = self._positions(indices, "view").numpy()
+        if self._view is not None:
+            return _make_view(self._view.pool, self._view.rows[idx])
+        return _make_view(self, idx % len(self) if idx.size and idx.min() < 0 else idx)
 
     def subset(self, indices: np.ndarray | torch.Tensor | Sequence[int]) -> ImageSet:
-        """The images at ``indices`` (integer positions, in the given order), as a copy."""
+        """The samples at ``indices`` (integer positions, in the given order): a copy, or
+        for a view another view of the same pool (:meth:`view`)."""
+        if self._view is not None:
+            return self.view(indices)
+        idx = self._positions(indices, "subset")
+        return ImageSet(self.images[idx], self.labels[idx])
+
+    def _positions(
+        self, indices: np.ndarray | torch.Tensor | Sequence[int], what: str
+    ) -> torch.Tensor:
         idx = torch.as_tensor(np.asarray(indices) if not torch.is_tensor(indices) else indices)
         if idx.ndim != 1 or (idx.numel() and idx.dtype not in _INDEX_DTYPES):
             raise ValueError(
-                f"ImageSet.subset: indices must be a 1-D integer array, got dtype {idx.dtype} "
+                f"ImageSet.{what}: indices must be a 1-D integer array, got dtype {idx.dtype} "
                 f"and shape {tuple(idx.shape)}"
             )
         idx = idx.to(torch.int64)
         n = len(self)
         if idx.numel() and (idx.min() < -n or idx.max() >= n):
-            raise IndexError(f"ImageSet.subset: indices out of range for a set of {n} images")
-        return ImageSet(self.images[idx], self.labels[idx])
+            raise IndexError(f"ImageSet.{what}: indices out of range for a set of {n} images")
+        return idx
 
 
 _INDEX_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+def _check_tensors(im: Any, lb: Any) -> None:
+    if not isinstance(im, torch.Tensor) or not isinstance(lb, torch.Tensor):
+        raise TypeError(
+            "ImageSet: images and labels must be torch tensors, got "
+            f"{type(im).__name__} and {type(lb).__name__}"
+        )
+    if im.dtype != torch.float32 or im.ndim not in (2, 4) or 0 in im.shape[1:]:
+        raise ValueError(
+            f"ImageSet.images: expected float32 of shape (N, C, H, W) or (N, d), "
+            f"got {im.dtype} of shape {tuple(im.shape)}"
+        )
+    if lb.dtype != torch.int64 or lb.ndim != 1:
+        raise ValueError(
+            f"ImageSet.labels: expected int64 of shape (N,), got {lb.dtype} of shape "
+            f"{tuple(lb.shape)}"
+        )
+    if im.shape[0] != lb.shape[0]:
+        raise ValueError(
+            f"ImageSet: {im.shape[0]} images but {lb.shape[0]} labels; they must match"
+        )
+    if im.numel() and not bool(torch.isfinite(im).all()):
+        raise ValueError("ImageSet.images: values must be finite (found NaN or inf)")
+    if im.ndim == 4 and im.numel() and (im.min() < 0 or im.max() > 1):
+        raise ValueError(
+            f"ImageSet.images: values must lie in [0, 1], got "
+            f"[{im.min().item():.4g}, {im.max().item():.4g}]"
+        )
+
+
+def _make_view(pool: ImageSet, rows: np.ndarray) -> ImageSet:
+    """A view of ``rows`` (positions >= 0, already checked) of ``pool``, a non-view set."""
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    out = ImageSet.__new__(ImageSet)
+    labels = pool.labels.index_select(0, torch.from_numpy(rows))
+    out._set(None, labels, _View(pool, rows), None)
+    return out
+
+
+# The last few views whose rows were gathered keep them, so that reading ``images`` batch
+# by batch (``view.images[i : i + b]`` in a loop) gathers once, not once per batch, while
+# the memory held stays bounded however many views a process reads.
+_KEEP_GATHERED = 4
+_gathered: OrderedDict[int, weakref.ref[ImageSet]] = OrderedDict()
+_gathered_lock = threading.Lock()
+
+
+def _gather(view: ImageSet) -> torch.Tensor:
+    assert view._view is not None
+    with _gathered_lock:
+        if view._gathered is not None:
+            _gathered.move_to_end(id(view))
+            return view._gathered
+    pool, rows = view._view.pool, view._view.rows
+    assert pool._images is not None
+    images = pool._images.index_select(0, torch.from_numpy(rows))
+    with _gathered_lock:
+        object.__setattr__(view, "_gathered", images)
+        _gathered[id(view)] = weakref.ref(view)
+        _gathered.move_to_end(id(view))
+        while len(_gathered) > _KEEP_GATHERED:
+            old = _gathered.popitem(last=False)[1]()
+            if old is not None:
+                object.__setattr__(old, "_gathered", None)
+    return images
+
+
+class _ReadOnlyTensor(torch.Tensor):
+    """A tensor over read-only shared memory (a memory-mapped pool).
+
+    Writing into such memory would kill the process with a segmentation fault, so in-place
+    operations on it (``x[i] = v``, ``x.add_(...)``, ``out=x``, ``inplace=True``) raise
+    instead; every result that still aliases the memory (slices, views) stays read-only,
+    and every other result is an ordinary tensor.
+    """
+
+    @classmethod
+    def __torch_function__(
+        cls,
+        func: Any,
+        types: Any,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        with torch._C.DisableTorchFunctionSubclass():
+            if _writes_read_only(func, args, kwargs):
+                name = getattr(func, "__name__", str(func))
+                raise RuntimeError(
+                    f"{name}: this tensor is privfl's read-only data pool, shared by every "
+                    "process; write into a copy (.clone()) instead"
+                )
+            spans = [_span(t) for t in _tensors((args, kwargs)) if isinstance(t, cls)]
+            return _keep_read_only(func(*args, **kwargs), spans)
+
+
+_INPLACE_DUNDERS = frozenset(
+    ["__setitem__"]
+    + [f"__i{op}__" for op in ("add", "sub", "mul", "matmul", "truediv", "floordiv", "mod")]
+    + [f"__i{op}__" for op in ("pow", "lshift", "rshift", "and", "or", "xor")]
+)
+
+
+def _writes_read_only(func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
+    name = getattr(func, "__name__", "")
+    target = args[0] if args else None
+    inplace = name in _INPLACE_DUNDERS or (
+        name.endswith("_") and not name.startswith("__") and name != "requires_grad_"
+    )
+    if isinstance(target, _ReadOnlyTensor) and (inplace or kwargs.get("inplace") is True):
+        return True
+    return any(isinstance(t, _ReadOnlyTensor) for t in _tensors(kwargs.get("out")))
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, list | tuple):
+        return [t for o in obj for t in _tensors(o)]
+    if isinstance(obj, dict):
+        return [t for o in obj.values() for t in _tensors(o)]
+    return []
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    storage = t.untyped_storage()
+    return storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+
+
+def _keep_read_only(out: Any, spans: list[tuple[int, int]]) -> Any:
+    """``out`` with every tensor that aliases one of ``spans`` made read-only again, and
+    every numpy array that does marked non-writable."""
+    if isinstance(out, torch.Tensor):
+        if (
+            out.layout == torch.strided
+            and out.device.type == "cpu"
+            and out.untyped_storage().data_ptr() in {s[0] for s in spans}
+        ):
+            return out.as_subclass(_ReadOnlyTensor)
+        return out
+    if isinstance(out, np.ndarray):
+        ptr = out.__array_interface__["data"][0]
+        if any(lo <= ptr < hi for lo, hi in spans):
+            out.flags.writeable = False
+        return out
+    if isinstance(out, tuple | list):
+        return type(out)(_keep_read_only(o, spans) for o in out)
+    return out
+
+
+def _read_only_tensor(array: np.ndarray) -> torch.Tensor:
+    """A read-only tensor over ``array``'s (read-only, memory-mapped) memory, no copy."""
+    with warnings.catch_warnings():
+        # torch warns that it cannot mark tensors read-only; _ReadOnlyTensor does.
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array).as_subclass(_ReadOnlyTensor)
+
+
+# --------------------------------------------------------------------------- shared pools
+
+# A decoded split is written once to privfl's cache and memory-mapped read-only by every
+# process that loads it (each Ray actor of a simulation), which then share its pages
+# instead of decoding their own copy. Bump _POOL_FORMAT when decoding changes.
+_POOL_FORMAT = 1
+_POOL_MAGIC = b"PRIVFLPOOL\n"
+_POOL_ALIGN = 4096
+_BUILDS: Counter[str] = Counter()  # decodes done by this process, per pool name
+
+
+def _shared_pool(name: str, files: Sequence[Path], build: Callable[[], ImageSet]) -> ImageSet:
+    """``build()``'s set, decoded once for all processes: memory-mapped from a cache file
+    keyed by ``name`` and the path, size and mtime of each of ``files`` (its sources).
+
+    A missing, truncated or corrupt cache file is (re)built under a lock, written to a
+    temporary file and renamed into place; where the cache cannot be written the set is
+    kept in this process's memory instead.
+    """
+    built = None
+    if not all(f.is_file() for f in files):
+        built = _build(name, build)  # e.g. a download, which lays the files out
+    key = _pool_key(name, files)
+    path = cache_dir() / "pools" / f"{name}-{key[:24]}.pool"
+    pool = _open_pool(path, key)
+    if pool is not None:
+        return pool
+    with ExitStack() as stack:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(_locked(path.parent / ".lock"))  # one for all: builds are rare
+        except OSError as exc:
+            return _unshared(path, exc, built if built is not None else _build(name, build))
+        pool = _open_pool(path, key)  # another process may have built it meanwhile
+        if pool is not None:
+            return pool
+        if built is None:
+            built = _build(name, build)  # outside the try: a decoding error is the data's
+        try:
+            _write_pool(path, key, built)
+        except OSError as exc:
+            return _unshared(path, exc, built)
+        pool = _open_pool(path, key)
+    return pool if pool is not None else built
+
+
+def _unshared(path: Path, exc: OSError, built: ImageSet) -> ImageSet:
+    warnings.warn(
+        f"privfl: cannot write the shared data cache {path} ({exc}); this process keeps "
+        "its own decoded copy",
+        stacklevel=3,
+    )
+    return built
+
+
+def _build(name: str, build: Callable[[], ImageSet]) -> ImageSet:
+    _BUILDS[name] += 1
+    return build()
+
+
+def _pool_key(name: str, files: Sequence[Path]) -> str:
+    key = hashlib.sha256(f"{_POOL_FORMAT}|{name}\n".encode())
+    for f in files:
+        st = f.stat()
+        key.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return key.hexdigest()
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` between processes, so one of them decodes."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: racing builders each rename a complete file into place
+        yield
+        return
+    with open(path, "a+b") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _write_pool(path: Path, key: str, data: ImageSet) -> None:
+    """``data`` to ``path`` atomically: a header, then the images and the labels."""
+    images = np.ascontiguousarray(data.images.numpy())
+    labels = np.ascontiguousarray(data.labels.numpy())
+    start = _POOL_ALIGN * 2  # room for the header
+    labels_at = -(-(start + images.nbytes) // 64) * 64
+    crc = zlib.crc32(memoryview(images).cast("B"))
+    crc = zlib.crc32(bytes(labels_at - start - images.nbytes), crc)
+    crc = zlib.crc32(memoryview(labels).cast("B"), crc)
+    header = json.dumps(
+        {
+            "key": key,
+            "images": [images.dtype.str, list(images.shape), start],
+            "labels": [labels.dtype.str, list(labels.shape), labels_at],
+            "size": labels_at + labels.nbytes,
+            "crc32": crc,
+        }
+    ).encode()
+    if len(_POOL_MAGIC) + 8 + len(header) > start:
+        raise DataError(f"{path}: header too long ({len(header)} bytes)")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(_POOL_MAGIC + len(header).to_bytes(8, "little") + header)
+            f.write(bytes(start - f.tell()))
+            f.write(memoryview(images).cast("B"))
+            f.write(bytes(labels_at - f.tell()))
+            f.write(memoryview(labels).cast("B"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic: a reader sees the old file or the whole new one
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _open_pool(path: Path, key: str) -> ImageSet | None:
+    """The pool cached at ``path``, memory-mapped read-only; None if it is missing, was
+    written for another key, or is truncated or corrupt (size and CRC-32 checked)."""
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed below; the mapping outlives it
+    except OSError:
+        return None
+    with f:
+        try:
+            head = f.read(len(_POOL_MAGIC) + 8)
+            if len(head) != len(_POOL_MAGIC) + 8 or not head.startswith(_POOL_MAGIC):
+                return None
+            header = json.loads(f.read(int.from_bytes(head[-8:], "little")))
+            (im_dtype, im_shape, im_at), (lb_dtype, lb_shape, lb_at) = (
+                header["images"],
+                header["labels"],
+            )
+            if header["key"] != key or os.fstat(f.fileno()).st_size != header["size"]:
+                return None
+            f.seek(im_at)
+            crc = 0
+            while chunk := f.read(1 << 24):
+                crc = zlib.crc32(chunk, crc)
+            if crc != header["crc32"] or not im_shape[0]:
+                return None
+            images = np.memmap(f, np.dtype(im_dtype), "r", im_at, tuple(im_shape))
+            labels = np.memmap(f, np.dtype(lb_dtype), "r", lb_at, tuple(lb_shape))
+        except (OSError, ValueError, TypeError, KeyError):
+            return None
+    out = ImageSet.__new__(ImageSet)
+    # Checked when it was written; checking again would read every page of it.
+    out._set(
+        _read_only_tensor(np.asarray(images)),
+        _read_only_tensor(np.asarray(labels)),
+        None,
+        (path, key),
+    )
+    return out
+
+
+def _reopen_pool(path: Path, key: str) -> ImageSet:
+    pool = _open_pool(path, key)
+    if pool is None:
+        raise DataError(f"{path}: the shared data cache is gone or corrupt; load the data again")
+    return pool
 
 
 # --------------------------------------------------------------------------- datasets
@@ -363,7 +767,18 @@ def _check_idx_bytes(path: Path, head: bytes, size: int) -> None:
 
 @functools.lru_cache(maxsize=8)
 def _load_split(spec: _Spec, source: _Source, train: bool) -> ImageSet:
-    """Decode one split; cached per process on the resolved source."""
+    """One split, decoded once into the shared cache (:func:`_shared_pool`); cached per
+    process on the resolved source."""
+    if source.kind == "embedded":
+        files = [source.path]
+    else:
+        files = [source.path / spec.folder / "raw" / n for n in spec.files(train)]
+    name = f"{spec.name}-{'train' if train else 'test'}"
+    return _shared_pool(name, files, lambda: _decode_split(spec, source, train))
+
+
+def _decode_split(spec: _Spec, source: _Source, train: bool) -> ImageSet:
+    """Decode one split from its files."""
     if source.kind == "embedded":
         return _load_embedded(source.path, train)
     try:
@@ -546,8 +961,14 @@ def _load_cifar(name: str, root: Path, download: bool) -> tuple[ImageSet, ImageS
             f"{', '.join(str(c) for c in candidates)}; set data.root or PRIVFL_DATA to the "
             f"folder that holds {folder}/, or set data.download = true"
         )
-    train = _cifar_split(found, train_files, label_key, num_classes)
-    test = _cifar_split(found, test_files, label_key, num_classes)
+    train, test = (
+        _shared_pool(
+            f"{name}-{part}",
+            [found / f for f in files],
+            functools.partial(_cifar_split, found, files, label_key, num_classes),
+        )
+        for part, files in (("train", train_files), ("test", test_files))
+    )
     return train, test, num_classes
 
 
@@ -1056,7 +1477,9 @@ class PartyData:
     """One party's data.
 
     ``indices`` point into :attr:`Federation.train_pool`: first the party's train samples,
-    then its local test samples (``train_indices`` / ``test_indices``).
+    then its local test samples (``train_indices`` / ``test_indices``). ``train`` and
+    ``test`` are views of the pool (:meth:`ImageSet.view`) over those indices, so a party
+    costs memory for its indices and labels only.
     """
 
     train: ImageSet
@@ -1122,7 +1545,9 @@ def _with_local_test(
     shuffled = rng.permutation(idx)
     n_test = int(np.floor(fraction * idx.size))
     tr, te = np.sort(shuffled[n_test:]), np.sort(shuffled[:n_test])
-    return PartyData(pool.subset(tr), pool.subset(te), np.concatenate([tr, te]))
+    indices = np.concatenate([tr, te])
+    # Views: the party holds its positions in the pool and their labels, not the images.
+    return PartyData(pool.view(indices[: tr.size]), pool.view(indices[tr.size :]), indices)
 
 
 def load_federation(scenario: Scenario) -> Federation:
@@ -1172,6 +1597,6 @@ def _federation(data: DataSection, seed: int, source: tuple) -> Federation:
         num_classes=num_classes,
         train_pool=train,
         parties=tuple(parties),
-        server_test=test.subset(server_idx),
-        public=test.subset(public_idx),
+        server_test=test.view(server_idx),
+        public=test.view(public_idx),
     )
