@@ -54,3 +54,27 @@ def test_secure_aggregation_matches_plain_fedavg(plain_run, protocol, tmp_path):
         progress=False,
     )
     assert abs(res["final"]["accuracy"] - plain["final"]["accuracy"]) <= 0.01
+
+
+@pytest.mark.slow
+def test_inprocess_engine_gives_the_simulation_engines_figures(plain_run, tmp_path):
+    # Same apps, mods and serialised messages without Ray: the same bits come out.
+    _, plain = plain_run
+    res = run_scenario(
+        "three_hospitals",
+        tmp_path / "inprocess",
+        overrides=[*SMALL, "defense.secure_aggregation=none"],
+        progress=False,
+        engine="inprocess",
+    )
+    assert [(r["accuracy"], r["loss"]) for r in res["rounds"]] == [
+        (r["accuracy"], r["loss"]) for r in plain["rounds"]
+    ]
+    assert (tmp_path / "inprocess" / "report.md").is_file()
+
+
+def test_unknown_engine_is_named(tmp_path):
+    from privfl.errors import UserError
+
+    with pytest.raises(UserError, match="engine must be one of simulation, inprocess"):
+        run_scenario("three_hospitals", tmp_path, engine="ray", overrides=SMALL)
