@@ -2,9 +2,11 @@
 
 Batches are Poisson-sampled (each record joins a step with probability q = batch/N)
 with coins from the keyed AES-CTR stream of :mod:`privfl.dp`; the data stay on the
-device as tensors (no DataLoader). Per-sample clipping and the Gaussian noise are
-Opacus' (``DPOptimizer`` and its grad-sample engines: ``hooks``, ``functorch``, ``ew``,
-``ghost``). Accounting: Opacus' RDP or PRV accountant over the steps actually taken.
+device as tensors (no DataLoader). Per-sample clipping: by default privfl's book-keeping
+clipping (:mod:`privfl.dp_clip`: the clipped sum in one backward pass; models with layers
+it cannot clip exactly fall back to ``hooks`` with a warning), or one of Opacus'
+grad-sample engines (``hooks``, ``functorch``, ``ew``, ``ghost``). The noise step is
+Opacus' ``DPOptimizer``. Accounting: Opacus' RDP or PRV accountant over the steps taken.
 
 Noise: Opacus' Gaussian noise is drawn from an AES-CTR keystream (:class:`KeyStream`),
 never from torch's generator. A federated party keys it, and its sampling coins, from
@@ -15,6 +17,7 @@ its own secret (``party.noise = "lab"``: reproducible on its machine) or from th
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -27,13 +30,16 @@ from opacus.optimizers import get_optimizer_class
 from opacus.optimizers.optimizer import DPOptimizer, _check_processed_flag, _mark_as_processed
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from torch import nn
+from torch.nn import functional as F
 
 from privfl.config import Scenario
 from privfl.dp import KeyStream, calibrate_noise, epsilon_of_history, noise_key, seed_secret
+from privfl.dp_clip import BookkeepingClipper, UnsupportedLayerError
 from privfl.training import make_optimizer
 
 STATE_KEY = "privfl.dp-sgd"
-GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
+GRAD_SAMPLE_MODES = ("bookkeeping", "hooks", "functorch", "ew", "ghost")
+DEFAULT_GRAD_SAMPLE_MODE = "bookkeeping"
 
 
 class _Images(Protocol):
@@ -99,7 +105,7 @@ def run_dp_sgd_steps(
     optimizer: torch.optim.Optimizer,
     sampling: KeyStream,
     noise: KeyStream,
-    grad_sample_mode: str = "hooks",
+    grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE,
     insert: Callable[[float], torch.Tensor | None] | None = None,
 ) -> float:
     """``steps`` DP-SGD steps on ``model`` (trained in place; Opacus hooks removed after).
@@ -108,18 +114,33 @@ def run_dp_sgd_steps(
     over ``model.parameters()``; ``sampling`` draws the Poisson coins and ``noise`` the
     Gaussian noise; ``insert(rate)`` (an auditor's canary records, each joining a step at
     ``rate``) may add clipped gradients before the noise. Returns the mean training loss.
+
+    ``grad_sample_mode="bookkeeping"`` on a model with a layer book-keeping clipping cannot
+    clip exactly warns, naming the layer, and uses Opacus' ``hooks`` instead.
     """
     if grad_sample_mode not in GRAD_SAMPLE_MODES:
         raise ValueError(
             f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}"
         )
     n = labels.shape[0]
+    clipper = None
+    if grad_sample_mode == "bookkeeping":
+        try:
+            clipper = BookkeepingClipper(model)
+        except UnsupportedLayerError as exc:
+            warnings.warn(f"{exc}; DP-SGD uses Opacus' 'hooks' mode instead", stacklevel=2)
+            grad_sample_mode = "hooks"
     ghost = grad_sample_mode == "ghost"
-    extra: dict[str, Any] = {"max_grad_norm": clip} if ghost else {}
-    module = prepare_module(
-        model, grad_sample_mode, batch_first=True, loss_reduction="mean", **extra
-    )
-    dp_opt = get_optimizer_class("flat", False, grad_sample_mode)(
+    module: Any = model
+    if clipper is None:
+        extra: dict[str, Any] = {"max_grad_norm": clip} if ghost else {}
+        module = prepare_module(
+            model, grad_sample_mode, batch_first=True, loss_reduction="mean", **extra
+        )
+    # Book-keeping leaves the clipped sum in .grad, as ghost clipping does: the same
+    # optimiser then adds the noise and scales by the expected batch size.
+    opt_mode = "ghost" if clipper is not None else grad_sample_mode
+    dp_opt = get_optimizer_class("flat", False, opt_mode)(
         optimizer=optimizer,
         noise_multiplier=noise_multiplier,
         max_grad_norm=clip,
@@ -143,13 +164,21 @@ def run_dp_sgd_steps(
             idx_t = torch.from_numpy(idx).to(images.device)
             x, y = images[idx_t], labels[idx_t]
             dp_opt.zero_grad(set_to_none=True)
-            loss = criterion(module(x), y)
-            loss.backward()
+            if clipper is not None:
+                per_sample = F.cross_entropy(model(x), y, reduction="none")
+                clipper.backward(per_sample, clip)
+                loss = per_sample.detach().mean()
+            else:
+                loss = criterion(module(x), y)
+                loss.backward()
             dp_opt.step()
             if idx.size:
                 losses.append(float(loss.item()))
     finally:
-        module._close()
+        if clipper is not None:
+            clipper.close()
+        else:
+            module._close()
     return float(np.mean(losses)) if losses else math.nan
 
 
@@ -168,7 +197,7 @@ def train_dp_sgd(
     seed: int = 0,
     device: str | torch.device = "cpu",
     noise_multiplier: float = 0.0,
-    grad_sample_mode: str = "hooks",
+    grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE,
     secure_noise: bool = False,
 ) -> DPTrainResult:
     """Centralised DP-SGD (SGD with momentum) on all of ``data`` for ``epochs`` epochs.

@@ -522,8 +522,9 @@ class DPSection:
     # distributed mode: largest accepted probability that a coordinate of the noisy sum
     # wraps around the ring in a round (checked up front against defense.secagg).
     max_wrap_probability: float = 1e-9
-    # client mode: Opacus per-sample gradient engine.
-    grad_sample_mode: Literal["hooks", "functorch", "ew", "ghost"] = "hooks"
+    # client mode: per-sample clipping engine: privfl's one-pass book-keeping clipping
+    # (layers it cannot clip exactly fall back to "hooks") or an Opacus engine.
+    grad_sample_mode: Literal["bookkeeping", "hooks", "functorch", "ew", "ghost"] = "bookkeeping"
 
     def validate(self, key: str) -> None:
         if self.mode == "none":
