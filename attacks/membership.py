@@ -939,7 +939,7 @@ def _train_model(
     DP-SGD under ``defense.dp.mode = "client"``. Returns the model and its epsilon."""
     mi, dp = scenario.attack.membership, scenario.defense.dp
     if dp.mode == "client":
-        from privfl.clients.dp_sgd import train_dp_sgd
+        from privfl.dp.sgd import train_dp_sgd
 
         t = scenario.training
         res = train_dp_sgd(

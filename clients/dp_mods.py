@@ -18,7 +18,8 @@ from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
 from privfl.config import SCENARIO_KEY, scenario_from_json
-from privfl.dp import clip_l2, flatten, record_with_vector
+from privfl.dp import clip_l2, flatten
+from privfl.flower.records import record_with_vector
 
 Mod = Callable[[Message, Context, ClientAppCallable], Message]
 

@@ -568,7 +568,7 @@ class CanaryDPOptimizer(DPOptimizer):
     After Opacus has clipped and summed the per-sample gradients, ``insert()`` may return
     one more flat gradient (over the parameters in order), added to the sum as if it were
     further clipped records. The noise, N(0, noise_std²) per coordinate, comes from
-    ``noise`` (as in :mod:`privfl.clients.dp_sgd`), one draw over all parameters per step.
+    ``noise`` (as in :mod:`privfl.dp.sgd`), one draw over all parameters per step.
     ``observe(flat)`` then sees the released noisy sum (before Opacus divides it by the
     expected batch size, a public constant).
     """

@@ -60,8 +60,8 @@ from privfl.dp import (
     effective_noise_multiplier,
     flatten,
     global_noise_multiplier,
-    record_with_vector,
 )
+from privfl.flower.records import record_with_vector
 from privfl.secagg.wire import SIDE_PREFIX
 
 log = logging.getLogger(__name__)

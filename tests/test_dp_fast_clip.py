@@ -1,4 +1,4 @@
-"""Book-keeping clipping (privfl.dp_clip): the clipped sum equals Opacus' hooks mode."""
+"""Book-keeping clipping (privfl.dp.clip): the clipped sum equals Opacus' hooks mode."""
 
 from __future__ import annotations
 
@@ -12,19 +12,18 @@ import torch.nn.functional as F
 from flwr.app import RecordDict
 from opacus.grad_sample import GradSampleModule
 from opacus.optimizers import DPOptimizer
-from privfl.clients.dp_sgd import (
-    DEFAULT_GRAD_SAMPLE_MODE,
-    GRAD_SAMPLE_MODES,
-    STATE_KEY,
-    dp_sgd_round,
-    run_dp_sgd_steps,
-    train_dp_sgd,
-)
+from privfl.clients.dp_sgd import STATE_KEY, dp_sgd_round
 from torch import nn
 
 from privfl.config import Scenario
 from privfl.dp import KeyStream
-from privfl.dp_clip import BookkeepingClipper, UnsupportedLayerError
+from privfl.dp.clip import BookkeepingClipper, UnsupportedLayerError
+from privfl.dp.sgd import (
+    DEFAULT_GRAD_SAMPLE_MODE,
+    GRAD_SAMPLE_MODES,
+    run_dp_sgd_steps,
+    train_dp_sgd,
+)
 from privfl.models import build_task_model
 
 warnings.filterwarnings("ignore", message="Optimal order")
@@ -160,7 +159,7 @@ def test_reflect_padding_matches_per_sample_backward_passes():
 
 def test_large_layers_use_chunks_and_the_matmul_sum(monkeypatch):
     """Per-sample gradients too large to keep: chunked norms, the sum by one matmul."""
-    import privfl.dp_clip as dc
+    import privfl.dp.clip as dc
 
     monkeypatch.setattr(dc, "KEEP_PER_SAMPLE", 0)
     monkeypatch.setattr(dc, "CHUNK_BYTES", 4000)

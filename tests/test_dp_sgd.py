@@ -8,10 +8,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 from flwr.app import RecordDict
-from privfl.clients.dp_sgd import STATE_KEY, BudgetExhaustedError, dp_sgd_round, train_dp_sgd
+from privfl.clients.dp_sgd import STATE_KEY, dp_sgd_round
 from torch import nn
 
 from privfl.config import Scenario
+from privfl.dp.sgd import BudgetExhaustedError, train_dp_sgd
 
 warnings.filterwarnings("ignore", message="Optimal order")
 

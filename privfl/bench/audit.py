@@ -13,7 +13,7 @@ tighter Gaussian f-DP analysis of Mahloujifar, Melis & Chaudhuri (ICML 2025).
 * (e) false alarms: correct DP-SGD runs over several seeds (the one-run bound may exceed
   ε only with probability 5% per run);
 * (f) wall time of the audited run against the project's own DP-SGD
-  (:func:`privfl.clients.dp_sgd.run_dp_sgd_steps`) without canaries (target ≤ +20%).
+  (:func:`privfl.dp.sgd.run_dp_sgd_steps`) without canaries (target ≤ +20%).
 
 Lab mode: every key is derived from the run's seed, so the numbers repeat. ``--quick``
 shrinks steps, records and canaries to run in about a minute on two cores.
@@ -42,10 +42,10 @@ from privfl.audit import (
     dirac_canaries,
     subkey,
 )
-from privfl.clients.dp_sgd import run_dp_sgd_steps
 from privfl.config import Scenario
 from privfl.data import ImageSet, load_federation
 from privfl.dp import KeyStream, calibrate_noise
+from privfl.dp.sgd import run_dp_sgd_steps
 from privfl.models import build_task_model
 from privfl.training import TrainConfig, train_local
 

@@ -30,16 +30,16 @@ import torch
 from flwr.app import RecordDict
 from torch import nn
 
-from privfl.clients.dp_sgd import (
-    DEFAULT_GRAD_SAMPLE_MODE,
-    GRAD_SAMPLE_MODES,
-    dp_sgd_round,
-    run_dp_sgd_steps,
-    train_dp_sgd,
-)
+from privfl.clients.dp_sgd import dp_sgd_round
 from privfl.config import Scenario
 from privfl.data import ImageSet, load_dataset
 from privfl.dp import KeyStream, seed_secret
+from privfl.dp.sgd import (
+    DEFAULT_GRAD_SAMPLE_MODE,
+    GRAD_SAMPLE_MODES,
+    run_dp_sgd_steps,
+    train_dp_sgd,
+)
 from privfl.training import resolve_device
 
 # The reference EMNIST-letters figures, printed beside ours.

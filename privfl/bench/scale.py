@@ -5,7 +5,8 @@ method — plain FedAvg, additive and masking secure aggregation, masking+dp
 (masking with automatic O(log n) neighbours and distributed DP) and flower-secagg+
 (Flower's own SecAgg+ workflow, legacy API, on the same parties, model and data) — it
 runs one warm-up round and --rounds measured training rounds of the
-thousand_clinics model and data (small CNN, 8 samples per party) and reports per row:
+thousand_clinics model, data and training (small CNN, 8 samples per party, 5 local
+epochs) and reports per row:
 
 - round_seconds: median wall time of a measured round (train and secure sum; no
   evaluation);
