@@ -32,6 +32,7 @@ from privfl.clients.policy import PartyRecord, party_record
 
 from privfl.config import SCENARIO_KEY, Scenario, scenario_from_json
 from privfl.dp import distributed_epsilon
+from privfl.errors import PrivflError
 from privfl.fixedpoint import FixedPointCodec
 from privfl.refusal import RefusalError, refusal_reply
 from privfl.secagg import wire
@@ -43,7 +44,7 @@ from privfl.secagg.masking import MaskingParty
 NoiseFn = Callable[..., np.ndarray]
 
 
-class SecAggClientError(RuntimeError):
+class SecAggClientError(PrivflError, RuntimeError):
     """A party cannot take its secure-aggregation step; the message names the party."""
 
 

@@ -29,6 +29,7 @@ import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from privfl.config import RING_CHOICES, SecAggSection
+from privfl.errors import PrivflError
 
 # Coordinates encoded per chunk: the scratch vectors (~1-2 MiB) stay in L2 and Python's
 # per-chunk overhead is noise (best of 2^13..2^17 measured on x86-64 with 2 MiB L2).
@@ -47,7 +48,7 @@ def ring_dtype(ring_bits: int) -> np.dtype:
     return np.dtype(np.uint32 if ring_bits <= 32 else np.uint64)
 
 
-class EncodingError(ValueError):
+class EncodingError(PrivflError, ValueError):
     """An update cannot be encoded (NaN/inf, wrong length, no headroom)."""
 
 

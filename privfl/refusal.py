@@ -10,12 +10,14 @@ from __future__ import annotations
 from flwr.app import Message
 from flwr.app.error import Error
 
+from privfl.errors import PrivflError
+
 # Error code of a refusal reply; its reason says what was refused and why.
 REFUSAL_CODE = 4403
 REFUSAL_PREFIX = "privfl refusal: "
 
 
-class RefusalError(RuntimeError):
+class RefusalError(PrivflError, RuntimeError):
     """A party refuses a server request; the message says what the policy forbids."""
 
 

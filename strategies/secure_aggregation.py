@@ -38,6 +38,7 @@ from flwr.serverapp.strategy import Strategy
 from privfl.strategies.wrapper import StrategyWrapper, strategy_chain, weighted_by_key
 
 from privfl.config import SCENARIO_KEY, Scenario
+from privfl.errors import PrivflError
 from privfl.fixedpoint import FixedPointCodec
 from privfl.refusal import diverged_reason, refusal_reason
 from privfl.secagg import wire
@@ -49,7 +50,7 @@ _MIN_POLL_S = 0.001
 _MAX_POLL_S = 0.1
 
 
-class SecureAggregationError(RuntimeError):
+class SecureAggregationError(PrivflError, RuntimeError):
     """A round could not be aggregated securely (never replaced by a wrong sum)."""
 
 

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from privfl.errors import PrivflError
+
 SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.GroupNorm, nn.LayerNorm)
 # Per-sample gradients of one layer kept for the clipped sum up to this many elements;
 # beyond, they are only formed chunk by chunk for the norms and the sum is a matmul.
@@ -41,7 +43,7 @@ CHUNK_BYTES = 1 << 22
 CHUNK_BYTES_GPU = 1 << 28
 
 
-class UnsupportedLayerError(ValueError):
+class UnsupportedLayerError(PrivflError, ValueError):
     """The model holds a layer that book-keeping clipping cannot clip exactly."""
 
 

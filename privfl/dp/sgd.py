@@ -33,6 +33,7 @@ from privfl.config import Scenario
 from privfl.dp.accounting import calibrate_noise, epsilon_of_history
 from privfl.dp.clip import BookkeepingClipper, UnsupportedLayerError
 from privfl.dp.noise import KeyStream, noise_key, seed_secret
+from privfl.errors import PrivflError
 
 GRAD_SAMPLE_MODES = ("bookkeeping", "hooks", "functorch", "ew", "ghost")
 DEFAULT_GRAD_SAMPLE_MODE = "bookkeeping"
@@ -58,7 +59,7 @@ def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
     return None if t is None else t.to(device)
 
 
-class BudgetExhaustedError(RuntimeError):
+class BudgetExhaustedError(PrivflError, RuntimeError):
     """A round would take the party past its own ε budget; it refuses to train."""
 
 

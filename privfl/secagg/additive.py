@@ -33,12 +33,13 @@ from typing import Any
 
 import numpy as np
 
+from privfl.errors import PrivflError
 from privfl.fixedpoint import FixedPointCodec
 from privfl.secagg import prg
 from privfl.secagg.channel import SecureChannel
 
 
-class RoundAbortedError(RuntimeError):
+class RoundAbortedError(PrivflError, RuntimeError):
     """An attempt of a round cannot finish; ``missing`` are the parties it lacks."""
 
     def __init__(self, msg: str, missing: set[int]) -> None:

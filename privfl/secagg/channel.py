@@ -26,11 +26,13 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from privfl.errors import PrivflError
+
 _LABEL = b"privfl-secagg-channel-v1"
 _HEADER = struct.Struct(">Q")
 
 
-class ChannelError(ValueError):
+class ChannelError(PrivflError, ValueError):
     """A ciphertext failed authentication or was replayed; the message names the parties."""
 
 

@@ -22,11 +22,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from privfl.errors import PrivflError
+
 _LABEL = b"privfl-secagg-advertise-v1"
 _DERIVE_INFO = b"privfl-identity-v1|party="
 
 
-class IdentityError(ValueError):
+class IdentityError(PrivflError, ValueError):
     """A key directory entry is not signed by the party the roster names."""
 
 

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from privfl.errors import PrivflError
 from privfl.fixedpoint import FixedPointCodec
 from privfl.secagg import prg, shamir
 from privfl.secagg.channel import (
@@ -69,7 +70,7 @@ def commit_seed(session: bytes, rnd: int, party: int, seed: bytes) -> bytes:
     ).digest()
 
 
-class MaskingError(RuntimeError):
+class MaskingError(PrivflError, RuntimeError):
     """The sum cannot be recovered (too few survivors or shares, inconsistent shares)."""
 
 

@@ -12,11 +12,13 @@ from __future__ import annotations
 import secrets
 from collections.abc import Mapping, Sequence
 
+from privfl.errors import PrivflError
+
 PRIME = (1 << 521) - 1
 SHARE_BYTES = 66  # ceil(521 / 8)
 
 
-class ShamirError(ValueError):
+class ShamirError(PrivflError, ValueError):
     """Too few or inconsistent shares."""
 
 
