@@ -1052,9 +1052,10 @@ class RunAuditor:
 
 def audit_report(result: AuditResult) -> AttackReport:
     """results.json's ``privacy-audit`` entry: both ε side by side, the score histograms."""
-    import matplotlib.pyplot as plt  # drawn only for a report (matplotlib is slow to import)
+    from matplotlib.figure import Figure  # drawn only for a report (slow to import)
 
-    fig, ax = plt.subplots(figsize=(5.2, 3.2))
+    fig = Figure(figsize=(5.2, 3.2))
+    ax = fig.subplots()
     both = np.concatenate([result.included_scores, result.excluded_scores])
     bins = np.linspace(float(both.min()), float(both.max()), 41) if both.size else 10
     ax.hist(result.excluded_scores, bins=bins, alpha=0.6, label="excluded canaries")

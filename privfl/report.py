@@ -13,10 +13,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
@@ -69,8 +65,9 @@ def write_run(
     try:
         stage.chmod(0o777 & ~umask())  # mkdtemp makes it 0700
         for name, fig in figures.items():
+            # Figures are matplotlib's object API (no pyplot): no backend to choose, no
+            # global figure registry to close.
             fig.savefig(stage / name, dpi=110, bbox_inches="tight")
-            plt.close(fig)
         for attack in results.get("attacks", []):
             arrays = attack.get("arrays")
             if isinstance(arrays, dict):
