@@ -895,15 +895,6 @@ class ActiveServerSection:
             _fail(f"{key}.round", f"must be >= 1, got {self.round}")
 
 
-ATTACKS = (
-    "none",
-    "gradient-inversion",
-    "imprint",
-    "membership-inference",
-    "active-server",
-)
-
-
 @dataclass(frozen=True)
 class AttackSection:
     kind: Literal[

@@ -213,7 +213,6 @@ class SecureAggregation(StrategyWrapper):
         self.server_view: dict[int, dict[int, dict[str, RecordDict]]] = {}
         self.keep_view = keep_view
         self.round_trips: dict[int, int] = {}
-        self.stage_seconds: dict[int, dict[str, float]] = {}
         # Round -> what went wrong: {party, stage, reason} for every refusal, failed
         # reply, exclusion and skipped round.
         self.faults: dict[int, list[dict[str, Any]]] = {}
@@ -274,14 +273,12 @@ class SecureAggregation(StrategyWrapper):
     ) -> dict[int, RecordDict]:
         """Send one message per party, return ``{party: content}`` of error-free replies."""
         assert self._grid is not None, "configure_train must run before any stage"
-        t0 = time.perf_counter()
         msgs = stage_messages(
             configs, self.node_of, self.message_config, server_round, msg_type, extra
         )
         replies = self._send_and_receive(msgs)
         out = self._record(server_round, stage, replies)
         self.round_trips[server_round] = self.round_trips.get(server_round, 0) + 1
-        self.stage_seconds.setdefault(server_round, {})[stage] = time.perf_counter() - t0
         return out
 
     def _send_and_receive(self, msgs: list[Message]) -> list[Message]:

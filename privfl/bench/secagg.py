@@ -153,22 +153,6 @@ def _best(fn: Callable[[], object], reps: int) -> float:
     return min(ts)
 
 
-def _encode_numpy_dither(codec: FixedPointCodec, x: np.ndarray, weight: float) -> np.ndarray:
-    """The encoder before AES-CTR dither and chunking (numpy draws, vector temporaries)."""
-    bits = np.random.default_rng(1).bit_generator.random_raw((x.size + 1) // 2)
-    s = np.clip(x, -codec.clip_range, codec.clip_range)
-    s *= weight * codec.scale
-    low = np.floor(s)
-    s -= low
-    s *= 2.0**32
-    low += np.less(bits.view(np.uint32)[: x.size], s)
-    q = low.astype(np.int64)
-    out = q.view(np.uint64) if codec.dtype == np.uint64 else q.astype(np.uint32)
-    if codec.ring_bits < 8 * codec.dtype.itemsize:
-        out &= codec.mask
-    return out
-
-
 def _kernel_timing(dim: int, n: int, reps: int, ring_bits: int) -> dict[str, float]:
     codec = FixedPointCodec(
         clip_range=4.0, frac_bits=12 if ring_bits <= 32 else 20, ring_bits=ring_bits
@@ -209,7 +193,6 @@ def _kernel_timing(dim: int, n: int, reps: int, ring_bits: int) -> dict[str, flo
         "floor": _best(floor, reps),
         "floor_alloc": _best(lambda: prg.keystream(seed, item * dim), reps),
         "encode_ref": _best(lambda: codec.encode_reference(x, **kw()), reps),
-        "encode_old": _best(lambda: _encode_numpy_dither(codec, x, 100.0), reps),
         "encode": _best(lambda: codec.encode(x, **kw()), reps),
         "mask_ref": _best(mask_reference, reps),
         "mask_kernel": _best(mask_kernel, reps),
@@ -304,7 +287,6 @@ def main(argv: list[str]) -> int:
             ("  same, fresh buffers (old floor)", m["floor_alloc"]),
             (f"{k} expansions ({k} x floor, unavoidable)", k * f),
             ("encode, reference (float64 temps)", m["encode_ref"]),
-            ("encode, numpy dither (previous fast)", m["encode_old"]),
             ("encode, fast (AES dither, chunked)", m["encode"]),
             ("mask kernel, reference (per seed)", m["mask_ref"]),
             ("mask kernel, fast (one pass)", m["mask_kernel"]),
