@@ -1,6 +1,6 @@
 """Client side of secure aggregation: a Flower mod plus stage handlers.
 
-Wiring (on the ClientApp the lead builds)::
+Wiring, on any ClientApp::
 
     app = ClientApp()
 
@@ -31,7 +31,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from privfl.clients.policy import PartyRecord, party_record
 
 from privfl.config import SCENARIO_KEY, Scenario, scenario_from_json
-from privfl.dp import distributed_epsilon
+from privfl.dp import check_distributed, distributed_epsilon, distributed_noise
 from privfl.errors import PrivflError
 from privfl.fixedpoint import FixedPointCodec
 from privfl.refusal import RefusalError, refusal_reply
@@ -129,13 +129,6 @@ def _delta(local: ArrayRecord, glob: ArrayRecord, keys: list[str]) -> np.ndarray
 
 
 def _default_noise() -> tuple[NoiseFn, Callable[..., None]]:
-    try:
-        from privfl.dp import check_distributed, distributed_noise
-    except ImportError as exc:  # privfl.dp is written in parallel
-        raise SecAggClientError(
-            "defense.dp.mode='distributed' needs privfl.dp.distributed_noise and "
-            f"privfl.dp.check_distributed ({exc})"
-        ) from exc
     return distributed_noise, check_distributed
 
 

@@ -28,7 +28,7 @@ from privfl.fixedpoint import ring_dtype
 SEED_BYTES = 32
 _ZERO_IV = bytes(16)
 # Keystream produced per call in accumulate(): small enough to stay in L2 cache,
-# large enough that Python's per-call overhead is noise (measured on x86-64).
+# large enough that Python's per-call overhead is noise.
 CHUNK_BYTES = 1 << 18
 _ZEROS = bytes(CHUNK_BYTES)
 
