@@ -66,7 +66,7 @@ def discover_parties(grid: Grid, parties: int, timeout: float) -> dict[int, int]
     return party_of
 
 
-class _RoundLog:
+class _RoundEvaluator:
     """Central evaluation after every round, timing and a progress display."""
 
     def __init__(self, scenario: Scenario, model: torch.nn.Module, progress: bool) -> None:
@@ -246,7 +246,7 @@ def run_federation(
         startup = time.perf_counter() - t_start
         model = build_model(scenario, fed.num_classes)
         strategy = build_strategy(scenario, party_of)
-        round_log = _RoundLog(scenario, build_model(scenario, fed.num_classes), progress)
+        round_log = _RoundEvaluator(scenario, build_model(scenario, fed.num_classes), progress)
         round_log.watch(strategy_chain(strategy))
         round_log.auditor = auditor
         if auditor is not None and auditor.view == "party-update":

@@ -67,7 +67,7 @@ from privfl.secagg.wire import SIDE_PREFIX
 log = logging.getLogger(__name__)
 
 
-def _only(records: Mapping, what: str) -> str:
+def _sole_key(records: Mapping, what: str) -> str:
     if len(records) != 1:
         raise ValueError(
             f"DPGlobalUpdate: a reply must carry exactly one {what}, got {len(records)}"
@@ -298,20 +298,20 @@ class DPGlobalUpdate(StrategyWrapper):
             # One synthetic reply carrying the secure sum's average; its weight counts parties.
             for reply in valid:
                 metrics = reply.content.metric_records[
-                    _only(reply.content.metric_records, "MetricRecord")
+                    _sole_key(reply.content.metric_records, "MetricRecord")
                 ]
                 num_parties += int(metrics[weight_key])
         else:
             norms = self.update_norms.setdefault(server_round, {})
             for reply in valid:
-                name = _only(reply.content.array_records, "ArrayRecord")
+                name = _sole_key(reply.content.array_records, "ArrayRecord")
                 record = reply.content.array_records[name]
                 delta, norm = self.mechanism.constrain_sensitivity(
                     flatten(record.to_numpy_ndarrays()) - base
                 )
                 reply.content[name] = record_with_vector(record, base + delta)
                 metrics = reply.content.metric_records[
-                    _only(reply.content.metric_records, "MetricRecord")
+                    _sole_key(reply.content.metric_records, "MetricRecord")
                 ]
                 metrics[weight_key] = 1  # unweighted mean: sensitivity C/n
                 node = reply.metadata.src_node_id
@@ -356,7 +356,7 @@ class DPGlobalUpdate(StrategyWrapper):
         content = RecordDict({"arrays": arrays})
         metrics = MetricRecord({weight_key: num_parties})
         records = [
-            r.content.metric_records[_only(r.content.metric_records, "MetricRecord")]
+            r.content.metric_records[_sole_key(r.content.metric_records, "MetricRecord")]
             for r in replies
         ]
         for key in sorted(set().union(*(m.keys() for m in records)) - {weight_key}):

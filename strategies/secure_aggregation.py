@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Collection, Iterable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -52,6 +52,16 @@ _MAX_POLL_S = 0.1
 
 class SecureAggregationError(PrivflError, RuntimeError):
     """A round could not be aggregated securely (never replaced by a wrong sum)."""
+
+
+_T = TypeVar("_T")
+
+
+def _started(value: _T | None, what: str) -> _T:
+    """``value``, set by ``configure_train``; a stage called before it is a caller's bug."""
+    if value is None:
+        raise SecureAggregationError(f"{what} before configure_train started the round")
+    return value
 
 
 def _template_layout(template: ArrayRecord) -> list[tuple[str, tuple[int, ...], Any]]:
@@ -272,7 +282,7 @@ class SecureAggregation(StrategyWrapper):
         extra: Mapping[int, Mapping[str, Any]] | None = None,
     ) -> dict[int, RecordDict]:
         """Send one message per party, return ``{party: content}`` of error-free replies."""
-        assert self._grid is not None, "configure_train must run before any stage"
+        _started(self._grid, "a protocol stage")
         msgs = stage_messages(
             configs, self.node_of, self.message_config, server_round, msg_type, extra
         )
@@ -289,8 +299,7 @@ class SecureAggregation(StrategyWrapper):
         between polls is a tenth of the time spent so far (at least 1 ms, at most the
         grid's own interval): a reply is seen at most ~10% later than it arrived.
         """
-        grid = self._grid
-        assert grid is not None
+        grid = _started(self._grid, "sending")
         try:
             pending = set(grid.push_messages(msgs))
         except NotImplementedError:  # e.g. the in-process LoopbackGrid
@@ -340,8 +349,7 @@ class SecureAggregation(StrategyWrapper):
 
     def _setup(self, server_round: int, parties: list[int]) -> None:
         """Fresh keys for ``parties``; the epoch holds those that completed setup."""
-        assert self._global is not None
-        dim = sum(int(np.prod(a.shape)) for a in self._global.values())
+        dim = sum(int(np.prod(a.shape)) for a in _started(self._global, "key setup").values())
         while True:
             session = os.urandom(16)
             cfg = {
@@ -448,7 +456,7 @@ class SecureAggregation(StrategyWrapper):
                 self.fault(server_round, None, "setup", f"round skipped: {exc}")
                 return []
             ep = self._epoch
-        assert ep is not None
+        ep = _started(ep, "the round's key epoch")
         self._parties = [p for p in parties if p in ep["parties"]]
         out = []
         for m in msgs:
@@ -496,8 +504,8 @@ class SecureAggregation(StrategyWrapper):
                     if k.startswith(wire.SIDE_PREFIX):
                         rest = k[len(wire.SIDE_PREFIX) :]
                         side[f"{wire.SIDE_PREFIX}{msg.metadata.src_node_id}.{rest}"] = rec
-        assert self._global is not None
-        dim = sum(int(np.prod(a.shape)) for a in self._global.values()) + wire.EXTRA_COORDS
+        arrays = _started(self._global, "aggregation")
+        dim = sum(int(np.prod(a.shape)) for a in arrays.values()) + wire.EXTRA_COORDS
         try:
             if self.protocol == "additive":
                 total, included = self._finish_additive(server_round, got, dim)
@@ -600,10 +608,9 @@ class SecureAggregation(StrategyWrapper):
     def _finish_masking(
         self, server_round: int, got: Mapping[int, RecordDict], dim: int
     ) -> tuple[np.ndarray, list[int]]:
-        ep = self._epoch
-        assert ep is not None
+        ep = _started(self._epoch, "unmasking")
         server: MaskingServer = ep["server"]
-        masked, bsh, commits = {}, {}, {}
+        masked, self_mask_shares, commits = {}, {}, {}
         for p in self._parties:
             if p not in got:
                 continue
@@ -623,22 +630,22 @@ class SecureAggregation(StrategyWrapper):
                     f"({dim},) with share ciphertexts)",
                 )
                 continue
-            masked[p], bsh[p] = y, cts
+            masked[p], self_mask_shares[p] = y, cts
             if rec is not None and "commit" in rec:
                 commits[p] = bytes(rec["commit"])
         try:
-            S, D, routed = server.plan_unmask(masked, bsh, self._parties)
+            survivors, dropped, routed = server.plan_unmask(masked, self_mask_shares, self._parties)
         except MaskingError as exc:
             raise SecureAggregationError(f"round {server_round}: {exc}") from exc
         cfgs = {
             p: ConfigRecord(
                 {
-                    wire.PREFIX + "survivors": S,
-                    wire.PREFIX + "dropped": D,
+                    wire.PREFIX + "survivors": survivors,
+                    wire.PREFIX + "dropped": dropped,
                     **wire.pack_cts(routed[p], wire.PREFIX + "in_"),
                 }
             )
-            for p in S
+            for p in survivors
         }
         got = self._exchange(server_round, "unmask", wire.UNMASK, cfgs)
         reveals = {}
@@ -658,7 +665,9 @@ class SecureAggregation(StrategyWrapper):
                 )
         server.faults.clear()
         try:
-            total = server.unmask(server_round, masked, S, D, reveals, commitments=commits)
+            total = server.unmask(
+                server_round, masked, survivors, dropped, reveals, commitments=commits
+            )
         except MaskingError as exc:
             raise SecureAggregationError(f"round {server_round}: {exc}") from exc
         finally:
@@ -666,4 +675,4 @@ class SecureAggregation(StrategyWrapper):
                 self.fault(server_round, f["party"], f["stage"], f["reason"])
         if server.revealed:
             self._epoch = None  # dropped parties' mask keys are known now: re-key
-        return total, S
+        return total, survivors
