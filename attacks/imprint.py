@@ -55,6 +55,8 @@ IMAGE_SHAPE = (1, 28, 28)
 _MEASUREMENT_SEED = 7001
 _PROBE_SEED = 7002
 _PSNR_CAP = 100.0
+# Pairs drawn in the report's figure: a grid of hundreds of panels takes minutes to draw.
+_FIGURE_PAIRS = 64
 
 
 # --------------------------------------------------------------------------- sizing
@@ -357,10 +359,24 @@ def imprint_bins_of(scenario: Scenario) -> int:
     return im.bins or bins_for_fraction(imprinted_samples(scenario), im.target_fraction)
 
 
+def summed_parties(scenario: Scenario) -> int:
+    """Parties whose updates the aggregate of one round is expected to hold.
+
+    The parties of a round (``scenario.parties_per_round``, else all of them) less the
+    expected dropouts, except those that drop out at masking's unmask stage: their masked
+    inputs were already sent, and the sum is recovered with them.
+    """
+    s = scenario.scenario
+    parties = s.per_round(scenario.data.parties)
+    if s.dropout_rate and s.dropout_stage != "unmask":
+        parties = round(parties * (1.0 - s.dropout_rate))
+    return max(parties, 1)
+
+
 def imprinted_samples(scenario: Scenario) -> int:
     """Samples the attacker of ``scenario`` expects in the aggregate it reconstructs."""
     im = scenario.attack.imprint
-    parties = scenario.data.parties
+    parties = summed_parties(scenario)
     if im.role == "malicious-participant":
         parties -= 1
     return samples_per_round(scenario, max(parties, 1))
@@ -376,12 +392,13 @@ def aggregate_noise_std(scenario: Scenario) -> float:
     ``2**-frac_bits`` (uniform error, std ``step / sqrt(12)``); the errors add and the sum
     is divided by ``Σ w_i >= n`` (weights are example counts), so the std is at most
     ``step / sqrt(12 n)``. 0 without secure aggregation. DP noise is deliberately not
-    included: it is the defense, not measurement noise.
+    included: it is the defense, not measurement noise. ``n`` is
+    :func:`summed_parties`: the parties of one round, not of the federation.
     """
     if scenario.defense.secure_aggregation == "none":
         return 0.0
     step = 2.0**-scenario.defense.secagg.frac_bits
-    return step / math.sqrt(12.0 * scenario.data.parties)
+    return step / math.sqrt(12.0 * summed_parties(scenario))
 
 
 @dataclass
@@ -539,6 +556,7 @@ def evaluate_imprint(
     notes: list[str] | None = None,
     verified: int | None = None,
     total: int | None = None,
+    occupied: int | None = None,
 ) -> AttackReport:
     """Score recovered images against the union of the attacked batches.
 
@@ -569,6 +587,9 @@ def evaluate_imprint(
     total : int, optional
         Samples in the aggregate when ``truth`` is a superset of them (default: all of
         ``truth``).
+    occupied : int, optional
+        Bins that carried signal (singles and collisions): reported with the fraction of
+        them that gave a recovered sample.
     """
     im = scenario.attack.imprint
     total = int(truth.shape[0]) if total is None else int(total)
@@ -590,6 +611,8 @@ def evaluate_imprint(
         if not rows:
             ssim_mean = float(ssim(images[perm[hit]], truth[hit]).mean())
         shown = hit if total != truth.shape[0] else torch.ones_like(hit)  # matched ones only
+        if int(shown.sum()) > _FIGURE_PAIRS:  # a large aggregate: its first matched samples
+            shown = hit & (torch.cumsum(hit.long(), 0) <= _FIGURE_PAIRS)
         figures[f"imprint_{role}.png"] = image_grid_figure(
             truth[shown],
             images,
@@ -598,6 +621,18 @@ def evaluate_imprint(
             title=f"imprint ({role}): {recovered}/{total} at PSNR ≥ {im.recovered_psnr:g} dB",
         )
     measured = recovered / total if total else float("nan")
+    extra: dict[str, float] = {}
+    bin_lines: list[str] = []
+    if occupied is not None:
+        extra = {
+            "occupied_bins": int(occupied),
+            "recovered_per_occupied_bin": recovered / occupied if occupied else float("nan"),
+        }
+        bin_lines = [
+            f"{occupied} of {bins} bins carried signal; {recovered} of them "
+            f"({extra['recovered_per_occupied_bin']:.3f}) gave a sample at PSNR >= "
+            f"{im.recovered_psnr:g} dB"
+        ]
     lines = [
         f"bins k = {bins}, samples N = {total}: expected fraction (1-1/k)^(N-1) = "
         f"{expected:.3f}, measured {measured:.3f} ({recovered}/{total} at PSNR >= "
@@ -617,7 +652,8 @@ def evaluate_imprint(
             "ssim_mean": ssim_mean,
             "bins": int(bins),
             "seconds": float(seconds),
+            **extra,
         },
         figures=figures,
-        notes=lines + list(notes or []),
+        notes=lines + bin_lines + list(notes or []),
     )

@@ -25,6 +25,7 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 from privfl.config import SCENARIO_KEY, Scenario, ScenarioError, scenario_from_json
 from privfl.data import cache_dir
 from privfl.dp import seed_secret
+from privfl.flower.wire import PREFIX as _SA
 from privfl.refusal import (  # noqa: F401  (re-exported: the party side of refusals)
     REFUSAL_CODE,
     REFUSAL_PREFIX,
@@ -34,7 +35,6 @@ from privfl.refusal import (  # noqa: F401  (re-exported: the party side of refu
 )
 from privfl.results import atomic_write_private
 from privfl.secagg.identity import IdentityError, derive_identity, derive_roster
-from privfl.secagg.wire import PREFIX as _SA
 
 # --------------------------------------------------------------------------- the policy
 

@@ -34,8 +34,8 @@ from privfl.config import SCENARIO_KEY, Scenario, scenario_from_json
 from privfl.dp import check_distributed, distributed_epsilon, distributed_noise
 from privfl.errors import PrivflError
 from privfl.fixedpoint import FixedPointCodec
+from privfl.flower import wire
 from privfl.refusal import RefusalError, refusal_reply
-from privfl.secagg import wire
 from privfl.secagg.additive import AdditiveParty
 from privfl.secagg.channel import ChannelError
 from privfl.secagg.identity import IdentityError, sign_keys, verify_keys

@@ -142,7 +142,7 @@ def _run_inprocess(
     sc: Scenario, out: Path, *, progress: bool | None, auditor: Any
 ) -> dict[str, Any]:
     from privfl.clients.app import make_client_app
-    from privfl.secagg.loopback import LoopbackGrid
+    from privfl.flower.loopback import LoopbackGrid
     from privfl.server import run_federation
 
     # Node ids are arbitrary to the protocol; offset so that none is 0 (the server's).

@@ -55,10 +55,11 @@ from privfl.config import SCENARIO_KEY, Scenario
 from privfl.data import load_federation
 from privfl.dp import distributed_noise, flatten, seed_secret
 from privfl.fixedpoint import FixedPointCodec
+from privfl.flower import wire
 from privfl.models import build_model
 from privfl.refusal import refusal_reason
 from privfl.results import AttackReport
-from privfl.secagg import prg, shamir, wire
+from privfl.secagg import prg, shamir
 from privfl.secagg.additive import AdditiveServer, RoundAbortedError, share_stage
 from privfl.secagg.channel import ChannelError, SecureChannel, private_bytes
 

@@ -62,7 +62,7 @@ from privfl.dp import (
     global_noise_multiplier,
 )
 from privfl.flower.records import record_with_vector
-from privfl.secagg.wire import SIDE_PREFIX
+from privfl.flower.wire import SIDE_PREFIX
 
 log = logging.getLogger(__name__)
 

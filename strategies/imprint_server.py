@@ -36,7 +36,7 @@ from privfl.attacks.imprint import (
     reconstruct_from_update,
     strongest_bins_readout,
 )
-from privfl.strategies.wrapper import StrategyWrapper
+from privfl.strategies.wrapper import StrategyWrapper, strategy_chain
 
 from privfl.config import SCENARIO_KEY, Scenario, scenario_from_json
 from privfl.data import load_federation, sample_shape
@@ -82,12 +82,17 @@ class ImprintServerEvaluator:
         collisions: int,
         verified: int,
         notes: list[str],
+        occupied: int | None = None,
     ) -> AttackReport:
         """The report on ``images`` (what the attacker read off the aggregate of
-        ``attack_round``), taken from the aggregate of ``parties`` (all when empty)."""
+        ``attack_round``), taken from the aggregate of ``parties`` (all when empty);
+        ``occupied``: the bins that carried signal."""
         sc = self.scenario
         parties = parties or list(range(sc.data.parties))
-        lines = [f"attacked the aggregate of round {attack_round} over parties {parties}"]
+        shown = f"{parties}" if len(parties) <= 12 else f"[{str(parties[:12])[1:-1]}, ...]"
+        lines = [
+            f"attacked the aggregate of round {attack_round} over {len(parties)} parties {shown}"
+        ]
         total = None
         if sc.defense.dp.mode == "client":
             # The parties' Poisson batches are drawn from their own secrets: score
@@ -114,6 +119,7 @@ class ImprintServerEvaluator:
             notes=[*lines, *notes],
             verified=verified,
             total=total,
+            occupied=occupied,
         )
 
 
@@ -249,7 +255,7 @@ class ImprintServer(StrategyWrapper):
             if arrays is None:
                 self._reports.append(self._report_nothing("the round produced no aggregate"))
             else:
-                self._attack(arrays, self._parties(replies))
+                self._attack(arrays, self._parties(server_round, replies))
             if arrays is not None and self._training:
                 # The round ran on the server's own hyper-parameters (one big step on a
                 # few samples): keep the model it sent rather than set training back.
@@ -289,8 +295,14 @@ class ImprintServer(StrategyWrapper):
             }
         )
 
-    def _parties(self, replies: list[Message]) -> list[int]:
-        """Parties whose samples can be in the aggregate (evaluator's view)."""
+    def _parties(self, server_round: int, replies: list[Message]) -> list[int]:
+        """Parties whose samples are in the aggregate (evaluator's view): those secure
+        aggregation summed when it ran (a party that dropped out after its masked input
+        left is in the sum; one excluded from it is not), else those that replied."""
+        for strategy in strategy_chain(self.inner):
+            included = getattr(strategy, "included", None)
+            if isinstance(included, Mapping) and server_round in included:
+                return sorted(int(p) for p in included[server_round])
         return sorted(
             {
                 self.party_of[m.metadata.src_node_id]
@@ -335,6 +347,7 @@ class ImprintServer(StrategyWrapper):
                 collisions=recon.collisions,
                 verified=recon.images.shape[0],
                 notes=notes,
+                occupied=recon.occupied,
             )
         )
 

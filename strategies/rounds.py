@@ -21,8 +21,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from privfl.strategies.wrapper import StrategyWrapper
 
+from privfl.flower.wire import SIDE_PREFIX
 from privfl.refusal import diverged_reason, refusal_reason
-from privfl.secagg.wire import SIDE_PREFIX
 
 
 def sample_parties(

@@ -40,8 +40,8 @@ from privfl.strategies.wrapper import StrategyWrapper, strategy_chain, weighted_
 from privfl.config import SCENARIO_KEY, Scenario
 from privfl.errors import PrivflError
 from privfl.fixedpoint import FixedPointCodec
+from privfl.flower import wire
 from privfl.refusal import diverged_reason, refusal_reason
-from privfl.secagg import wire
 from privfl.secagg.additive import AdditiveServer, RoundAbortedError
 from privfl.secagg.masking import MaskingError, MaskingServer
 

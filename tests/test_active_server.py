@@ -28,8 +28,8 @@ from privfl.strategies.active_server import (
 
 from privfl.config import ACTIVE_ATTACKS, Scenario, load_scenario, scenario_dir
 from privfl.data import load_federation
+from privfl.flower.loopback import LoopbackGrid
 from privfl.models import build_model
-from privfl.secagg.loopback import LoopbackGrid
 from privfl.server import run_federation
 
 SECRET = bytes(range(32))  # the lab secret of the simulated parties (keys, lab noise)

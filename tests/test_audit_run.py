@@ -12,7 +12,7 @@ from privfl.clients.app import make_client_app
 from privfl.config import ScenarioError, load_scenario, resolve_scenario_path
 from privfl.data import load_federation
 from privfl.dp import sgd as dp_sgd
-from privfl.secagg.loopback import LoopbackGrid
+from privfl.flower.loopback import LoopbackGrid
 from privfl.server import make_auditor, run_federation
 
 

@@ -15,8 +15,8 @@ from privfl.strategies.secure_aggregation import SecureAggregation, curious_read
 from torch import nn
 
 from privfl.config import Scenario
-from privfl.secagg import wire
-from privfl.secagg.loopback import LoopbackGrid
+from privfl.flower import wire
+from privfl.flower.loopback import LoopbackGrid
 
 torch.set_num_threads(1)
 LR = 0.1

@@ -31,7 +31,7 @@ from privfl.dp import (
     seed_secret,
     wrap_probability_bound,
 )
-from privfl.secagg.loopback import LoopbackGrid
+from privfl.flower.loopback import LoopbackGrid
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 

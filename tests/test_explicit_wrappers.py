@@ -39,8 +39,8 @@ from privfl.config import ACTIVE_ATTACKS, SCENARIO_KEY, Scenario, load_scenario,
 from privfl.data import load_federation
 from privfl.dp import distributed_noise, seed_secret
 from privfl.fixedpoint import FixedPointCodec
+from privfl.flower.loopback import LoopbackGrid
 from privfl.models import build_model
-from privfl.secagg.loopback import LoopbackGrid
 from privfl.training import local_batches, round_batch_data
 
 SECRET = bytes(range(32))  # the lab secret of the simulated parties

@@ -15,8 +15,8 @@ from privfl.strategies.secure_aggregation import SecureAggregation
 from privfl.config import SCENARIO_KEY, Scenario, ScenarioError
 from privfl.data import load_federation
 from privfl.dp import accounted_sampling_rate
+from privfl.flower.loopback import LoopbackGrid
 from privfl.models import build_model
-from privfl.secagg.loopback import LoopbackGrid
 
 SECRET = bytes(range(32))
 PARTIES, PER_ROUND = 12, 8

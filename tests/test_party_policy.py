@@ -23,10 +23,10 @@ from privfl.strategies.secure_aggregation import SecureAggregation
 from privfl.config import SCENARIO_KEY, Scenario
 from privfl.data import load_federation
 from privfl.dp import accounted_sampling_rate, distributed_noise, seed_secret
+from privfl.flower import wire
+from privfl.flower.loopback import LoopbackGrid
 from privfl.models import build_model
 from privfl.refusal import REFUSAL_CODE, refusal_reason
-from privfl.secagg import wire
-from privfl.secagg.loopback import LoopbackGrid
 from privfl.secagg.masking import MaskingError, MaskingParty, MaskingServer
 
 NODES = {100 + i: i for i in range(3)}

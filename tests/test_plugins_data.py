@@ -27,9 +27,9 @@ from privfl import run_scenario
 from privfl.config import Scenario, ScenarioError, load_scenario, resolve_scenario_path
 from privfl.data import DataError, flwr_datasets_partition, load_dataset, load_federation
 from privfl.errors import UserError
+from privfl.flower.loopback import LoopbackGrid
 from privfl.metrics.images import image_grid_figure, psnr
 from privfl.models import build_model, build_task_model
-from privfl.secagg.loopback import LoopbackGrid
 from privfl.server import run_federation
 
 torch.set_num_threads(1)

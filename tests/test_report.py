@@ -15,11 +15,11 @@ import torch
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 from privfl.clients.app import make_client_app
 
+from privfl.flower.loopback import LoopbackGrid
 from privfl.metrics.images import image_grid_figure
 from privfl.report import RunFolderError, key_metrics, render_report, training_figure, write_run
 from privfl.results import SCHEMA_PATH, SCHEMA_VERSION, AttackReport
 from privfl.runner import resolve
-from privfl.secagg.loopback import LoopbackGrid
 from privfl.server import run_federation
 
 

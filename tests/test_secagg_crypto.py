@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from privfl.secagg import prg, shamir, wire
+from privfl.flower import wire
+from privfl.secagg import prg, shamir
 from privfl.secagg.channel import ChannelError, SecureChannel
 
 SESSION = b"s" * 16

@@ -24,8 +24,8 @@ from privfl.strategies.secure_aggregation import (
 
 from privfl.config import Scenario
 from privfl.fixedpoint import EncodingError
-from privfl.secagg import wire
-from privfl.secagg.loopback import LoopbackGrid
+from privfl.flower import wire
+from privfl.flower.loopback import LoopbackGrid
 
 SHAPES = {"w": (4, 3), "b": (3,)}
 NODES = {100 + i: i for i in range(6)}  # node id -> party

@@ -30,8 +30,8 @@ from privfl.strategies import (
 
 from privfl.config import SCENARIO_KEY, STRATEGIES, Scenario, ScenarioError
 from privfl.fixedpoint import FixedPointCodec
+from privfl.flower.loopback import LoopbackGrid
 from privfl.plugins import load_object
-from privfl.secagg.loopback import LoopbackGrid
 from privfl.server import run_federation
 from privfl.training import round_batch_data, train_local
 

@@ -46,8 +46,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from privfl.config import SCENARIO_KEY, Scenario
 from privfl.errors import UserError
+from privfl.flower.loopback import LoopbackGrid
 from privfl.results import atomic_write_text
-from privfl.secagg.loopback import LoopbackGrid
 
 METHODS = ("plain", "additive", "masking", "masking+dp", "flower-secagg+")
 PARTIES = (10, 30, 100, 300, 1000)

@@ -2,7 +2,7 @@
 
 Round time of plain FedAvg vs ``additive`` vs ``masking`` vs Flower's own SecAgg+
 workflow (legacy API), all over the same in-process Grid
-(:class:`privfl.secagg.loopback.LoopbackGrid`) so only protocol work differs; round
+(:class:`privfl.flower.loopback.LoopbackGrid`) so only protocol work differs; round
 trips and bytes sent per party per round; the per-party encode + mask time for a
 ``d``-coordinate update, fast kernels against their slow references in the same run,
 against the AES-CTR floor: one expansion of ``d`` ring words into a ready buffer, i.e.
@@ -29,8 +29,8 @@ from flwr.serverapp.strategy import FedAvg
 
 from privfl.config import Scenario
 from privfl.fixedpoint import FixedPointCodec
+from privfl.flower.loopback import LoopbackGrid
 from privfl.secagg import prg
-from privfl.secagg.loopback import LoopbackGrid
 from privfl.secagg.masking import MaskingParty
 
 

@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.task_identity import TaskIdentity
 
-from privfl.secagg.wire import copy_content
+from privfl.flower.wire import copy_content
 
 DropRule = Callable[[int, str], bool]
 
