@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
+from privfl.architecture import build_model
 from privfl.config import SCENARIO_KEY, Scenario, scenario_from_json
 from privfl.data import load_federation
 from privfl.dp import clip_l2, flatten, global_noise_multiplier
 from privfl.fixedpoint import FixedPointCodec
-from privfl.models import build_model
 from privfl.training import TrainConfig, resolve_device, train_local
 
 # Recomputed training matches a party's to float rounding; relative tolerance of weights.

@@ -1152,7 +1152,7 @@ def run_membership(
     for k, split in enumerate(splits):
         target_model = given_model
         if target_model is None:
-            from privfl.models import build_model
+            from privfl.architecture import build_model
 
             # Target 0 uses the single target's seed tag: K = 1 is the single-target attack.
             tag = "mia-target" if k == 0 else f"mia-target-{k}"

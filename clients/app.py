@@ -21,6 +21,9 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+
+from privfl.architecture import build_model
+from privfl.audit import RunAuditor
 from privfl.clients.dp_mods import clip_update_mod
 from privfl.clients.dp_sgd import BudgetExhaustedError, dp_sgd_round
 from privfl.clients.malicious_participant import participant_mod
@@ -33,8 +36,6 @@ from privfl.clients.policy import (
     simulation_policy,
 )
 from privfl.clients.secagg import EPSILON_SIDE, register_secure_aggregation, secagg_mod
-
-from privfl.audit import RunAuditor
 from privfl.config import (
     SCENARIO_KEY,
     Scenario,
@@ -43,7 +44,6 @@ from privfl.config import (
     scenario_from_json,
 )
 from privfl.data import ImageSet, PartyData, load_federation, own_data
-from privfl.models import build_model
 from privfl.refusal import diverged_reply
 from privfl.secagg.identity import load_roster
 from privfl.training import TrainConfig, evaluate, resolve_device, train_local

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
+
 from privfl.attacks.imprint import (
     BIAS_KEY,
     WEIGHT_KEY,
@@ -36,7 +37,6 @@ from privfl.attacks.imprint import (
     imprint_bins_of,
     reconstruct_from_update,
 )
-
 from privfl.config import Scenario
 from privfl.data import sample_shape
 from privfl.results import AttackReport

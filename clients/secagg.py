@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from privfl.clients.policy import PartyRecord, party_record
 
+from privfl.clients.policy import PartyRecord, party_record
 from privfl.config import SCENARIO_KEY, Scenario, scenario_from_json
 from privfl.dp import check_distributed, distributed_epsilon, distributed_noise
 from privfl.errors import PrivflError

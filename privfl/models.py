@@ -18,8 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from privfl.config import Scenario, ScenarioError
-from privfl.data import sample_shape
+from privfl.config import ScenarioError
 from privfl.plugins import load_object
 
 INPUT_SHAPE = (1, 28, 28)
@@ -209,25 +208,3 @@ def _check_output(spec: str, model: nn.Module, shape: tuple[int, ...], num_class
             f"model.name: the model of {spec} maps a batch of shape {(2, *shape)} to {got}, "
             f"expected logits of shape (2, {num_classes})"
         )
-
-
-def build_model(
-    scenario: Scenario, num_classes: int, input_shape: Sequence[int] | None = None
-) -> nn.Module:
-    """The model every party of ``scenario`` trains, seeded by the scenario's seed.
-
-    ``input_shape`` defaults to the shape of the scenario's samples
-    (:func:`privfl.data.sample_shape`). When the scenario's attack ships a rigged model
-    (imprint), the task model is wrapped here so that the server and all parties agree on
-    the architecture.
-    """
-    shape = tuple(sample_shape(scenario) if input_shape is None else input_shape)
-    torch.manual_seed(scenario.scenario.seed)
-    model = build_task_model(
-        scenario.model.name, num_classes, scenario.model.hidden, input_shape=shape
-    )
-    if scenario.attack.kind == "imprint":
-        from privfl.attacks.imprint import rig_model
-
-        model = rig_model(model, scenario, num_classes)
-    return model

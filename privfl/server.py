@@ -21,11 +21,11 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from privfl import __version__
+from privfl.architecture import build_model
 from privfl.audit import RunAuditor, audit_report
 from privfl.config import SCENARIO_KEY, Scenario, load_scenario, resolve_scenario_path
 from privfl.data import load_federation
 from privfl.dp import utility_warning
-from privfl.models import build_model
 from privfl.results import AttackReport
 from privfl.strategies.factory import build_strategy
 from privfl.strategies.rounds import FederationRounds

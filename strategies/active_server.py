@@ -41,7 +41,20 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+from torch import nn
+
+from privfl.architecture import build_model
 from privfl.attacks.active_server import ActiveServerEvaluator, Score
+from privfl.config import SCENARIO_KEY, Scenario
+from privfl.data import load_federation
+from privfl.dp import distributed_noise, flatten, seed_secret
+from privfl.fixedpoint import FixedPointCodec
+from privfl.flower import wire
+from privfl.refusal import refusal_reason
+from privfl.results import AttackReport
+from privfl.secagg import prg, shamir
+from privfl.secagg.additive import AdditiveServer, RoundAbortedError, share_stage
+from privfl.secagg.channel import ChannelError, SecureChannel, private_bytes
 from privfl.strategies.dp_global import DPGlobalUpdate
 from privfl.strategies.secure_aggregation import (
     SecureAggregation,
@@ -49,19 +62,6 @@ from privfl.strategies.secure_aggregation import (
     stage_messages,
 )
 from privfl.strategies.wrapper import GridProxy, StrategyWrapper
-from torch import nn
-
-from privfl.config import SCENARIO_KEY, Scenario
-from privfl.data import load_federation
-from privfl.dp import distributed_noise, flatten, seed_secret
-from privfl.fixedpoint import FixedPointCodec
-from privfl.flower import wire
-from privfl.models import build_model
-from privfl.refusal import refusal_reason
-from privfl.results import AttackReport
-from privfl.secagg import prg, shamir
-from privfl.secagg.additive import AdditiveServer, RoundAbortedError, share_stage
-from privfl.secagg.channel import ChannelError, SecureChannel, private_bytes
 
 ROLE = "malicious-server"
 SERVER_ROUND = "server-round"

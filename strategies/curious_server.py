@@ -28,11 +28,11 @@ from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
-from privfl.attacks.gradient_inversion import AttackerKnowledge, Reconstruction, invert_update
-from privfl.strategies.wrapper import GridProxy, StrategyWrapper
 
+from privfl.attacks.gradient_inversion import AttackerKnowledge, Reconstruction, invert_update
 from privfl.config import Scenario
 from privfl.results import AttackReport
+from privfl.strategies.wrapper import GridProxy, StrategyWrapper
 
 ROUND_KEY = "server-round"
 
@@ -151,7 +151,7 @@ class CuriousServer(StrategyWrapper):
     party_of : Mapping[int, int]
         Node id -> party index.
     model : torch.nn.Module, optional
-        The architecture (default: ``privfl.models.build_model`` of the scenario); the
+        The architecture (default: ``privfl.architecture.build_model`` of the scenario); the
         weights come from what the server sent.
     num_classes : int, optional
         Default: from the federation.
@@ -297,7 +297,7 @@ class CuriousServer(StrategyWrapper):
         if self._num_classes is None:
             self._num_classes = load_federation(self.scenario).num_classes
         if self._model is None:
-            from privfl.models import build_model
+            from privfl.architecture import build_model
 
             self._model = build_model(self.scenario, self._num_classes)
         model = copy.deepcopy(self._model)

@@ -48,7 +48,6 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
-from privfl.strategies.wrapper import StrategyWrapper, weighted_by_key
 
 from privfl.config import Scenario
 from privfl.dp import (
@@ -63,6 +62,7 @@ from privfl.dp import (
 )
 from privfl.flower.records import record_with_vector
 from privfl.flower.wire import SIDE_PREFIX
+from privfl.strategies.wrapper import StrategyWrapper, weighted_by_key
 
 log = logging.getLogger(__name__)
 

@@ -27,12 +27,12 @@ from flwr.serverapp.strategy import (
     QFedAvg,
     Strategy,
 )
-from privfl.strategies.dp_global import DPGlobalUpdate
-from privfl.strategies.rounds import FederationRounds, aggregate_metrics
-from privfl.strategies.secure_aggregation import SecureAggregation
 
 from privfl.config import Scenario, ScenarioError
 from privfl.plugins import call_object, check_kwargs, is_plugin_spec, load_object
+from privfl.strategies.dp_global import DPGlobalUpdate
+from privfl.strategies.rounds import FederationRounds, aggregate_metrics
+from privfl.strategies.secure_aggregation import SecureAggregation
 
 # ``strategy.name`` -> Flower's class.
 BUILTIN_STRATEGIES: dict[str, type[Strategy]] = {

@@ -4,7 +4,7 @@
 ⊃ DPGlobalUpdate ⊃ FedAvg``): it is the server, so it sees what a server sees — the
 global model it sends and the aggregate its inner strategy returns — and nothing of a
 single party's update. The model it ships is rigged before the run
-(``privfl.models.build_model`` or :func:`privfl.attacks.imprint.rig_model`: an imprint
+(``privfl.architecture.build_model`` or :func:`privfl.attacks.imprint.rig_model`: an imprint
 block in front of the task model, :mod:`privfl.attacks.imprint`); honest parties train
 it normally and aggregation runs unchanged.
 
@@ -22,6 +22,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+
 from privfl.attacks.imprint import (
     BIAS_KEY,
     FAMILIES,
@@ -36,11 +37,10 @@ from privfl.attacks.imprint import (
     reconstruct_from_update,
     strongest_bins_readout,
 )
-from privfl.strategies.wrapper import StrategyWrapper, strategy_chain
-
 from privfl.config import SCENARIO_KEY, Scenario, scenario_from_json
 from privfl.data import load_federation, sample_shape
 from privfl.results import AttackReport
+from privfl.strategies.wrapper import StrategyWrapper, strategy_chain
 from privfl.training import round_batch_data
 
 _KEYS = (WEIGHT_KEY, BIAS_KEY)

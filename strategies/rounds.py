@@ -19,10 +19,10 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from privfl.strategies.wrapper import StrategyWrapper
 
 from privfl.flower.wire import SIDE_PREFIX
 from privfl.refusal import diverged_reason, refusal_reason
+from privfl.strategies.wrapper import StrategyWrapper
 
 
 def sample_parties(

@@ -35,7 +35,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.app.metadata import Metadata
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from privfl.strategies.wrapper import StrategyWrapper, strategy_chain, weighted_by_key
 
 from privfl.config import SCENARIO_KEY, Scenario
 from privfl.errors import PrivflError
@@ -44,6 +43,7 @@ from privfl.flower import wire
 from privfl.refusal import diverged_reason, refusal_reason
 from privfl.secagg.additive import AdditiveServer, RoundAbortedError
 from privfl.secagg.masking import MaskingError, MaskingServer
+from privfl.strategies.wrapper import StrategyWrapper, strategy_chain, weighted_by_key
 
 # Reply polling of stage exchanges: first wait, and the cap when the grid names none.
 _MIN_POLL_S = 0.001

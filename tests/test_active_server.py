@@ -17,7 +17,13 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import FedAvg
+
+from privfl.architecture import build_model
 from privfl.clients.app import make_client_app
+from privfl.config import ACTIVE_ATTACKS, Scenario, load_scenario, scenario_dir
+from privfl.data import load_federation
+from privfl.flower.loopback import LoopbackGrid
+from privfl.server import run_federation
 from privfl.strategies.active_server import (
     ACTIVE_SERVERS,
     ServerGrid,
@@ -25,12 +31,6 @@ from privfl.strategies.active_server import (
     dead_relu_model,
     downgraded_scenario,
 )
-
-from privfl.config import ACTIVE_ATTACKS, Scenario, load_scenario, scenario_dir
-from privfl.data import load_federation
-from privfl.flower.loopback import LoopbackGrid
-from privfl.models import build_model
-from privfl.server import run_federation
 
 SECRET = bytes(range(32))  # the lab secret of the simulated parties (keys, lab noise)
 METHODS = sorted(ACTIVE_ATTACKS)

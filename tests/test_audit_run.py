@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-from privfl.clients.app import make_client_app
 
+from privfl.clients.app import make_client_app
 from privfl.config import ScenarioError, load_scenario, resolve_scenario_path
 from privfl.data import load_federation
 from privfl.dp import sgd as dp_sgd

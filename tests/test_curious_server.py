@@ -9,14 +9,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from privfl.clients.secagg import register_secure_aggregation, secagg_mod
-from privfl.strategies.curious_server import CuriousServer, RecordingGrid
-from privfl.strategies.secure_aggregation import SecureAggregation, curious_read
 from torch import nn
 
+from privfl.clients.secagg import register_secure_aggregation, secagg_mod
 from privfl.config import Scenario
 from privfl.flower import wire
 from privfl.flower.loopback import LoopbackGrid
+from privfl.strategies.curious_server import CuriousServer, RecordingGrid
+from privfl.strategies.secure_aggregation import SecureAggregation, curious_read
 
 torch.set_num_threads(1)
 LR = 0.1

@@ -14,10 +14,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.hashes import SHA256
 from flwr.app import Context, RecordDict
-from privfl.clients.app import node_policy
 
 from privfl import run_scenario
 from privfl.cli import main as cli_main
+from privfl.clients.app import node_policy
 from privfl.config import load_scenario
 from privfl.deployment import (
     Cluster,
@@ -69,8 +69,8 @@ def test_node_reads_its_own_policy_and_data_root(tmp_path):
 
 def test_a_node_with_own_data_trains_on_all_of_it(tmp_path):
     import numpy as np
-    from privfl.clients.app import _my_data
 
+    from privfl.clients.app import _my_data
     from privfl.config import Scenario
 
     raw = tmp_path / "MNIST" / "raw"

@@ -11,10 +11,9 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from privfl.clients.dp_mods import clip_update_mod
-from privfl.strategies.dp_global import DPGlobalUpdate
 from scipy import stats
 
+from privfl.clients.dp_mods import clip_update_mod
 from privfl.config import Scenario, ScenarioError
 from privfl.dp import (
     GaussianAggregateMechanism,
@@ -32,6 +31,7 @@ from privfl.dp import (
     wrap_probability_bound,
 )
 from privfl.flower.loopback import LoopbackGrid
+from privfl.strategies.dp_global import DPGlobalUpdate
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from flwr.app import RecordDict
 from opacus.grad_sample import GradSampleModule
 from opacus.optimizers import DPOptimizer
-from privfl.clients.dp_sgd import STATE_KEY, dp_sgd_round
 from torch import nn
 
+from privfl.clients.dp_sgd import STATE_KEY, dp_sgd_round
 from privfl.config import Scenario
 from privfl.dp import KeyStream
 from privfl.dp.clip import BookkeepingClipper, UnsupportedLayerError

@@ -8,9 +8,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 from flwr.app import RecordDict
-from privfl.clients.dp_sgd import STATE_KEY, dp_sgd_round
 from torch import nn
 
+from privfl.clients.dp_sgd import STATE_KEY, dp_sgd_round
 from privfl.config import Scenario
 from privfl.dp.sgd import BudgetExhaustedError, train_dp_sgd
 

@@ -15,6 +15,8 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import FedAvg, Strategy
+
+from privfl.architecture import build_model
 from privfl.attacks.active_server import ActiveServerEvaluator
 from privfl.attacks.imprint import (
     BIAS_KEY,
@@ -24,6 +26,11 @@ from privfl.attacks.imprint import (
     imprinted_samples,
 )
 from privfl.clients import TrainConfig, make_client_app, train_local
+from privfl.config import ACTIVE_ATTACKS, SCENARIO_KEY, Scenario, load_scenario, scenario_dir
+from privfl.data import load_federation
+from privfl.dp import distributed_noise, seed_secret
+from privfl.fixedpoint import FixedPointCodec
+from privfl.flower.loopback import LoopbackGrid
 from privfl.strategies import (
     DPGlobalUpdate,
     ImprintServer,
@@ -34,13 +41,6 @@ from privfl.strategies import (
 )
 from privfl.strategies.active_server import ACTIVE_SERVERS, downgraded_scenario
 from privfl.strategies.wrapper import StrategyWrapper
-
-from privfl.config import ACTIVE_ATTACKS, SCENARIO_KEY, Scenario, load_scenario, scenario_dir
-from privfl.data import load_federation
-from privfl.dp import distributed_noise, seed_secret
-from privfl.fixedpoint import FixedPointCodec
-from privfl.flower.loopback import LoopbackGrid
-from privfl.models import build_model
 from privfl.training import local_batches, round_batch_data
 
 SECRET = bytes(range(32))  # the lab secret of the simulated parties

@@ -7,6 +7,8 @@ import math
 
 import pytest
 import torch
+from torch import nn
+
 from privfl.attacks.imprint import (
     BIAS_KEY,
     WEIGHT_KEY,
@@ -19,7 +21,6 @@ from privfl.attacks.imprint import (
     reconstruct_from_update,
 )
 from privfl.clients.malicious_participant import participant_reconstruct
-from torch import nn
 
 torch.set_num_threads(1)
 
@@ -218,10 +219,10 @@ def test_strongest_bins_readout_exact_when_clean_and_garbage_under_noise() -> No
 
 def test_malicious_server_rearms_block_and_keeps_task_aggregate() -> None:
     from flwr.app import Array, ArrayRecord
-    from privfl.strategies.imprint_server import ImprintServer
-    from privfl.strategies.wrapper import StrategyWrapper
 
     from privfl.config import load_scenario
+    from privfl.strategies.imprint_server import ImprintServer
+    from privfl.strategies.wrapper import StrategyWrapper
 
     shipped = ArrayRecord(
         {
@@ -255,12 +256,12 @@ def test_malicious_server_rearms_block_and_keeps_task_aggregate() -> None:
 
 def test_attack_round_uses_server_hyper_parameters_and_is_rolled_back() -> None:
     from flwr.app import Array, ArrayRecord, ConfigRecord
-    from privfl.attacks.imprint import attack_round_scenario
-    from privfl.strategies.imprint_server import ImprintServer
-    from privfl.strategies.wrapper import StrategyWrapper
 
+    from privfl.attacks.imprint import attack_round_scenario
     from privfl.config import Scenario, load_scenario
     from privfl.server import SCENARIO_KEY
+    from privfl.strategies.imprint_server import ImprintServer
+    from privfl.strategies.wrapper import StrategyWrapper
 
     sc = load_scenario("scenarios/imprint_secagg.toml")
     im = sc.attack.imprint

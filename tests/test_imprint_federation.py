@@ -7,18 +7,18 @@ from __future__ import annotations
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
+
+from privfl.architecture import build_model
 from privfl.attacks.imprint import aggregate_noise_std, imprinted_samples, summed_parties
 from privfl.clients.app import make_client_app
 from privfl.clients.policy import drops_out
+from privfl.config import SCENARIO_KEY, Scenario, load_scenario
+from privfl.data import load_federation
+from privfl.flower.loopback import LoopbackGrid
 from privfl.strategies.factory import build_strategy
 from privfl.strategies.imprint_server import ImprintServer
 from privfl.strategies.rounds import sample_parties
 from privfl.strategies.wrapper import strategy_chain
-
-from privfl.config import SCENARIO_KEY, Scenario, load_scenario
-from privfl.data import load_federation
-from privfl.flower.loopback import LoopbackGrid
-from privfl.models import build_model
 
 torch.set_num_threads(1)
 

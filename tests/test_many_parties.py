@@ -6,17 +6,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord
+
+from privfl.architecture import build_model
 from privfl.clients.app import make_client_app
 from privfl.clients.policy import drops_out, simulation_policy
-from privfl.strategies.factory import build_strategy
-from privfl.strategies.rounds import sample_parties
-from privfl.strategies.secure_aggregation import SecureAggregation
-
 from privfl.config import SCENARIO_KEY, Scenario, ScenarioError
 from privfl.data import load_federation
 from privfl.dp import accounted_sampling_rate
 from privfl.flower.loopback import LoopbackGrid
-from privfl.models import build_model
+from privfl.strategies.factory import build_strategy
+from privfl.strategies.rounds import sample_parties
+from privfl.strategies.secure_aggregation import SecureAggregation
 
 SECRET = bytes(range(32))
 PARTIES, PER_ROUND = 12, 8

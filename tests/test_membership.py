@@ -12,10 +12,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from privfl.attacks import membership as M
 from scipy import stats
 from torch import nn
 
+from privfl.attacks import membership as M
 from privfl.config import Scenario
 from privfl.metrics import roc
 from privfl.models import build_task_model

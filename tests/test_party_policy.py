@@ -14,20 +14,20 @@ import json
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from privfl.architecture import build_model
 from privfl.clients.app import make_client_app
 from privfl.clients.policy import PartyPolicy, simulation_policy
-from privfl.strategies.factory import aggregation_strategy
-from privfl.strategies.rounds import FederationRounds
-from privfl.strategies.secure_aggregation import SecureAggregation
-
 from privfl.config import SCENARIO_KEY, Scenario
 from privfl.data import load_federation
 from privfl.dp import accounted_sampling_rate, distributed_noise, seed_secret
 from privfl.flower import wire
 from privfl.flower.loopback import LoopbackGrid
-from privfl.models import build_model
 from privfl.refusal import REFUSAL_CODE, refusal_reason
 from privfl.secagg.masking import MaskingError, MaskingParty, MaskingServer
+from privfl.strategies.factory import aggregation_strategy
+from privfl.strategies.rounds import FederationRounds
+from privfl.strategies.secure_aggregation import SecureAggregation
 
 NODES = {100 + i: i for i in range(3)}
 SECRET = bytes(range(32))
@@ -517,9 +517,8 @@ def test_policy_is_the_partys_own_object():
 
 
 def test_a_deployed_node_reads_its_policy_and_keys_from_its_node_config(tmp_path):
-    from privfl.clients.app import node_policy
-
     from privfl.cli import main
+    from privfl.clients.app import node_policy
     from privfl.secagg.identity import public_identity
 
     assert main(["keys", "--parties", "3", "--out", str(tmp_path)]) == 0

@@ -12,6 +12,10 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from torch import nn
+
+from privfl import run_scenario
+from privfl.architecture import build_model
 from privfl.attacks.imprint import (
     ImprintBlock,
     RiggedModel,
@@ -21,15 +25,12 @@ from privfl.attacks.imprint import (
     reconstruct_from_update,
 )
 from privfl.clients.app import make_client_app
-from torch import nn
-
-from privfl import run_scenario
 from privfl.config import Scenario, ScenarioError, load_scenario, resolve_scenario_path
 from privfl.data import DataError, flwr_datasets_partition, load_dataset, load_federation
 from privfl.errors import UserError
 from privfl.flower.loopback import LoopbackGrid
 from privfl.metrics.images import image_grid_figure, psnr
-from privfl.models import build_model, build_task_model
+from privfl.models import build_task_model
 from privfl.server import run_federation
 
 torch.set_num_threads(1)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from privfl.attacks.gradient_inversion import AttackerKnowledge, dlg, inverting_gradients
 from torch import nn
 
 from privfl import progress
+from privfl.attacks.gradient_inversion import AttackerKnowledge, dlg, inverting_gradients
 
 
 @pytest.fixture

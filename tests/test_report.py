@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 from matplotlib.ticker import MaxNLocator, PercentFormatter
-from privfl.clients.app import make_client_app
 
+from privfl.clients.app import make_client_app
 from privfl.flower.loopback import LoopbackGrid
 from privfl.metrics.images import image_grid_figure
 from privfl.report import RunFolderError, key_metrics, render_report, training_figure, write_run

@@ -9,6 +9,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
+
 from privfl.clients.secagg import (
     SecAggClientError,
     encode_update,
@@ -16,16 +17,15 @@ from privfl.clients.secagg import (
     register_secure_aggregation,
     secagg_mod,
 )
+from privfl.config import Scenario
+from privfl.fixedpoint import EncodingError
+from privfl.flower import wire
+from privfl.flower.loopback import LoopbackGrid
 from privfl.strategies.secure_aggregation import (
     SecureAggregation,
     SecureAggregationError,
     curious_read,
 )
-
-from privfl.config import Scenario
-from privfl.fixedpoint import EncodingError
-from privfl.flower import wire
-from privfl.flower.loopback import LoopbackGrid
 
 SHAPES = {"w": (4, 3), "b": (3,)}
 NODES = {100 + i: i for i in range(6)}  # node id -> party

@@ -4,9 +4,10 @@ import pytest
 import torch
 from opacus.validators import ModuleValidator
 
+from privfl.architecture import build_model
 from privfl.cli import main as cli_main
 from privfl.config import Scenario
-from privfl.models import build_model, build_task_model
+from privfl.models import build_task_model
 from privfl.report import write_run
 from privfl.training import local_batches, round_batch_data, train_local
 

@@ -13,12 +13,18 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, Strategy
+
 from privfl.clients import (
     SecAggSettings,
     make_clip_update_mod,
     make_secagg_mod,
     register_secure_aggregation,
 )
+from privfl.config import SCENARIO_KEY, STRATEGIES, Scenario, ScenarioError
+from privfl.fixedpoint import FixedPointCodec
+from privfl.flower.loopback import LoopbackGrid
+from privfl.plugins import load_object
+from privfl.server import run_federation
 from privfl.strategies import (
     BUILTIN_STRATEGIES,
     DPGlobalUpdate,
@@ -27,12 +33,6 @@ from privfl.strategies import (
     build_strategy,
     strategy_chain,
 )
-
-from privfl.config import SCENARIO_KEY, STRATEGIES, Scenario, ScenarioError
-from privfl.fixedpoint import FixedPointCodec
-from privfl.flower.loopback import LoopbackGrid
-from privfl.plugins import load_object
-from privfl.server import run_federation
 from privfl.training import round_batch_data, train_local
 
 NODES = {100 + i: i for i in range(3)}
@@ -218,7 +218,7 @@ def test_readme_imports_work():
 
 
 def test_proximal_term_keeps_the_party_near_the_global_model():
-    from privfl.models import build_model
+    from privfl.architecture import build_model
 
     sc = _scenario(training={"local_steps": 6, "batch_size": 8, "lr": 0.5})
     data = round_batch_data(sc, 0, 1)

@@ -21,6 +21,7 @@ from privfl.config import Scenario
 
 def imprint_trial(scenario: Scenario) -> dict[str, Any]:
     """Rig, train every party one round, aggregate, reconstruct and score."""
+    from privfl.architecture import build_model
     from privfl.attacks.imprint import (
         attack_round_scenario,
         evaluate_imprint,
@@ -29,7 +30,6 @@ def imprint_trial(scenario: Scenario) -> dict[str, Any]:
         reconstruct_from_update,
     )
     from privfl.data import load_federation
-    from privfl.models import build_model
     from privfl.training import TrainConfig, resolve_device, round_batch_data, train_local
 
     # The attack round's hyper-parameters (the server's own local steps / batch size).

@@ -53,8 +53,8 @@ ROW_KEYS = (
 
 def fedavg_global_model(scenario: Scenario, device: torch.device | str = "cpu") -> nn.Module:
     """The global model of ``scenario.rounds`` rounds of plain FedAvg, in-process."""
+    from privfl.architecture import build_model
     from privfl.data import load_federation
-    from privfl.models import build_model
     from privfl.training import TrainConfig, train_local
 
     fed = load_federation(scenario)

@@ -186,9 +186,9 @@ def _mark(grid: TimedGrid) -> _Marks:
 
 def run_privfl(method: str, n: int, measured: int, overrides: list[str]) -> Row:
     """One row for a privfl method: warm-up plus ``measured`` training rounds."""
+    from privfl.architecture import build_model
     from privfl.clients.app import make_client_app
     from privfl.data import load_federation
-    from privfl.models import build_model
     from privfl.strategies.factory import build_strategy
 
     sc = scenario_for(method, n, measured + 1, overrides)
@@ -237,8 +237,8 @@ def run_flower_secaggplus(n: int, measured: int, overrides: list[str]) -> Row:
     from flwr.server.strategy import FedAvg as LegacyFedAvg
     from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
+    from privfl.architecture import build_model
     from privfl.data import load_federation
-    from privfl.models import build_model
     from privfl.training import train_local
 
     sc = scenario_for("flower-secagg+", n, measured + 1, overrides)
