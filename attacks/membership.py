@@ -38,7 +38,7 @@ from privfl import progress
 from privfl.config import Scenario, ScenarioError
 from privfl.metrics import roc
 from privfl.results import AttackReport
-from privfl.training import derive_seed
+from privfl.seeding import derive_seed
 
 __all__ = [
     "LabelledImages",

@@ -40,6 +40,7 @@ from privfl.secagg.additive import AdditiveParty
 from privfl.secagg.channel import ChannelError
 from privfl.secagg.identity import IdentityError, sign_keys, verify_keys
 from privfl.secagg.masking import MaskingParty
+from privfl.seeding import parts_rng
 
 NoiseFn = Callable[..., np.ndarray]
 
@@ -179,7 +180,7 @@ def encode_update(
     codec = own.codec
     server_round = int(msg.content["config"]["server-round"])
     # The rounding dither is public, not a secret: seed it so a scenario re-encodes alike.
-    dither = np.random.default_rng([own.dither_seed, party, server_round])
+    dither = parts_rng(own.dither_seed, party, server_round)
     # Encoded straight into the message vector: no concatenation copy.
     vec = np.empty(delta.size + wire.EXTRA_COORDS, dtype=codec.dtype)
     body = codec.encode(

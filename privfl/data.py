@@ -67,6 +67,7 @@ import torchvision
 from privfl.config import DataSection, Scenario, ScenarioError
 from privfl.errors import UserError
 from privfl.plugins import load_object
+from privfl.seeding import stream_rng
 
 __all__ = [
     "EMBEDDED_SAMPLE",
@@ -1310,7 +1311,7 @@ def partition(
     n = labels.size
     if n < parties:
         raise ScenarioError(f"data.parties: {parties} parties but only {n} samples to share")
-    rng = np.random.default_rng(_entropy(seed, "partition"))
+    rng = stream_rng(seed, "partition")
     if scheme == "iid":
         parts = np.array_split(rng.permutation(n), parties)
     elif scheme == "dirichlet":
@@ -1380,7 +1381,7 @@ def flwr_datasets_partition(
     n = labels.size
     if parties < 1 or n < parties:
         raise ScenarioError(f"data.parties: {parties} parties for {n} samples")
-    rng = np.random.default_rng(_entropy(seed, "flwr-datasets"))
+    rng = stream_rng(seed, "flwr-datasets")
     fseed = int(rng.integers(2**31))
     pool = Dataset.from_dict({"label": labels.tolist(), "index": list(range(n))})
     if scheme == "iid":
@@ -1408,12 +1409,6 @@ def flwr_datasets_partition(
     part.dataset = pool
     parts = [np.asarray(part.load_partition(i)["index"], dtype=np.int64) for i in range(parties)]
     return _capped(parts, samples_per_party, rng, scheme, n)
-
-
-def _entropy(seed: int, stream: str) -> list[int]:
-    """SeedSequence entropy for ``seed`` (any int) and a named stream."""
-    tag = int.from_bytes(hashlib.sha256(stream.encode()).digest()[:8], "big")
-    return [tag, 0 if seed >= 0 else 1, abs(seed)]
 
 
 def _dirichlet(
@@ -1532,7 +1527,7 @@ def own_data(scenario: Scenario) -> tuple[PartyData, int]:
 @functools.lru_cache(maxsize=2)
 def _own_data(data: DataSection, seed: int, source: tuple) -> tuple[PartyData, int]:
     train, _test, num_classes = _load_sets(source, seed if source[0] == "loader" else 0)
-    rng = np.random.default_rng(_entropy(seed, "own-test"))
+    rng = stream_rng(seed, "own-test")
     everything = np.arange(len(train))
     return _with_local_test(train, everything, data.party_test_fraction, rng), num_classes
 
@@ -1581,9 +1576,9 @@ def _federation(data: DataSection, seed: int, source: tuple) -> Federation:
         seed=seed,
         samples_per_party=data.samples_per_party,
     )
-    rng = np.random.default_rng(_entropy(seed, "party-test"))
+    rng = stream_rng(seed, "party-test")
     parties = [_with_local_test(train, idx, data.party_test_fraction, rng) for idx in parts]
-    perm = np.random.default_rng(_entropy(seed, "server-split")).permutation(len(test))
+    perm = stream_rng(seed, "server-split").permutation(len(test))
     half = len(test) // 2
     public_idx, server_idx = perm[:half], perm[half:]
     if data.server_test_samples:

@@ -7,7 +7,6 @@ attacker ever being handed it.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -17,6 +16,7 @@ from torch import nn
 
 from privfl.config import Scenario, ScenarioError
 from privfl.data import ImageSet, load_federation
+from privfl.seeding import derive_seed
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -29,12 +29,6 @@ def resolve_device(name: str = "auto") -> torch.device:
             "use 'auto' or 'cpu'"
         )
     return torch.device(name)
-
-
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed from any tuple of parts (stable across processes and Python runs)."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 @dataclass(frozen=True)

@@ -15,13 +15,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from privfl.flower.wire import SIDE_PREFIX
 from privfl.refusal import diverged_reason, refusal_reason
+from privfl.seeding import parts_rng
 from privfl.strategies.wrapper import StrategyWrapper
 
 
@@ -38,7 +38,7 @@ def sample_parties(
     pool = sorted(set(parties))
     if not per_round or per_round >= len(pool):
         return pool
-    rng = np.random.default_rng([seed, server_round, _SAMPLE_TAG])
+    rng = parts_rng(seed, server_round, _SAMPLE_TAG)
     return sorted(int(p) for p in rng.choice(pool, size=per_round, replace=False))
 
 
