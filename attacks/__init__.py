@@ -18,7 +18,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "QuantileMIA": "privfl.attacks.membership",
         "OfflineLiRA": "privfl.attacks.membership",
         "loss_attack": "privfl.attacks.membership",
-        "run_membership": "privfl.attacks.membership",
+        "run_membership": "privfl.evaluation.membership",
         "ActiveServerEvaluator": "privfl.attacks.active_server",
     },
 )

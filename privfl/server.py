@@ -234,7 +234,7 @@ def run_federation(
 
     if mia and scenario.attack.membership.target == "single":
         # The hospital-API target is one model trained in-house: no federation involved.
-        from privfl.attacks.membership import run_membership
+        from privfl.evaluation.membership import run_membership
 
         reports = run_membership(scenario, device=resolve_device(scenario.scenario.device))
         target_acc = reports[0].metrics.get("target_test_accuracy") if reports else None
@@ -284,7 +284,7 @@ def run_federation(
                 reports.extend(s.attack_reports())
         reports.extend(_participant_reports(scenario, strategy_chain(strategy)))
         if mia:
-            from privfl.attacks.membership import run_membership
+            from privfl.evaluation.membership import run_membership
 
             reports.extend(
                 run_membership(

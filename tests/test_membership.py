@@ -17,6 +17,7 @@ from torch import nn
 
 from privfl.attacks import membership as M
 from privfl.config import Scenario
+from privfl.evaluation import membership as H
 from privfl.metrics import roc
 from privfl.models import build_task_model
 
@@ -105,9 +106,9 @@ def test_qmia_calibrates_fpr_on_held_out_non_members(qmia_case):
 
 def test_qmia_holds_out_enough_public_records_for_its_operating_point():
     # Two allowed false positives at the operating FPR, between 10% and 30% of the data.
-    assert M.calibration_fraction(0.001, 8000) == pytest.approx(0.25)
-    assert M.calibration_fraction(0.001, 1000) == 0.3
-    assert M.calibration_fraction(0.05, 8000) == 0.1
+    assert H.calibration_fraction(0.001, 8000) == pytest.approx(0.25)
+    assert H.calibration_fraction(0.001, 1000) == 0.3
+    assert H.calibration_fraction(0.05, 8000) == 0.1
     rng = np.random.default_rng(6)
     x, _, s = _synthetic(2000, rng, 0)
     y = torch.zeros(2000, dtype=torch.int64)
@@ -140,7 +141,7 @@ def test_shipped_membership_scenarios_evaluate_balanced_sets(name):
         assert mi.eval_samples == mi.members
         assert math.floor(0.001 * mi.non_members * mi.targets) >= 1
         # QMIA's held-out public split resolves its operating FPR.
-        held_out = M.calibration_fraction(mi.operating_fpr, mi.public_samples) * mi.public_samples
+        held_out = H.calibration_fraction(mi.operating_fpr, mi.public_samples) * mi.public_samples
         assert mi.operating_fpr * held_out >= 1
     else:
         from privfl.data import load_federation
@@ -416,8 +417,8 @@ REQUIRED = {"attack", "auc", "tpr_at_0.1pct_fpr", "tpr_at_1pct_fpr", "precision"
 def test_end_to_end_single_target_on_synthetic_images():
     fed = _federation(np.random.default_rng(0))
     sc = _scenario("single")
-    reports = M.run_membership(sc, federation=fed)
-    again = M.run_membership(sc, federation=fed)
+    reports = H.run_membership(sc, federation=fed)
+    again = H.run_membership(sc, federation=fed)
     assert [r.metrics["attack"] for r in reports] == ["qmia", "loss", "lira"]
     for r, r2 in zip(reports, again, strict=True):
         assert (r.name, r.role) == ("membership-inference", "query-only")
@@ -431,7 +432,7 @@ def test_end_to_end_single_target_on_synthetic_images():
     assert reports[1].metrics["auc"] > 0.6
     assert len(reports[0].figures) == 1
     with pytest.raises(ValueError, match="single"):
-        M.run_membership(sc, federation=fed, target_model=nn.Linear(1, 1))
+        H.run_membership(sc, federation=fed, target_model=nn.Linear(1, 1))
 
 
 def test_end_to_end_qmia_with_mimics(monkeypatch) -> None:
@@ -447,8 +448,8 @@ def test_end_to_end_qmia_with_mimics(monkeypatch) -> None:
         return fit(self, inputs, labels, scores, logits)
 
     monkeypatch.setattr(M.QuantileMIA, "fit", spy)
-    (rep,) = M.run_membership(sc, federation=fed)
-    (plain,) = M.run_membership(sc.replace(["attack.membership.qmia_mimics=0"]), federation=fed)
+    (rep,) = H.run_membership(sc, federation=fed)
+    (plain,) = H.run_membership(sc.replace(["attack.membership.qmia_mimics=0"]), federation=fed)
     # The mimics have the target's architecture and learn from its logits on public data.
     mimic, logits = built[0]
     target = build_task_model(sc.model.name, fed.num_classes, sc.model.hidden)
@@ -456,7 +457,7 @@ def test_end_to_end_qmia_with_mimics(monkeypatch) -> None:
     assert logits.shape == (sc.attack.membership.public_samples, fed.num_classes)
     assert "mean hinge of 2 mimic(s)" in rep.notes[0]
     assert rep.metrics["auc"] != plain.metrics["auc"]
-    (again,) = M.run_membership(sc, federation=fed)
+    (again,) = H.run_membership(sc, federation=fed)
     assert again.metrics == rep.metrics  # same seed, same numbers
 
 
@@ -465,7 +466,7 @@ def test_pooled_targets_are_independent_hospitals_scored_together():
     sc = _scenario("single").replace(
         ["attack.membership.targets=3", "attack.membership.attacks=['loss', 'qmia']"]
     )
-    reports = M.run_membership(sc, federation=fed)
+    reports = H.run_membership(sc, federation=fed)
     for r in reports:
         m = r.metrics
         assert r.target == f"hospital-api-x3/{m['attack']}"
@@ -476,11 +477,11 @@ def test_pooled_targets_are_independent_hospitals_scored_together():
         assert m["operating_tpr"] == pytest.approx(r.recovered / 150)
         assert m["target_train_accuracy"] == 1.0  # mean over the three targets
     with pytest.raises(ValueError, match="exceeds the train pool"):
-        M.run_membership(sc.replace(["attack.membership.targets=6"]), federation=fed)
+        H.run_membership(sc.replace(["attack.membership.targets=6"]), federation=fed)
 
 
 def test_members_and_non_members_share_each_label_equally() -> None:
-    from privfl.attacks.membership import _stratified
+    from privfl.evaluation.membership import _stratified
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 10, 3000)
@@ -506,7 +507,7 @@ def test_end_to_end_federated_target_uses_party_records():
     fed = _federation(np.random.default_rng(1))
     sc = _scenario("federated").replace(["attack.membership.attacks=['loss']"])
     with pytest.raises(ValueError, match="global model"):
-        M.run_membership(sc, federation=fed)
+        H.run_membership(sc, federation=fed)
     from privfl.models import build_task_model
 
     torch.manual_seed(0)
@@ -516,20 +517,20 @@ def test_end_to_end_federated_target_uses_party_records():
         labels=torch.cat([p.train.labels for p in fed.parties]),
     )
     M.train_classifier(model, both, sc, epochs=25, seed=0)
-    (report,) = M.run_membership(sc, target_model=model, federation=fed)
+    (report,) = H.run_membership(sc, target_model=model, federation=fed)
     assert report.target == "global-model/party-0/loss"
     assert report.total == 50
     assert report.metrics["non_members_scored"] == 50
     # More non-members than members: every one scored, the 1:1 precision reported.
     wide = sc.replace(["attack.membership.eval_non_members=150"])
-    (report,) = M.run_membership(wide, target_model=model, federation=fed)
+    (report,) = H.run_membership(wide, target_model=model, federation=fed)
     assert (report.total, report.metrics["non_members_scored"]) == (50, 150)
     m = report.metrics
     assert m["precision_balanced"] == pytest.approx(
         m["operating_tpr"] / (m["operating_tpr"] + m["operating_observed_fpr"])
     )
     with pytest.raises(ValueError, match="non-members"):
-        M.run_membership(
+        H.run_membership(
             sc.replace(["attack.membership.eval_non_members=900"]),
             target_model=model,
             federation=fed,

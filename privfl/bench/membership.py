@@ -1,7 +1,7 @@
 """``privfl bench membership``: QMIA, LOSS and offline LiRA on the membership scenarios.
 
 ``mia_small_hospitals`` / ``mia_small_hospitals_dpsgd`` train their single target
-in-process exactly as a run does (:func:`privfl.attacks.membership.run_membership`).
+in-process exactly as a run does (:func:`privfl.evaluation.membership.run_membership`).
 ``mia_federated`` needs a global model: here it is the FedAvg of the parties'
 ``train_local`` updates computed in-process (the same local training as a Flower run,
 without Flower), so the rows come without Ray.
@@ -103,7 +103,7 @@ def membership_bench_rows(
         the operating point / members scored), ``epsilon`` (DP runs), ``seconds`` (the
         whole scenario, shared by its rows) and the metrics in ``ROW_KEYS``.
     """
-    from privfl.attacks.membership import run_membership
+    from privfl.evaluation.membership import run_membership
     from privfl.runner import resolve
 
     rows: list[dict[str, Any]] = []
