@@ -26,6 +26,14 @@ from privfl.audit import RunAuditor, audit_report
 from privfl.config import SCENARIO_KEY, Scenario, load_scenario, resolve_scenario_path
 from privfl.data import load_federation
 from privfl.dp import utility_warning
+from privfl.reporting import (
+    CarriesSideChannel,
+    ReportsAttacks,
+    ReportsFaults,
+    ReportsPrivacySpent,
+    Stoppable,
+    TakesCanaryParties,
+)
 from privfl.results import AttackReport
 from privfl.strategies.factory import build_strategy
 from privfl.strategies.rounds import FederationRounds
@@ -131,7 +139,8 @@ class _RoundEvaluator:
         reasons = [
             f["reason"]
             for s in chain
-            for f in getattr(s, "faults", {}).get(server_round, [])
+            if isinstance(s, ReportsFaults)
+            for f in s.faults.get(server_round, [])
             if str(f.get("reason", "")).startswith("diverged")
         ]
         if not all(torch.isfinite(v).all() for v in self.model.state_dict().values()):
@@ -140,7 +149,7 @@ class _RoundEvaluator:
             self.stopped = f"round {server_round}: {reasons[0]}"
             log.warning("stopping the run: %s", self.stopped)
             for s in chain:
-                if hasattr(s, "stop_reason"):
+                if isinstance(s, Stoppable):
                     s.stop_reason = self.stopped
 
 
@@ -255,7 +264,7 @@ def run_federation(
         if auditor is not None and auditor.canary_parties is not None:
             public = auditor.audit.canaries // 2  # the count they stand for is public
             for s in strategy_chain(strategy):
-                if hasattr(s, "canary_parties"):
+                if isinstance(s, TakesCanaryParties):
                     s.canary_parties = lambda: (auditor.canary_party_sum()[0], public)
         config = ConfigRecord({SCENARIO_KEY: scenario.to_json()})
         try:
@@ -280,7 +289,7 @@ def run_federation(
         if result.arrays:  # empty when no round released a model (DP budget)
             model.load_state_dict(result.arrays.to_torch_state_dict())
         for s in strategy_chain(strategy):
-            if hasattr(s, "attack_reports"):
+            if isinstance(s, ReportsAttacks):
                 reports.extend(s.attack_reports())
         reports.extend(_participant_reports(scenario, strategy_chain(strategy)))
         if mia:
@@ -302,7 +311,11 @@ def run_federation(
         party_eps = _party_epsilon(strategy_chain(strategy))
         if party_eps:
             final["party_epsilon"] = party_eps
-        exhausted = [s for s in strategy_chain(strategy) if getattr(s, "exhausted", False)]
+        exhausted = [
+            s
+            for s in strategy_chain(strategy)
+            if isinstance(s, ReportsPrivacySpent) and s.exhausted
+        ]
         if exhausted:
             final["stopped_early"] = "privacy budget exhausted"
         if round_log.stopped:
@@ -355,10 +368,14 @@ def _merge_client_metrics(rounds: list[dict[str, Any]], result: Any) -> None:
             row["train_loss"] = float(tr["train-loss"])
 
 
+def _side_channels(chain: list[Strategy]) -> list[CarriesSideChannel]:
+    return [s for s in chain if isinstance(s, CarriesSideChannel)]
+
+
 def _merge_epsilon(rounds: list[dict[str, Any]], chain: list[Strategy]) -> None:
     """ε per round: from a DP strategy's accountant, or the largest any DP-SGD party spent."""
-    for s in chain:
-        for rnd, records in getattr(s, "side_channel", {}).items():
+    for s in _side_channels(chain):
+        for rnd, records in s.side_channel.items():
             spent = [
                 float(rec["epsilon"])
                 for key, rec in records.items()
@@ -368,7 +385,7 @@ def _merge_epsilon(rounds: list[dict[str, Any]], chain: list[Strategy]) -> None:
                 if row["round"] == rnd and spent:
                     row["epsilon"] = max(spent)
     for s in chain:
-        history = getattr(s, "epsilon_history", None)
+        history = s.epsilon_history if isinstance(s, ReportsPrivacySpent) else None
         if history:
             for row in rounds:
                 if row["round"] in history:
@@ -432,7 +449,9 @@ def _merge_faults(
 ) -> None:
     """Every refusal, failed reply, exclusion and skipped round, per round."""
     for s in chain:
-        for rnd, faults in getattr(s, "faults", {}).items():
+        if not isinstance(s, ReportsFaults):
+            continue
+        for rnd, faults in s.faults.items():
             for row in rounds:
                 if row["round"] == rnd:
                     for f in faults:
@@ -445,8 +464,8 @@ def _merge_faults(
 def _party_epsilon(chain: list[Strategy]) -> dict[str, float]:
     """Each party's own account of the ε it spent (the largest it reported)."""
     out: dict[str, float] = {}
-    for s in chain:
-        for records in getattr(s, "side_channel", {}).values():
+    for s in _side_channels(chain):
+        for records in s.side_channel.values():
             for key, rec in records.items():
                 if key.endswith("dp-epsilon") and "party" in rec and "epsilon" in rec:
                     p = str(int(rec["party"]))
@@ -463,8 +482,8 @@ def _participant_reports(scenario: Scenario, chain: list[Strategy]) -> list[Atta
     from privfl.clients.malicious_participant import participant_report
 
     side: dict[int, dict[str, Any]] = {}
-    for s in chain:
-        for rnd, records in getattr(s, "side_channel", {}).items():
+    for s in _side_channels(chain):
+        for rnd, records in s.side_channel.items():
             side.setdefault(rnd, {}).update(records)
     return [participant_report(side, scenario)]
 
