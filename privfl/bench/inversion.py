@@ -3,7 +3,7 @@
 Each (scenario, seed) is run end to end in-process: the scenario's real server stack
 (:func:`privfl.server.run_federation`: curious server ⊃ secure aggregation ⊃ FedAvg) and
 the real ClientApp exchange serialised Flower messages over a
-:class:`~privfl.secagg.loopback.LoopbackGrid`, so the attack inverts exactly what a
+:class:`~privfl.flower.loopback.LoopbackGrid`, so the attack inverts exactly what a
 Flower run's server receives (the masked payload under secure aggregation) and the
 numbers equal ``privfl run`` for the same seed; only Ray is left out. Every row is
 printed beside the reference figure for that scenario. Usage::
@@ -20,9 +20,11 @@ The ``ig_*`` rows also carry what was measured per seed when those scenarios wer
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,20 +47,20 @@ REFERENCE = {
 # recovered/total, best PSNR, CPU seconds of the whole run or of the attack alone.
 MEASURED: dict[str, dict[int, str]] = {
     "ig_cnn_b1": {
-        0: "1/1, 20.9 dB, attack 47 s CPU",
-        1: "1/1, 23.3 dB, attack 45 s CPU",
-        2: "1/1, 30.6 dB, attack 44 s CPU",
-        3: "1/1, 28.0 dB, attack 37 s CPU",
-        4: "1/1, 27.4 dB, attack 36 s CPU",
+        0: "1/1, 22.0 dB, run 42 s CPU",
+        1: "1/1, 28.2 dB, run 40 s CPU",
+        2: "1/1, 37.9 dB, run 38 s CPU",
+        3: "1/1, 32.3 dB, run 39 s CPU",
+        4: "1/1, 41.8 dB, run 37 s CPU",
     },
     "ig_cnn_b8": {
-        0: "8/8, best 25.4 dB, attack 101 s CPU",
-        1: "5/8, best 28.9 dB, attack 125 s CPU",
-        2: "2/8, best 25.3 dB, attack 125 s CPU",
-        3: "8/8, best 29.2 dB, attack 108 s CPU",
-        4: "5/8, best 28.1 dB, attack 107 s CPU",
+        0: "7/8, best 27.0 dB, run 126 s CPU",
+        1: "5/8, best 24.0 dB, run 117 s CPU",
+        2: "2/8, best 22.0 dB, run 115 s CPU",
+        3: "8/8, best 28.3 dB, run 119 s CPU",
+        4: "8/8, best 26.0 dB, run 117 s CPU",
     },
-    "ig_fedavg": {0: "0/40, best 14.0 dB, labels 33/40, attack 591 s CPU"},
+    "ig_fedavg": {0: "0/40, best 12.4 dB, labels 33/40, run 618 s CPU"},
     # with -o attack.gradient_inversion.iterations=200: the payload is ring noise
     "ig_fedavg_secagg": {
         0: "0/40, best 6.6 dB (200 steps), 16 s CPU",
@@ -70,12 +72,29 @@ MEASURED: dict[str, dict[int, str]] = {
 }
 
 
+@contextlib.contextmanager
+def _run_dir(keep: Path | None, name: str, seed: int) -> Iterator[Path]:
+    """``keep/<scenario>_seed<seed>`` when the run is to be kept, else a temporary folder."""
+    if keep is not None:
+        yield Path(keep) / f"{name}_seed{seed}"
+        return
+    with tempfile.TemporaryDirectory() as out:
+        yield Path(out)
+
+
 def gradient_inversion_bench_rows(
-    scenarios: list[str], seeds: list[int], overrides: list[str] | None = None
+    scenarios: list[str],
+    seeds: list[int],
+    overrides: list[str] | None = None,
+    keep: Path | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per (scenario, seed): recovered/total, PSNR, SSIM, labels, seconds."""
+    """One row per (scenario, seed): recovered/total, PSNR, SSIM, labels, seconds.
+
+    With ``keep``, each run's folder (results, report, the reconstruction grid
+    ``gradient_inversion.png``) is written to ``keep/<scenario>_seed<seed>``.
+    """
     from privfl.clients.app import make_client_app
-    from privfl.secagg.loopback import LoopbackGrid
+    from privfl.flower.loopback import LoopbackGrid
     from privfl.server import run_federation
 
     rows = []
@@ -87,8 +106,8 @@ def gradient_inversion_bench_rows(
             app = make_client_app(sc)
             grid = LoopbackGrid(app, {100 + p: p for p in range(sc.data.parties)})
             cpu = time.process_time()
-            with tempfile.TemporaryDirectory() as out:
-                results = run_federation(grid, sc, Path(out), progress=False)
+            with _run_dir(keep, name, seed) as out:
+                results = run_federation(grid, sc, out, progress=False)
             cpu = time.process_time() - cpu
             if grid.errors:
                 raise RuntimeError(f"{name} seed {seed}: parties failed: {grid.errors}")
@@ -124,12 +143,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="", help="override model.name (e.g. cnn)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     ap.add_argument("-o", "--override", action="append", default=[])
+    ap.add_argument(
+        "--keep", type=Path, default=None, help="write each run's folder under this one"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     overrides = list(args.override) + ([f"model.name={args.model}"] if args.model else [])
     seeds = [int(s) for s in args.seeds.split(",")]
     summary: dict[str, list[str]] = {}
-    for row in gradient_inversion_bench_rows(args.scenarios, seeds, overrides):
+    for row in gradient_inversion_bench_rows(args.scenarios, seeds, overrides, args.keep):
         print(json.dumps(row), flush=True)
         summary.setdefault(row["scenario"], []).append(f"{row['recovered']}/{row['total']}")
     for name, got in summary.items():
