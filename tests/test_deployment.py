@@ -185,6 +185,7 @@ def test_three_supernodes_with_secure_aggregation_match_the_simulation(tmp_path)
 def test_cli_deployment_run_stops_everything_on_sigint(tmp_path):
     """A Ctrl-C during a run (over TLS, with SuperNode authentication) stops every process."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out_file, err_file = (tmp_path / "stdout").open("wb"), (tmp_path / "stderr").open("wb")
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -203,8 +204,10 @@ def test_cli_deployment_run_stops_everything_on_sigint(tmp_path):
             str(tmp_path / "out"),
         ],
         env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        # Files, not pipes: nobody reads them until the end, and a full pipe would block
+        # the run's own writes.
+        stdout=out_file,
+        stderr=err_file,
         start_new_session=True,
     )
     me = psutil.Process(proc.pid)
@@ -223,7 +226,15 @@ def test_cli_deployment_run_stops_everything_on_sigint(tmp_path):
         pytest.fail("the deployment never started its runners and ServerApp")
     seen |= set(_descendants(me))
     os.kill(proc.pid, signal.SIGINT)
-    proc.wait(timeout=60)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        tail = (tmp_path / "stderr").read_text(errors="replace")[-3000:]
+        pytest.fail(f"privfl run did not exit within 60 s of Ctrl-C; its stderr ends:\n{tail}")
+    finally:
+        out_file.close()
+        err_file.close()
     time.sleep(1)
     assert _gone(seen) == []
     assert not (tmp_path / "out" / "results.json").exists()
