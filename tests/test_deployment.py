@@ -226,12 +226,14 @@ def test_cli_deployment_run_stops_everything_on_sigint(tmp_path):
         pytest.fail("the deployment never started its runners and ServerApp")
     seen |= set(_descendants(me))
     os.kill(proc.pid, signal.SIGINT)
+    # Generous: on a loaded 2-core machine the unwinding (SIGTERM to every process group,
+    # a grace period, SIGKILL, the watchdog) has taken over a minute.
     try:
-        proc.wait(timeout=60)
+        proc.wait(timeout=180)
     except subprocess.TimeoutExpired:
         proc.kill()
         tail = (tmp_path / "stderr").read_text(errors="replace")[-3000:]
-        pytest.fail(f"privfl run did not exit within 60 s of Ctrl-C; its stderr ends:\n{tail}")
+        pytest.fail(f"privfl run did not exit within 180 s of Ctrl-C; its stderr ends:\n{tail}")
     finally:
         out_file.close()
         err_file.close()
