@@ -129,10 +129,6 @@ def _delta(local: ArrayRecord, glob: ArrayRecord, keys: list[str]) -> np.ndarray
     return out
 
 
-def _default_noise() -> tuple[NoiseFn, Callable[..., None]]:
-    return distributed_noise, check_distributed
-
-
 def encode_update(
     msg: Message,
     reply: Message,
@@ -196,7 +192,7 @@ def encode_update(
         out=vec[delta.size :],
     )
     if isinstance(scenario, Scenario) and scenario.defense.dp.mode == "distributed":
-        noise_fn = noise_fn or _default_noise()[0]
+        noise_fn = noise_fn or distributed_noise
         noise = noise_fn(
             delta.size,
             scenario=scenario,
@@ -435,7 +431,7 @@ def handle_setup(
     if stage == "advertise":
         if scenario is not None and scenario.defense.dp.mode == "distributed":
             record = party_record(context)
-            (check_fn or _default_noise()[1])(
+            (check_fn or check_distributed)(
                 scenario,
                 dim=int(cfg[wire.PREFIX + "dim"]),
                 parties=record.min_parties if record else int(cfg[wire.PREFIX + "n"]),
