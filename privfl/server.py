@@ -255,9 +255,11 @@ def run_federation(
         startup = time.perf_counter() - t_start
         model = build_model(scenario, fed.num_classes)
         strategy = build_strategy(scenario, party_of)
-        round_log = _RoundEvaluator(scenario, build_model(scenario, fed.num_classes), progress)
-        round_log.watch(strategy_chain(strategy))
-        round_log.auditor = auditor
+        round_evaluator = _RoundEvaluator(
+            scenario, build_model(scenario, fed.num_classes), progress
+        )
+        round_evaluator.watch(strategy_chain(strategy))
+        round_evaluator.auditor = auditor
         if auditor is not None and auditor.view == "party-update":
             node = next(n for n, p in party_of.items() if p == auditor.target_party)
             strategy = AuditPartyView(strategy, auditor=auditor, node=node, scenario=scenario)
@@ -275,12 +277,12 @@ def run_federation(
                 timeout=scenario.scenario.timeout,
                 train_config=config,
                 evaluate_config=ConfigRecord({SCENARIO_KEY: scenario.to_json()}),
-                evaluate_fn=round_log,
+                evaluate_fn=round_evaluator,
             )
         finally:
-            round_log.close()
-        rounds = round_log.rounds
-        round_0 = round_log.initial
+            round_evaluator.close()
+        rounds = round_evaluator.rounds
+        round_0 = round_evaluator.initial
         _merge_client_metrics(rounds, result)
         _merge_epsilon(rounds, strategy_chain(strategy))
         _merge_faults(rounds, strategy_chain(strategy), party_of)
@@ -303,7 +305,7 @@ def run_federation(
                     device=resolve_device(scenario.scenario.device),
                 )
             )
-        last = rounds[-1] if rounds else round_log.initial
+        last = rounds[-1] if rounds else round_evaluator.initial
         final = {"accuracy": last.get("accuracy"), "loss": last.get("loss")}
         if any("epsilon" in r for r in rounds):
             final["epsilon"] = max(r["epsilon"] for r in rounds if "epsilon" in r)
@@ -318,8 +320,8 @@ def run_federation(
         ]
         if exhausted:
             final["stopped_early"] = "privacy budget exhausted"
-        if round_log.stopped:
-            final["stopped_early"] = f"training diverged in {round_log.stopped}"
+        if round_evaluator.stopped:
+            final["stopped_early"] = f"training diverged in {round_evaluator.stopped}"
         if auditor is not None:
             if auditor.view == "final-model":
                 auditor.observe_final(model)
