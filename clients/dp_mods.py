@@ -18,8 +18,8 @@ from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
 from privfl.config import SCENARIO_KEY, scenario_from_json
-from privfl.dp import clip_l2, flatten
-from privfl.flower.records import record_with_vector
+from privfl.dp import clip_l2
+from privfl.flower.update import Update
 
 Mod = Callable[[Message, Context, ClientAppCallable], Message]
 
@@ -27,15 +27,9 @@ Mod = Callable[[Message, Context, ClientAppCallable], Message]
 def _clip_reply(msg: Message, reply: Message, clip: float) -> Message:
     """Clip the update Δ = reply weights − received weights to L2 norm ``clip``."""
     sent = msg.content.array_records["arrays"]
-    name = (
-        "arrays"
-        if "arrays" in reply.content.array_records
-        else next(iter(reply.content.array_records))
-    )
-    got = reply.content.array_records[name]
-    base = flatten(sent.to_numpy_ndarrays())
-    delta, _ = clip_l2(flatten(got.to_numpy_ndarrays()) - base, clip)
-    reply.content[name] = record_with_vector(got, base + delta)
+    update = Update.from_reply(sent, reply.content)
+    update.delta, _ = clip_l2(update.delta, clip)
+    update.write(sent, reply.content)
     return reply
 
 

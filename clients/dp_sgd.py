@@ -25,7 +25,7 @@ from privfl.dp.sgd import (
     poisson_batch,
     run_dp_sgd_steps,
 )
-from privfl.training import make_optimizer
+from privfl.training import local_steps, make_optimizer
 
 STATE_KEY = "privfl.dp-sgd"
 
@@ -60,8 +60,6 @@ def dp_sgd_round_batches(
     For evaluators (ground truth of what a party trained on, in a lab run whose parties
     key their coins from the lab secret), never for attackers.
     """
-    from privfl.training import local_steps
-
     q, sampling = _round_sampling(scenario, party, server_round, n, secret)
     return [poisson_batch(sampling, n, q) for _ in range(local_steps(n, scenario))]
 
@@ -107,8 +105,6 @@ def dp_sgd_round(
         The round would take the party past ``defense.dp.epsilon`` (more rounds or steps
         than it calibrated for); the party refuses to train.
     """
-    from privfl.training import local_steps  # the spine's step rule, shared with plain SGD
-
     dp = scenario.defense.dp
     if dp.mode != "client":
         raise ValueError(f"dp_sgd_round: defense.dp.mode is {dp.mode!r}, not 'client'")

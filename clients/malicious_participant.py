@@ -19,9 +19,7 @@ participant_mod, clip_update_mod])``. It is a no-op on every honest party.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
@@ -32,16 +30,12 @@ from privfl.attacks.imprint import (
     ImprintInfo,
     ImprintReconstruction,
     aggregate_noise_std,
-    evaluate_imprint,
-    expected_fraction,
-    imprint_bins_of,
     reconstruct_from_update,
 )
-from privfl.config import Scenario
 from privfl.data import sample_shape
-from privfl.results import AttackReport
+from privfl.flower import side
 
-SIDE_KEY = "privfl.side.imprint"
+SIDE_KEY = side.key(side.IMPRINT)
 _BEFORE_KEY = "privfl.imprint.global-before"
 _OWN_KEY = "privfl.imprint.own-update"
 _KEYS = (WEIGHT_KEY, BIAS_KEY)
@@ -109,6 +103,7 @@ def participant_mod(msg: Message, context: Context, call_next: ClientAppCallable
     """
     if msg.metadata.message_type != MessageType.TRAIN or "arrays" not in msg.content:
         return call_next(msg, context)
+    # A cycle: privfl.clients.app imports this module for its mod.
     from privfl.clients.app import party_of, scenario_of
 
     scenario = scenario_of(msg)
@@ -156,63 +151,4 @@ def _side_record(recon: ImprintReconstruction, attack_round: int) -> ConfigRecor
             "occupied": recon.occupied,
             "seconds": float(recon.seconds),
         }
-    )
-
-
-def _find_side(side_records: Mapping[Any, Any]) -> ConfigRecord | None:
-    """The imprint record among ``{round: {"node:key": record}}`` (or a flat mapping)."""
-    for key, value in side_records.items():
-        # FedAvg keys it "<node>:<name>"; secure aggregation renames it
-        # "privfl.side.<node>.imprint" on the way.
-        name = key.split(":")[-1] if isinstance(key, str) else ""
-        if name.startswith("privfl.side.") and name.endswith(".imprint"):
-            return value
-        if isinstance(value, Mapping) and not isinstance(value, ConfigRecord):
-            found = _find_side(value)
-            if found is not None:
-                return found
-    return None
-
-
-def participant_report(side_records: Mapping[Any, Any], scenario: Scenario) -> AttackReport:
-    """Evaluate what the malicious participant exfiltrated against the other parties'
-    true batches of the attack round.
-
-    Parameters
-    ----------
-    side_records : Mapping
-        ``{round: {"<node>:privfl.side.imprint": ConfigRecord}}`` as the server's
-        FedAvg collects them (a flat ``{"...privfl.side.imprint": record}`` works too).
-    scenario : Scenario
-        The run's scenario; the ground truth is rebuilt with
-        ``privfl.training.round_batch_data`` — the evaluator's knowledge, not the attacker's.
-    """
-    from privfl.training import round_batch_data
-
-    im = scenario.attack.imprint
-    others = [p for p in range(scenario.data.parties) if p != im.participant]
-    truth = [round_batch_data(scenario, p, im.round) for p in others]
-    truth_images = torch.cat([t.images for t in truth])
-    record = _find_side(side_records)
-    notes: list[str] = []
-    if record is None:
-        images = truth_images[:0]
-        seconds, collisions = float("nan"), 0
-        notes.append("no side-channel record arrived: the participant reported nothing")
-    else:
-        shape = [int(s) for s in record["shape"]]
-        raw = np.frombuffer(record["images"], dtype=np.float32).reshape(shape)
-        images = torch.from_numpy(raw.copy())
-        seconds, collisions = float(record["seconds"]), int(record["collisions"])
-    bins = imprint_bins_of(scenario)
-    return evaluate_imprint(
-        images,
-        truth_images,
-        scenario=scenario,
-        role="malicious-participant",
-        bins=bins,
-        expected=expected_fraction(len(truth_images), bins),
-        seconds=seconds,
-        collisions=collisions,
-        notes=notes,
     )

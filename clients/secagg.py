@@ -15,6 +15,9 @@ and ``w * train-loss``, encodes it in the ring (:mod:`privfl.fixedpoint`), optio
 distributed-DP integer noise, and replies with the protocol payload only: the server
 never sees the weights, the number of examples or the loss of a single party. Party
 secrets live in ``context.state`` and persist across rounds.
+
+One file for the party's whole side of the protocol: the mod and every stage handler
+load and save the same per-party state and check the same round binding.
 """
 
 from __future__ import annotations
@@ -22,24 +25,25 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from privfl.clients.policy import PartyRecord, party_record
 from privfl.config import SCENARIO_KEY, Scenario, scenario_from_json
 from privfl.dp import check_distributed, distributed_epsilon, distributed_noise
 from privfl.errors import PrivflError
 from privfl.fixedpoint import FixedPointCodec
-from privfl.flower import wire
+from privfl.flower import side, wire
+from privfl.flower.update import Update, UpdateError
 from privfl.refusal import RefusalError, refusal_reply
 from privfl.secagg.additive import AdditiveParty
 from privfl.secagg.channel import ChannelError
 from privfl.secagg.identity import IdentityError, sign_keys, verify_keys
-from privfl.secagg.masking import MaskingParty
+from privfl.secagg.masking import MaskingParty, neighbourhoods
 from privfl.seeding import parts_rng
 
 NoiseFn = Callable[..., np.ndarray]
@@ -117,18 +121,6 @@ def _save(context: Context, proto: Any, st: dict[str, Any]) -> None:
     context.state.config_records[wire.STATE] = ConfigRecord({"json": json.dumps(st)})
 
 
-def _delta(local: ArrayRecord, glob: ArrayRecord, keys: list[str]) -> np.ndarray:
-    """``local - global`` flattened, in float64 (exact for float32 weights), one vector."""
-    sizes = [int(np.prod(glob[k].shape)) for k in keys]
-    out = np.empty(sum(sizes))
-    off = 0
-    for k, n in zip(keys, sizes, strict=True):
-        a, b = local[k].numpy().ravel(), glob[k].numpy().ravel()
-        np.subtract(a, b, out=out[off : off + n], dtype=np.float64)
-        off += n
-    return out
-
-
 def encode_update(
     msg: Message,
     reply: Message,
@@ -151,27 +143,17 @@ def encode_update(
     shape mismatch, before anything is shared.
     """
     glob = msg.content.array_records.get("arrays")
-    local = reply.content.array_records.get("arrays") if reply.has_content() else None
-    metrics = reply.content.metric_records.get("metrics") if reply.has_content() else None
-    if glob is None or local is None or metrics is None:
-        raise SecAggClientError(f"party {party}: train reply lacks 'arrays' or 'metrics'")
-    keys = list(glob.keys())
-    if list(local.keys()) != keys:
-        raise SecAggClientError(
-            f"party {party}: local weights have keys {list(local.keys())}, "
-            f"the global model has {keys}"
-        )
-    for k in keys:
-        if tuple(local[k].shape) != tuple(glob[k].shape):
-            raise SecAggClientError(
-                f"party {party}: '{k}' has shape {tuple(local[k].shape)}, "
-                f"expected {tuple(glob[k].shape)}"
-            )
-    delta = _delta(local, glob, keys)
+    if glob is None or not reply.has_content():
+        raise SecAggClientError(f"party {party}: train message or reply lacks 'arrays'")
+    try:
+        update = Update.from_reply(glob, reply.content)
+    except UpdateError as exc:
+        raise SecAggClientError(f"party {party}: {exc}") from None
+    delta, metrics = update.delta, update.metrics
     own = (
         scenario if isinstance(scenario, SecAggSettings) else SecAggSettings.from_scenario(scenario)
     )
-    weight = 1.0 if own.equal_weights else float(metrics["num-examples"])
+    weight = 1.0 if own.equal_weights else update.weight
     loss = float(metrics.get("train-loss", 0.0))
     codec = own.codec
     server_round = int(msg.content["config"]["server-round"])
@@ -213,7 +195,7 @@ def encode_update(
 
 
 _DDP_STATE = "privfl.distributed-dp"  # in context.state: rounds this party added noise in
-EPSILON_SIDE = wire.SIDE_PREFIX + "dp-epsilon"
+EPSILON_SIDE = side.key(side.EPSILON)
 
 
 def _distributed_budget(
@@ -269,8 +251,10 @@ def _check_directory(
     session: bytes,
     me: Any,
     record: PartyRecord | None,
+    only: Collection[int] | None = None,
 ) -> None:
-    """Refuse a key directory unless every entry is signed by the party the roster names."""
+    """Refuse a key directory unless every entry (of ``only``, default all) is signed by
+    the party the roster names."""
     own = directory.get(me.party)
     mine = me.public_keys if isinstance(me, MaskingParty) else (me.public_key,)
     if own is not None and tuple(own) != tuple(mine):
@@ -288,6 +272,8 @@ def _check_directory(
         )
     try:
         for p, sig in zip(order, sigs, strict=True):
+            if only is not None and p not in only:
+                continue
             verify_keys(record.roster, sig, session=session, party=p, keys=list(directory[p]))
     except IdentityError as exc:
         raise RefusalError(f"party {me.party}: {exc}") from None
@@ -379,9 +365,8 @@ def make_secagg_mod(
         else:
             content[wire.PAYLOAD] = ConfigRecord({"round": rnd, "attempt": 0})
             content[wire.SHARES] = wire.pack_shares(cts)
-        for key, rec in reply.content.items():
-            if key.startswith(wire.SIDE_PREFIX):
-                content[key] = rec
+        for key, rec in side.records_of(reply.content).items():
+            content[key] = rec
         if spent is not None:
             # The party's own account of what it released; public by design.
             rounds = int(context.state.config_records[_DDP_STATE]["rounds"]) + 1
@@ -461,13 +446,15 @@ def handle_setup(
                 ps, cfg[wire.PREFIX + "dir_keys"], cfg[wire.PREFIX + "dir_mask_keys"], strict=True
             )
         }
+        k = int(cfg[wire.PREFIX + "neighbours"])
+        # Only the keys this party will use need their signatures checked: its
+        # neighbours' (every party's with all pairs), not the whole round's.
+        mine = {party, *neighbourhoods(ps, k).get(party, [])}
         _check_directory(
-            cfg, dict(directory), session=session, me=proto, record=party_record(context)
+            cfg, directory, session=session, me=proto, record=party_record(context), only=mine
         )
         cts = proto.share_keys(
-            directory,
-            threshold=int(cfg[wire.PREFIX + "threshold"]),
-            neighbours=int(cfg[wire.PREFIX + "neighbours"]),
+            directory, threshold=int(cfg[wire.PREFIX + "threshold"]), neighbours=k
         )
         _save(context, proto, st)
         return Message(RecordDict({wire.PAYLOAD: ConfigRecord(wire.pack_cts(cts))}), reply_to=msg)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 
-# Offline by default; a user who exports these explicitly keeps their own values.
+# Offline by default; a user who exports these explicitly keeps their own values. Set at
+# import because Flower reads them once, when it is imported, which every privfl entry
+# point (CLI, run_scenario, the Flower App) does after importing this package.
 for _key, _value in (
     ("FLWR_TELEMETRY_ENABLED", "0"),
     ("FLWR_DISABLE_UPDATE_CHECK", "1"),

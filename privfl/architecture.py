@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import nn
 
 from privfl.attacks.imprint import rig_model
 from privfl.config import Scenario
 from privfl.data import sample_shape
 from privfl.models import build_task_model
+from privfl.training import seed_torch
 
 
 def build_model(
@@ -29,7 +29,7 @@ def build_model(
     architecture.
     """
     shape = tuple(sample_shape(scenario) if input_shape is None else input_shape)
-    torch.manual_seed(scenario.scenario.seed)
+    seed_torch(scenario.scenario.seed)
     model = build_task_model(
         scenario.model.name, num_classes, scenario.model.hidden, input_shape=shape
     )

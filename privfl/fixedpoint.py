@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from privfl.config import RING_CHOICES, SecAggSection
+from privfl.config import RING_CHOICES, SecAggSection, has_headroom
 from privfl.errors import PrivflError
 
 # Coordinates encoded per chunk: the scratch vectors (~1-2 MiB) stay in L2 and Python's
@@ -112,8 +112,7 @@ class FixedPointCodec:
 
     def check_headroom(self, parties: int, max_abs: float) -> None:
         """Raise unless ``parties`` values of magnitude ``<= max_abs`` sum without wrapping."""
-        need = parties * (max_abs * self.scale + 1.0)
-        if need >= 2.0 ** (self.ring_bits - 1):
+        if not has_headroom(parties, max_abs, self.frac_bits, self.ring_bits):
             raise EncodingError(
                 f"no headroom: {parties} parties x |value| <= {max_abs:g} at "
                 f"frac_bits={self.frac_bits} needs more than ring_bits={self.ring_bits}; "

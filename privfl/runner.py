@@ -36,6 +36,7 @@ def resolve(scenario: str | Path | Scenario | None, overrides: Iterable[str] = (
 
 def backend_config(scenario: Scenario) -> dict[str, Any]:
     """Flower simulation resources: CPUs per party, and a GPU share when one is used."""
+    # privfl's own import (and so the CLI's start) runs this module: no torch before a run.
     import torch
 
     s = scenario.scenario
@@ -80,6 +81,7 @@ def run_scenario(
         without Ray, one party after another; for many small parties, where starting a
         thousand Ray SuperNodes costs more than the run.
     """
+    # torch and Flower load when a run starts, not when privfl (or its CLI) is imported.
     from privfl.data import load_federation
     from privfl.server import make_auditor, make_server_app, model_utility_warning, run_federation
     from privfl.strategies.factory import aggregation_strategy
@@ -110,6 +112,7 @@ def run_scenario(
         sc, out, progress=progress, on_done=outcome.append, auditor=auditor
     )
 
+    # Flower and torch: kept off privfl's import, as above.
     from flwr.simulation import run_simulation
 
     from privfl.clients.app import make_client_app
@@ -141,6 +144,7 @@ def run_scenario(
 def _run_inprocess(
     sc: Scenario, out: Path, *, progress: bool | None, auditor: Any
 ) -> dict[str, Any]:
+    # Flower and torch: kept off privfl's import, as in run_scenario.
     from privfl.clients.app import make_client_app
     from privfl.flower.loopback import LoopbackGrid
     from privfl.server import run_federation

@@ -19,15 +19,17 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from privfl import __version__
+from privfl import summary
 from privfl.architecture import build_model
 from privfl.audit import RunAuditor, audit_report
 from privfl.config import SCENARIO_KEY, Scenario, load_scenario, resolve_scenario_path
 from privfl.data import load_federation
 from privfl.dp import utility_warning
+from privfl.flower import wire
+from privfl.report import write_run
 from privfl.reporting import (
-    CarriesSideChannel,
     ReportsAttacks,
     ReportsFaults,
     ReportsPrivacySpent,
@@ -36,10 +38,8 @@ from privfl.reporting import (
 )
 from privfl.results import AttackReport
 from privfl.strategies.factory import build_strategy
-from privfl.strategies.rounds import FederationRounds
-from privfl.strategies.secure_aggregation import curious_read
 from privfl.strategies.wrapper import StrategyWrapper, strategy_chain
-from privfl.training import evaluate, resolve_device
+from privfl.training import evaluate, resolve_device, seed_torch
 
 log = logging.getLogger("privfl")
 
@@ -90,8 +90,6 @@ class _RoundEvaluator:
         self._t = time.perf_counter()
         self._bar: Any = None
         if progress:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
             self._bar = Progress(
                 TextColumn("[bold]{task.description}"),
                 BarColumn(),
@@ -180,7 +178,7 @@ class AuditPartyView(StrategyWrapper):
                 got = {k: v.numpy() for k, v in msg.content["arrays"].items()}
             else:
                 # What a curious server decodes of a masked input (None: only ciphertexts).
-                got = curious_read(msg.content, self._sent, self.scenario) or sent
+                got = wire.curious_read(msg.content, self._sent, self.scenario) or sent
             self.auditor.observe_party(sent, self.auditor.flatten(got))
         return self.inner.aggregate_train(server_round, replies)
 
@@ -228,12 +226,10 @@ def run_federation(
             "audit.enabled: the parties need the auditor's canaries; run the scenario with "
             "privfl run (or privfl.run_scenario), which hands them out"
         )
-    from privfl.report import write_run
-
     t_start = time.perf_counter()
     progress = sys.stderr.isatty() if progress is None else progress
     fed = load_federation(scenario)
-    torch.manual_seed(scenario.scenario.seed)
+    seed_torch(scenario.scenario.seed)
     reports: list[AttackReport] = []
     rounds: list[dict[str, Any]] = []
     final: dict[str, Any] = {}
@@ -243,6 +239,7 @@ def run_federation(
 
     if mia and scenario.attack.membership.target == "single":
         # The hospital-API target is one model trained in-house: no federation involved.
+        # sklearn and pandas (the membership harness) load only for a membership scenario.
         from privfl.evaluation.membership import run_membership
 
         reports = run_membership(scenario, device=resolve_device(scenario.scenario.device))
@@ -283,18 +280,19 @@ def run_federation(
             round_evaluator.close()
         rounds = round_evaluator.rounds
         round_0 = round_evaluator.initial
-        _merge_client_metrics(rounds, result)
-        _merge_epsilon(rounds, strategy_chain(strategy))
-        _merge_faults(rounds, strategy_chain(strategy), party_of)
+        summary.merge_client_metrics(rounds, result)
+        summary.merge_epsilon(rounds, strategy_chain(strategy))
+        summary.merge_faults(rounds, strategy_chain(strategy), party_of)
         if scenario.scenario.parties_per_round:
-            _merge_sampled(rounds, strategy_chain(strategy))
+            summary.merge_sampled(rounds, strategy_chain(strategy))
         if result.arrays:  # empty when no round released a model (DP budget)
             model.load_state_dict(result.arrays.to_torch_state_dict())
         for s in strategy_chain(strategy):
             if isinstance(s, ReportsAttacks):
                 reports.extend(s.attack_reports())
-        reports.extend(_participant_reports(scenario, strategy_chain(strategy)))
+        reports.extend(summary.participant_reports(scenario, strategy_chain(strategy)))
         if mia:
+            # sklearn and pandas load only for a membership scenario.
             from privfl.evaluation.membership import run_membership
 
             reports.extend(
@@ -310,7 +308,7 @@ def run_federation(
         if any("epsilon" in r for r in rounds):
             final["epsilon"] = max(r["epsilon"] for r in rounds if "epsilon" in r)
             final["delta"] = scenario.defense.dp.delta
-        party_eps = _party_epsilon(strategy_chain(strategy))
+        party_eps = summary.party_epsilon(strategy_chain(strategy))
         if party_eps:
             final["party_epsilon"] = party_eps
         exhausted = [
@@ -342,7 +340,7 @@ def run_federation(
         "scenario": scenario.scenario.name,
         "seed": scenario.scenario.seed,
         "config": scenario.to_dict(),
-        "privacy": privacy_statement(scenario),
+        "privacy": summary.privacy_statement(scenario),
         "warnings": [w for w in [model_utility_warning(scenario, fed.num_classes)] if w],
         "rounds": rounds,
         "round_0": round_0,
@@ -353,147 +351,17 @@ def run_federation(
             "startup_seconds": startup,
             "per_round_seconds": [r["seconds"] for r in rounds],
         },
-        "versions": _versions(),
+        "versions": summary.versions(),
     }
     figures = {name: fig for r in reports for name, fig in r.figures.items()}
     write_run(out_dir, results, figures, notes={r.name + ":" + r.target: r.notes for r in reports})
     return results
 
 
-def _merge_client_metrics(rounds: list[dict[str, Any]], result: Any) -> None:
-    for row in rounds:
-        ev = result.evaluate_metrics_clientapp.get(row["round"])
-        if ev is not None and "eval-acc" in ev:
-            row["party_accuracy"] = float(ev["eval-acc"])
-        tr = result.train_metrics_clientapp.get(row["round"])
-        if tr is not None and "train-loss" in tr:
-            row["train_loss"] = float(tr["train-loss"])
-
-
-def _side_channels(chain: list[Strategy]) -> list[CarriesSideChannel]:
-    return [s for s in chain if isinstance(s, CarriesSideChannel)]
-
-
-def _merge_epsilon(rounds: list[dict[str, Any]], chain: list[Strategy]) -> None:
-    """ε per round: from a DP strategy's accountant, or the largest any DP-SGD party spent."""
-    for s in _side_channels(chain):
-        for rnd, records in s.side_channel.items():
-            spent = [
-                float(rec["epsilon"])
-                for key, rec in records.items()
-                if key.endswith("dp-epsilon") and "epsilon" in rec
-            ]
-            for row in rounds:
-                if row["round"] == rnd and spent:
-                    row["epsilon"] = max(spent)
-    for s in chain:
-        history = s.epsilon_history if isinstance(s, ReportsPrivacySpent) else None
-        if history:
-            for row in rounds:
-                if row["round"] in history:
-                    row["epsilon"] = float(history[row["round"]])
-
-
-NEIGHBOURING = {
-    "none": "no DP guarantee",
-    "client": (
-        "record-level: datasets differing by adding or removing one record of one party "
-        "(replacing a record costs twice the ε)"
-    ),
-    "global": (
-        "party-level: federations differing by adding or removing one party's whole "
-        "data (replacing a party costs twice the ε); the server adds the noise, so it must "
-        "be trusted to"
-    ),
-    "distributed": (
-        "party-level: federations differing by adding or removing one party's whole "
-        "data (replacing a party costs twice the ε); the parties add the noise inside "
-        "secure aggregation, so it holds against the server"
-    ),
-}
-
-
 def model_utility_warning(scenario: Scenario, num_classes: int) -> str | None:
     """:func:`privfl.dp.utility_warning` for the scenario's own model."""
     dim = sum(p.numel() for p in build_model(scenario, num_classes).parameters())
     return utility_warning(scenario, dim)
-
-
-def privacy_statement(scenario: Scenario) -> dict[str, Any]:
-    """What the run's DP guarantee covers, whose noise it is, and what the parties enforce."""
-    party = scenario.party
-    if party.trust_server:
-        noise = "keyed from the scenario seed (the parties trust the server: it can regenerate it)"
-    elif party.noise == "lab":
-        noise = "lab: keyed from each party's local secret and the seed (reproducible there)"
-    else:
-        noise = "os: each party's OS CSPRNG (secret, not reproducible)"
-    return {
-        "dp_mode": scenario.defense.dp.mode,
-        "neighbouring": NEIGHBOURING[scenario.defense.dp.mode],
-        "noise": noise,
-        "parties_trust_server": party.trust_server,
-        "min_parties": party.resolve_min_parties(scenario.data.parties),
-    }
-
-
-def _merge_sampled(rounds: list[dict[str, Any]], chain: list[Strategy]) -> None:
-    """The parties sampled for each round (``scenario.parties_per_round``)."""
-    for s in chain:
-        if isinstance(s, FederationRounds):
-            for row in rounds:
-                if row["round"] in s.sampled:
-                    row["parties"] = list(s.sampled[row["round"]])
-
-
-def _merge_faults(
-    rounds: list[dict[str, Any]], chain: list[Strategy], party_of: Mapping[int, int]
-) -> None:
-    """Every refusal, failed reply, exclusion and skipped round, per round."""
-    for s in chain:
-        if not isinstance(s, ReportsFaults):
-            continue
-        for rnd, faults in s.faults.items():
-            for row in rounds:
-                if row["round"] == rnd:
-                    for f in faults:
-                        f = dict(f)
-                        if "node" in f:
-                            f["party"] = party_of.get(f.pop("node"))
-                        row.setdefault("faults", []).append(f)
-
-
-def _party_epsilon(chain: list[Strategy]) -> dict[str, float]:
-    """Each party's own account of the ε it spent (the largest it reported)."""
-    out: dict[str, float] = {}
-    for s in _side_channels(chain):
-        for records in s.side_channel.values():
-            for key, rec in records.items():
-                if key.endswith("dp-epsilon") and "party" in rec and "epsilon" in rec:
-                    p = str(int(rec["party"]))
-                    out[p] = max(out.get(p, 0.0), float(rec["epsilon"]))
-    return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
-
-
-def _participant_reports(scenario: Scenario, chain: list[Strategy]) -> list[AttackReport]:
-    if not (
-        scenario.attack.kind == "imprint"
-        and scenario.attack.imprint.role == "malicious-participant"
-    ):
-        return []
-    from privfl.clients.malicious_participant import participant_report
-
-    side: dict[int, dict[str, Any]] = {}
-    for s in _side_channels(chain):
-        for rnd, records in s.side_channel.items():
-            side.setdefault(rnd, {}).update(records)
-    return [participant_report(side, scenario)]
-
-
-def _versions() -> dict[str, str]:
-    import flwr
-
-    return {"privfl": __version__, "flwr": flwr.__version__, "torch": torch.__version__}
 
 
 # --------------------------------------------------------------------------- ServerApp
@@ -527,7 +395,8 @@ def make_server_app(
         try:
             if scenario is None:
                 sc, out = scenario_from_run_config(context.run_config)
-                # Under `flwr run` Flower's grid waits 3 s between polls for replies.
+                # Under `flwr run` Flower's grid waits 3 s between polls for replies. Flower's
+                # deployment side (privfl.deployment) loads only there.
                 from privfl.deployment import PollingGrid
 
                 grid = PollingGrid(grid)

@@ -26,6 +26,7 @@ from typing import Any
 from privfl import progress
 from privfl.config import ScenarioError
 from privfl.results import atomic_write_text
+from privfl.runner import resolve, run_scenario
 
 SWEEP_CSV = "sweep.csv"
 FRONTIER_FIGURE = "frontier.png"
@@ -131,8 +132,6 @@ def plan(
         A cell's scenario is invalid (the message names the cell and the key), or two
         cells would share a folder.
     """
-    from privfl.runner import resolve
-
     if "scenario.seed" in grid:
         raise ScenarioError("--grid scenario.seed: sweep seeds with --seeds instead")
     base = resolve(scenario, overrides)
@@ -159,8 +158,6 @@ def plan(
 
 def _run_cell(scenario: str, out: str, overrides: list[str]) -> None:
     # In a worker process: no bars of its own, they would interleave with the others'.
-    from privfl.runner import run_scenario
-
     run_scenario(scenario, out, overrides=overrides, progress=False)
 
 
@@ -210,6 +207,7 @@ def run_sweep(
     with progress.phase("sweep: cells", total=len(todo)) as bar:
         if jobs == 1 or len(todo) <= 1:
             if run is None:
+                # Looked up per call: tests replace privfl.runner.run_scenario.
                 from privfl.runner import run_scenario as run
             for i, cell in enumerate(todo):
                 bar.update(bar.completed, status=cell.name)
@@ -323,6 +321,7 @@ def _mean_sd(vals: list[float]) -> tuple[float, float]:
 
 def _spread_axis(ax: Any, values: Sequence[float]) -> None:
     """A log x axis for values spanning a factor of 10 or more, ticked at the values."""
+    # matplotlib is needed only once there is something to draw.
     from matplotlib.ticker import NullFormatter
 
     if min(values) > 0 and max(values) / min(values) >= 10:
@@ -338,6 +337,7 @@ def plot_sweep(rows: list[dict[str, Any]], keys: list[str], out_dir: Path) -> li
     import matplotlib
 
     matplotlib.use("Agg")
+    # Same reason: matplotlib only when drawing.
     from matplotlib.figure import Figure
     from matplotlib.ticker import PercentFormatter
 

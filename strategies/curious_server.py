@@ -4,137 +4,54 @@
 every Strategy call is forwarded to ``inner`` unchanged, so training is exactly what it
 would be without the attack. Its :meth:`CuriousServer.start` hands ``inner`` a
 :class:`RecordingGrid` that keeps deep copies of every message the server sends to and
-receives from the target party's node, per round and exchange: the attack can only use
+receives from the target party, per round and exchange: the attack can only use
 what the server really saw. After the run the target round's update is extracted
 from that transcript and inverted with
 :func:`privfl.attacks.gradient_inversion.invert_update`.
 
 Roles are kept apart: the *attacker* gets the sent global weights, the recorded reply
 and :class:`AttackerKnowledge` from the scenario; the *evaluator*
-(:meth:`CuriousServer.attack_reports`) separately rebuilds the true batch with
-:func:`privfl.training.round_batch_data` only to score the reconstruction.
+(:class:`privfl.evaluation.inversion.InversionEvaluator`, which
+:meth:`CuriousServer.attack_reports` hands the reconstruction) separately rebuilds the
+true batch with :func:`privfl.training.round_batch_data` only to score it.
 """
 
 from __future__ import annotations
 
 import copy
-import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Message, RecordDict
-from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+from flwr.app import ArrayRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
+from privfl.architecture import build_model
 from privfl.attacks.gradient_inversion import AttackerKnowledge, Reconstruction, invert_update
 from privfl.config import Scenario
+from privfl.data import load_federation
+from privfl.evaluation.inversion import InversionEvaluator
+from privfl.flower.transcript import RecordingGrid, Transcript
+from privfl.flower.update import UpdateError, delta_arrays, weights_of
+from privfl.flower.wire import curious_read
 from privfl.results import AttackReport
-from privfl.strategies.wrapper import GridProxy, StrategyWrapper
-
-ROUND_KEY = "server-round"
-
-
-@dataclass
-class Exchange:
-    """One send/receive with the target's node: what was sent and what came back."""
-
-    message_type: str
-    sent: list[RecordDict] = field(default_factory=list)
-    received: list[RecordDict] = field(default_factory=list)
-
-
-def _snapshot(content: RecordDict) -> RecordDict:
-    """An independent copy of a message's content, made the way it crosses the wire
-    (``deepcopy`` fails on the memoryview-backed arrays of aggregated models)."""
-    return recorddict_from_proto(recorddict_to_proto(content))
-
-
-class RecordingGrid(GridProxy):
-    """A Grid that forwards everything and records the traffic of ``nodes``.
-
-    ``transcript[round]`` lists the exchanges of that round in order. The round is read
-    from the outgoing content's ``config["server-round"]``, else from the message's
-    ``group_id``, else the last one seen.
-    """
-
-    def __init__(self, grid: Grid, nodes: Iterable[int]) -> None:
-        super().__init__(grid)
-        self.nodes = set(nodes)
-        self._pending: Exchange | None = None
-        self.transcript: dict[int, list[Exchange]] = {}
-        self._round = 0
-
-    # -------------------------------------------------------------- recording
-    def _round_of(self, msg: Message) -> int:
-        if msg.has_content():
-            cfg = msg.content.config_records.get("config")
-            if cfg is not None and ROUND_KEY in cfg:
-                return int(cfg[ROUND_KEY])
-        gid = msg.metadata.group_id
-        return int(gid) if gid and gid.isdigit() else self._round
-
-    def _sent(self, messages: Iterable[Message]) -> tuple[list[Message], Exchange | None]:
-        messages = list(messages)
-        ours = [m for m in messages if m.metadata.dst_node_id in self.nodes]
-        if not ours:
-            return messages, None
-        self._round = self._round_of(ours[0])
-        ex = Exchange(message_type=ours[0].metadata.message_type)
-        ex.sent = [_snapshot(m.content) for m in ours if m.has_content()]
-        self.transcript.setdefault(self._round, []).append(ex)
-        return messages, ex
-
-    def _received(self, replies: Iterable[Message], ex: Exchange | None) -> list[Message]:
-        replies = list(replies)
-        if ex is not None:
-            for m in replies:
-                if m.metadata.src_node_id in self.nodes and m.has_content():
-                    ex.received.append(_snapshot(m.content))
-        return replies
-
-    # -------------------------------------------------------------- Grid API
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        """Forward to the wrapped grid; keep copies of the target's traffic."""
-        messages, ex = self._sent(messages)
-        return self._received(self.grid.send_and_receive(messages, timeout=timeout), ex)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Forward; pushes to the target open an exchange that pulls fill."""
-        messages, ex = self._sent(messages)
-        if ex is not None:
-            self._pending = ex
-        return self.grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Forward; replies from the target go to the last pushed exchange."""
-        return self._received(self.grid.pull_messages(message_ids), self._pending)
-
+from privfl.strategies.wrapper import StrategyWrapper
+from privfl.training import local_steps, resolve_device
 
 UpdateReader = Callable[[RecordDict, ArrayRecord, Scenario], Mapping[str, np.ndarray] | None]
 
 
 def plain_update(content: RecordDict, sent: ArrayRecord) -> dict[str, np.ndarray] | None:
-    """``received − sent`` weights of a plain FedAvg reply (None without arrays)."""
-    recs = list(content.array_records.values())
-    if not recs:
+    """``received − sent`` weights of a plain FedAvg reply (None: no weights that match)."""
+    try:
+        return delta_arrays(sent, weights_of(content)[1])
+    except UpdateError:
         return None
-    got = recs[0]
-    return {
-        k: got[k].numpy().astype(np.float64) - a.numpy().astype(np.float64)
-        for k, a in sent.items()
-        if k in got
-    }
 
 
 def secagg_reader() -> UpdateReader:
     """The secure-aggregation plug-in: how a curious server reads one stage payload."""
-    from privfl.strategies.secure_aggregation import curious_read
-
     return curious_read
 
 
@@ -175,13 +92,11 @@ class CuriousServer(StrategyWrapper):
         self.party_of = dict(party_of)
         self.settings = scenario.attack.gradient_inversion
         target = self.settings.target_party
-        nodes = [n for n, p in self.party_of.items() if p == target]
-        if not nodes:
+        if target not in self.party_of.values():
             raise ValueError(
                 f"attack.gradient_inversion.target_party = {target} is held by no node "
                 f"(party_of: {self.party_of})"
             )
-        self.target_node = nodes[0]
         self._model = model
         self._num_classes = num_classes
         self.recording: RecordingGrid | None = None
@@ -192,7 +107,9 @@ class CuriousServer(StrategyWrapper):
 
     def start(self, grid: Grid, *args: object, **kwargs: object) -> Result:
         """Run ``inner.start`` on a recording grid, then attack the recorded update."""
-        self.recording = RecordingGrid(grid, [self.target_node])
+        self.recording = RecordingGrid(
+            grid, Transcript(self.party_of, watch=[self.settings.target_party])
+        )
         result = self.inner.start(self.recording, *args, **kwargs)  # type: ignore[arg-type]
         self.attack()
         return result
@@ -211,9 +128,14 @@ class CuriousServer(StrategyWrapper):
         if self.recording is None:
             raise RuntimeError("start() has not run: nothing was recorded")
         rnd = self.settings.round
-        exchanges = self.recording.transcript.get(rnd, [])
+        exchanges = self.recording.transcript.exchanges(rnd)
         sent = next(
-            (c["arrays"] for ex in exchanges for c in ex.sent if "arrays" in c.array_records),
+            (
+                c["arrays"]
+                for ex in exchanges
+                for c in ex.sent.values()
+                if "arrays" in c.array_records
+            ),
             None,
         )
         if sent is None:
@@ -226,7 +148,7 @@ class CuriousServer(StrategyWrapper):
         for ex in exchanges:
             if not ex.message_type.startswith("train"):
                 continue
-            for content in ex.received:
+            for content in ex.received.values():
                 upd = (
                     reader(content, sent, self.scenario)
                     if reader is not None
@@ -245,8 +167,6 @@ class CuriousServer(StrategyWrapper):
         auxiliary: torch.Tensor | None,
         input_shape: tuple[int, ...],
     ) -> AttackerKnowledge:
-        from privfl.training import local_steps
-
         t = self.scenario.training
         # The server sees num-examples in a plain reply; otherwise it assumes the scenario's.
         n = self.scenario.data.samples_per_party or t.batch_size
@@ -273,14 +193,9 @@ class CuriousServer(StrategyWrapper):
         )
 
     def _truth(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Evaluator only: the distinct samples the target trained on in the round."""
-        from privfl.training import round_batch_data
-
-        data = round_batch_data(self.scenario, self.settings.target_party, self.settings.round)
-        flat = torch.cat([data.images.flatten(1), data.labels[:, None].float()], 1)
-        _, first = np.unique(flat.numpy(), axis=0, return_index=True)
-        idx = torch.as_tensor(np.sort(first))
-        return data.images[idx], data.labels[idx]
+        """The evaluator's rebuild of the target's samples; the attacker takes only their
+        labels, and only when ``labels_known`` hands them to it."""
+        return InversionEvaluator(self.scenario).truth()
 
     def attack(self) -> None:
         """Extract the target's update from the transcript and invert it (once)."""
@@ -292,13 +207,9 @@ class CuriousServer(StrategyWrapper):
             self.failure = str(exc)
             return
         self.observed = update
-        from privfl.data import load_federation
-
         if self._num_classes is None:
             self._num_classes = load_federation(self.scenario).num_classes
         if self._model is None:
-            from privfl.architecture import build_model
-
             self._model = build_model(self.scenario, self._num_classes)
         model = copy.deepcopy(self._model)
         model.load_state_dict(sent.to_torch_state_dict())
@@ -312,8 +223,6 @@ class CuriousServer(StrategyWrapper):
             self._input_shape or tuple(public.shape[1:]),
         )
         labels = self._truth()[1] if self.knowledge.labels_known else None
-        from privfl.training import resolve_device
-
         s = self.settings
         self.reconstruction = invert_update(
             model,
@@ -333,9 +242,8 @@ class CuriousServer(StrategyWrapper):
         )
 
     def attack_reports(self) -> list[AttackReport]:
-        """The attack's :class:`AttackReport`, scored against the true batch."""
-        from privfl.metrics import evaluate_reconstruction, image_grid_figure
-
+        """The attack's :class:`AttackReport`, scored against the true batch by the
+        evaluator."""
         s = self.settings
         target = f"party {s.target_party}, round {s.round}"
         self.attack()
@@ -350,69 +258,5 @@ class CuriousServer(StrategyWrapper):
                     notes=[f"attack did not run: {self.failure}"],
                 )
             ]
-        t0 = time.perf_counter()
-        truth, truth_labels = self._truth()
-        rec = self.reconstruction
-        ev = evaluate_reconstruction(rec.images, rec.labels, truth, truth_labels, s.recovered_psnr)
-        fig = image_grid_figure(
-            truth,
-            rec.images,
-            perm=ev["perm"],
-            psnr_per_image=ev["psnr_per_image"],
-            truth_labels=truth_labels.tolist(),
-            recon_labels=rec.labels.tolist(),
-            title=f"{s.method}: party {s.target_party}, round {s.round}",
-        )
-        kn = self.knowledge
-        assert kn is not None
-        secure = self.scenario.defense.secure_aggregation
-        budget = (
-            f"best of {s.restarts} start(s) after {s.trial_iterations or s.iterations} "
-            f"Adam steps each, run to {s.iterations}"
-            if s.method == "inverting-gradients"
-            else f"best of {s.restarts} start(s), run to {s.iterations} L-BFGS iterations"
-        )
-        notes = [
-            f"method {s.method}, {budget}; "
-            f"attacker knows batch size {kn.batch_size}, {kn.local_steps} local step(s) "
-            f"at lr {kn.lr}, labels {'known' if kn.labels_known else 'recovered'}",
-            f"recovered = PSNR >= {s.recovered_psnr} dB after optimal matching; "
-            f"evaluation took {time.perf_counter() - t0:.1f} s",
-        ]
-        if secure != "none":
-            notes.append(
-                f"inverted the server's real view under secure aggregation "
-                f"({secure}): the decoded stage payload (masked input or partial sum of "
-                f"shares), not the party's update"
-            )
-        if kn.local_steps > 1:
-            notes.append(f"{kn.local_steps} local steps modelled as '{s.multi_step}'")
-        if kn.momentum or kn.weight_decay:
-            notes.append(
-                f"the party's SGD momentum {kn.momentum} and weight decay {kn.weight_decay} "
-                "are modelled"
-            )
-        if self.scenario.training.optimizer != "sgd":
-            notes.append(
-                f"the parties train with {self.scenario.training.optimizer}: the attack "
-                "models their update as SGD steps, so expect less"
-            )
-        return [
-            AttackReport(
-                name="gradient-inversion",
-                role="curious-server",
-                target=target,
-                recovered=ev["recovered"],
-                total=ev["total"],
-                metrics={
-                    "psnr_mean": ev["psnr_mean"],
-                    "psnr_max": ev["psnr_max"],
-                    "ssim_mean": ev["ssim_mean"],
-                    "label_accuracy": ev["label_accuracy"],
-                    "seconds": rec.seconds,
-                    "objective": rec.objective,
-                },
-                figures={"gradient_inversion.png": fig},
-                notes=notes,
-            )
-        ]
+        assert self.knowledge is not None
+        return [InversionEvaluator(self.scenario).score(self.reconstruction, self.knowledge)]

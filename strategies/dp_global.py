@@ -57,11 +57,10 @@ from privfl.dp import (
     accounted_sampling_rate,
     derive_noise_key,
     effective_noise_multiplier,
-    flatten,
     global_noise_multiplier,
 )
-from privfl.flower.records import record_with_vector
-from privfl.flower.wire import SIDE_PREFIX
+from privfl.flower import side
+from privfl.flower.update import flat_delta, weights_of, with_delta
 from privfl.strategies.wrapper import StrategyWrapper, weighted_by_key
 
 log = logging.getLogger(__name__)
@@ -285,7 +284,6 @@ class DPGlobalUpdate(StrategyWrapper):
         if self.exhausted or self._current is None:
             return None, None
         current = self._current
-        base = flatten(current.to_numpy_ndarrays())
         # In party order: float sums in Flower's random sampling order would differ in
         # their last bits from run to run.
         valid = sorted(
@@ -304,12 +302,9 @@ class DPGlobalUpdate(StrategyWrapper):
         else:
             norms = self.update_norms.setdefault(server_round, {})
             for reply in valid:
-                name = _sole_key(reply.content.array_records, "ArrayRecord")
-                record = reply.content.array_records[name]
-                delta, norm = self.mechanism.constrain_sensitivity(
-                    flatten(record.to_numpy_ndarrays()) - base
-                )
-                reply.content[name] = record_with_vector(record, base + delta)
+                name, record = weights_of(reply.content)
+                delta, norm = self.mechanism.constrain_sensitivity(flat_delta(current, record))
+                reply.content[name] = with_delta(current, delta, like=record)
                 metrics = reply.content.metric_records[
                     _sole_key(reply.content.metric_records, "MetricRecord")
                 ]
@@ -324,7 +319,7 @@ class DPGlobalUpdate(StrategyWrapper):
         mean_record = aggregate_arrayrecords([r.content for r in valid], weight_key)
         released = mean_record
         if self.mode == "global" or self.canary_parties is not None:
-            mean = flatten(mean_record.to_numpy_ndarrays()) - base
+            mean = flat_delta(current, mean_record)
             if self.canary_parties is not None:
                 # The auditor's canary parties join the (secure, noisy) sum as parties would.
                 canary_sum, count = self.canary_parties()
@@ -333,7 +328,7 @@ class DPGlobalUpdate(StrategyWrapper):
             if self.mode == "global":
                 stream = self._stream("dp-fedavg", server_round)
                 mean = self.mechanism.add_noise(mean, num_parties=num_parties, stream=stream)
-            released = record_with_vector(mean_record, base + mean)
+            released = with_delta(current, mean, like=mean_record)
         arrays, metrics = self.inner.aggregate_train(
             server_round, [self._release(server_round, released, valid, weight_key, num_parties)]
         )
@@ -363,14 +358,8 @@ class DPGlobalUpdate(StrategyWrapper):
             vals = [float(m[key]) for m in records if key in m]
             metrics[key] = sum(vals) / len(vals)
         content["metrics"] = metrics
-        for reply in replies:
-            for key, rec in reply.content.items():
-                if key.startswith(SIDE_PREFIX):
-                    if self.secure_aggregation:  # already named by secure aggregation
-                        content[key] = rec
-                    else:
-                        rest = key[len(SIDE_PREFIX) :]
-                        content[f"{SIDE_PREFIX}{reply.metadata.src_node_id}.{rest}"] = rec
+        for key, rec in side.collect(replies).items():
+            content[key] = rec
         if self.secure_aggregation and len(replies) == 1:
             return Message(content, metadata=replies[0].metadata)
         meta = Metadata(

@@ -9,8 +9,9 @@ block in front of the task model, :mod:`privfl.attacks.imprint`); honest parties
 it normally and aggregation runs unchanged.
 
 The attacker takes explicit parameters; what it recovered is scored by
-:class:`ImprintServerEvaluator`, a separate object that holds the scenario and rebuilds
-the samples the parties trained on (the attacker never sees them).
+:class:`~privfl.evaluation.imprint.ImprintServerEvaluator`, a separate object that holds
+the scenario and rebuilds the samples the parties trained on (the attacker never sees
+them).
 :meth:`ImprintServer.from_scenario` builds both from ``attack.imprint``.
 """
 
@@ -29,19 +30,17 @@ from privfl.attacks.imprint import (
     WEIGHT_KEY,
     ImprintInfo,
     aggregate_noise_std,
-    attack_round_scenario,
-    evaluate_imprint,
-    expected_fraction,
     imprint_bins_of,
     imprinted_samples,
     reconstruct_from_update,
+    state_update,
     strongest_bins_readout,
 )
 from privfl.config import SCENARIO_KEY, Scenario, scenario_from_json
-from privfl.data import load_federation, sample_shape
+from privfl.data import sample_shape
+from privfl.evaluation.imprint import ImprintServerEvaluator
 from privfl.results import AttackReport
 from privfl.strategies.wrapper import StrategyWrapper, strategy_chain
-from privfl.training import round_batch_data
 
 _KEYS = (WEIGHT_KEY, BIAS_KEY)
 _BLOCK_PREFIX = "imprint."
@@ -53,74 +52,6 @@ PLAIN_CONFIG_KEYS = {"local_steps": "local-steps", "batch_size": "batch-size", "
 
 def _arrays(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(record[k].numpy().copy()) for k in _KEYS}
-
-
-class ImprintServerEvaluator:
-    """Scores an :class:`ImprintServer`'s readouts against the samples in the aggregate.
-
-    Not the attacker: it holds the run's scenario and rebuilds what each party trained
-    on in the attack round (``privfl.training.round_batch_data``; under DP-SGD, whose
-    Poisson batches are the parties' secret, every record they hold).
-
-    Parameters
-    ----------
-    scenario : Scenario
-        The run's scenario (data, the attack round's training, ``attack.imprint``).
-    """
-
-    def __init__(self, scenario: Scenario) -> None:
-        self.scenario = scenario
-
-    def score(
-        self,
-        images: torch.Tensor,
-        *,
-        parties: list[int],
-        attack_round: int,
-        bins: int,
-        seconds: float,
-        collisions: int,
-        verified: int,
-        notes: list[str],
-        occupied: int | None = None,
-    ) -> AttackReport:
-        """The report on ``images`` (what the attacker read off the aggregate of
-        ``attack_round``), taken from the aggregate of ``parties`` (all when empty);
-        ``occupied``: the bins that carried signal."""
-        sc = self.scenario
-        parties = parties or list(range(sc.data.parties))
-        shown = f"{parties}" if len(parties) <= 12 else f"[{str(parties[:12])[1:-1]}, ...]"
-        lines = [
-            f"attacked the aggregate of round {attack_round} over {len(parties)} parties {shown}"
-        ]
-        total = None
-        if sc.defense.dp.mode == "client":
-            # The parties' Poisson batches are drawn from their own secrets: score
-            # against every record they hold (a best match can only flatter the attacker).
-            fed = load_federation(sc)
-            truth = torch.cat([fed.parties[p].train.images for p in parties])
-            total = imprinted_samples(sc)
-            lines.append(
-                f"DP-SGD batches are the parties' secret: readouts matched against all "
-                f"{truth.shape[0]} records the parties hold; total = the {total} samples expected"
-            )
-        else:
-            chosen = attack_round_scenario(sc)
-            truth = torch.cat([round_batch_data(chosen, p, attack_round).images for p in parties])
-        return evaluate_imprint(
-            images,
-            truth,
-            scenario=sc,
-            role=ROLE,
-            bins=bins,
-            expected=expected_fraction(len(truth), bins),
-            seconds=seconds,
-            collisions=collisions,
-            notes=[*lines, *notes],
-            verified=verified,
-            total=total,
-            occupied=occupied,
-        )
 
 
 class ImprintServer(StrategyWrapper):
@@ -320,7 +251,7 @@ class ImprintServer(StrategyWrapper):
     def _attack(self, arrays: ArrayRecord, parties: list[int]) -> None:
         assert self._sent is not None
         new, sent = _arrays(arrays), _arrays(self._sent)
-        update = {k: new[k].double() - sent[k].double() for k in _KEYS}
+        update = state_update(sent, new, _KEYS)
         info = ImprintInfo.from_state(new, self.sample_shape)
         recon = reconstruct_from_update(update, info, noise_std=self.noise_std)
         notes: list[str] = []

@@ -19,7 +19,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from privfl.flower.wire import SIDE_PREFIX
+from privfl.flower import side
 from privfl.refusal import diverged_reason, refusal_reason
 from privfl.seeding import parts_rng
 from privfl.strategies.wrapper import StrategyWrapper
@@ -96,7 +96,8 @@ class FederationRounds(StrategyWrapper):
     Attributes
     ----------
     side_channel : dict[int, dict[str, Any]]
-        Round -> ``"<node>:<key>"`` -> record, for every ``privfl.side.*`` record.
+        Round -> ``privfl.side.<node>.<name>`` -> record, for every side record
+        (:mod:`privfl.flower.side`).
     faults : dict[int, list[dict]]
         Round -> ``{node, stage, reason}`` for every refusal and divergence.
     stop_reason : str or None
@@ -202,10 +203,9 @@ class FederationRounds(StrategyWrapper):
         for msg in replies:
             if msg.has_error():
                 continue
-            side = [k for k in msg.content if k.startswith(SIDE_PREFIX)]
             node = msg.metadata.src_node_id
-            for k in side:
-                self.side_channel.setdefault(server_round, {})[f"{node}:{k}"] = msg.content[k]
+            for k, rec in side.records_of(msg.content).items():
+                self.side_channel.setdefault(server_round, {})[side.tagged(k, node)] = rec
                 del msg.content[k]
         arrays, metrics = self.inner.aggregate_train(server_round, replies)
         return _like(arrays, self._sent), metrics

@@ -14,24 +14,27 @@ privfl's own protocol is used rather than Flower's ``SecAggPlusWorkflow``: that 
 runs only with the legacy API, derives its masks from a 32-bit seeded Mersenne twister,
 and leaves every party's example count and metrics in plaintext.
 
+One file for the server's side of both protocols: the key epochs, the stage runner and
+the fault log they share are the strategy's state.
+
 Round trips per FL round: 2 (train + shares/masked input, then partial sums
 / unmask); key setup adds 1 (additive) or 2 (masking) once per key epoch.
 
-The server's view is explicit: :attr:`SecureAggregation.server_view` holds deep copies
-of the payloads received (every round, or only those ``keep_view`` names once the next
-round begins), and :func:`curious_read` decodes one payload the way a curious server
-would.
+The strategy keeps no party's payload beyond the round that needs it. What the server
+receives is what its grid carries: a :class:`privfl.flower.transcript.RecordingGrid`
+around the grid records it (a curious server's transcript), and
+:func:`privfl.flower.wire.curious_read` decodes one payload the way a curious server would.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.app.metadata import Metadata
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -39,7 +42,8 @@ from flwr.serverapp.strategy import Strategy
 from privfl.config import SCENARIO_KEY, Scenario
 from privfl.errors import PrivflError
 from privfl.fixedpoint import FixedPointCodec
-from privfl.flower import wire
+from privfl.flower import side, wire
+from privfl.flower.update import with_delta
 from privfl.refusal import diverged_reason, refusal_reason
 from privfl.secagg.additive import AdditiveServer, RoundAbortedError
 from privfl.secagg.masking import MaskingError, MaskingServer
@@ -62,77 +66,6 @@ def _started(value: _T | None, what: str) -> _T:
     if value is None:
         raise SecureAggregationError(f"{what} before configure_train started the round")
     return value
-
-
-def _template_layout(template: ArrayRecord) -> list[tuple[str, tuple[int, ...], Any]]:
-    return [(k, tuple(a.shape), a.numpy().dtype) for k, a in template.items()]
-
-
-def curious_read(
-    content: RecordDict, template: ArrayRecord, scenario: Scenario | FixedPointCodec
-) -> dict[str, np.ndarray] | None:
-    """What a curious server reads from one party's stage payload.
-
-    Decodes the ring vector in ``content`` (masked input or partial sum) with the
-    public fixed-point codec (``scenario``: the codec, or the scenario naming it) and
-    reshapes it to ``template``'s arrays. Returns None when
-    the payload carries no vector (only ciphertexts or keys).
-    """
-    vec = wire.read_vector(content)
-    if vec is None:
-        return None
-    layout = _template_layout(template)
-    need = sum(int(np.prod(s)) for _, s, _ in layout)
-    if vec.size < need:
-        return None
-    codec = (
-        scenario
-        if isinstance(scenario, FixedPointCodec)
-        else FixedPointCodec.from_section(scenario.defense.secagg)
-    )
-    vals = codec.decode(vec)
-    out, off = {}, 0
-    for k, shape, dtype in layout:
-        size = int(np.prod(shape))
-        out[k] = vals[off : off + size].reshape(shape).astype(dtype, copy=False)
-        off += size
-    return out
-
-
-def stage_messages(
-    configs: Mapping[int, ConfigRecord],
-    node_of: Mapping[int, int],
-    common: Scenario | Mapping[str, Any],
-    server_round: int,
-    msg_type: str,
-    extra: Mapping[int, Mapping[str, Any]] | None = None,
-) -> list[Message]:
-    """One stage message per party: its config (with the ``common`` entries, or the
-    scenario as privfl's parties expect it, and the round) and extras."""
-    shared = {SCENARIO_KEY: common.to_json()} if isinstance(common, Scenario) else dict(common)
-    msgs = []
-    for party, values in configs.items():
-        cfg = ConfigRecord(dict(values))
-        cfg.update(shared)
-        cfg["server-round"] = server_round
-        content = RecordDict({"config": cfg, **(extra or {}).get(party, {})})
-        msgs.append(
-            Message(
-                content,
-                dst_node_id=node_of[party],
-                message_type=msg_type,
-                group_id=str(server_round),
-            )
-        )
-    return msgs
-
-
-def _view_an_attack_needs(scenario: Scenario) -> dict[int, Collection[int] | None]:
-    """The round and party whose payloads a scenario's curious server attacks."""
-    gi = scenario.attack.gradient_inversion
-    if scenario.attack.kind == "gradient-inversion":
-        return {gi.round: [gi.target_party]}
-    return {}
 
 
 class SecureAggregation(StrategyWrapper):
@@ -171,10 +104,6 @@ class SecureAggregation(StrategyWrapper):
     message_config : Mapping, optional
         Entries added to the config of every message this wrapper sends (privfl's own
         parties read their round settings there).
-    keep_view : bool or Mapping[int, Collection[int] | None]
-        What :attr:`server_view` keeps once the next round begins: True every round,
-        else ``{round: parties}`` (None: all parties of that round); the current round
-        is always there. A run of many parties keeps only what an attack asks for.
     """
 
     def __init__(
@@ -191,7 +120,6 @@ class SecureAggregation(StrategyWrapper):
         on_failure: str = "skip",
         release_train_loss: bool = True,
         message_config: Mapping[str, Any] | None = None,
-        keep_view: bool | Mapping[int, Collection[int] | None] = True,
     ) -> None:
         if on_failure not in ("skip", "raise"):
             raise ValueError(f"on_failure must be 'skip' or 'raise', got {on_failure!r}")
@@ -220,8 +148,6 @@ class SecureAggregation(StrategyWrapper):
         self.codec = codec or FixedPointCodec()
         self.release_train_loss = release_train_loss
         self.message_config = dict(message_config or {})
-        self.server_view: dict[int, dict[int, dict[str, RecordDict]]] = {}
-        self.keep_view = keep_view
         self.round_trips: dict[int, int] = {}
         # Round -> what went wrong: {party, stage, reason} for every refusal, failed
         # reply, exclusion and skipped round.
@@ -253,26 +179,11 @@ class SecureAggregation(StrategyWrapper):
             "timeout": scenario.scenario.timeout,
             "release_train_loss": scenario.defense.dp.mode == "none",
             "message_config": {SCENARIO_KEY: scenario.to_json()},
-            "keep_view": _view_an_attack_needs(scenario),
         }
         params.update(overrides)
         return cls(inner, party_of=party_of, on_failure=on_failure, **params)
 
     # ------------------------------------------------------------------ helpers
-    def _prune_view(self, server_round: int) -> None:
-        """Drop the views of earlier rounds that ``keep_view`` does not ask for."""
-        if self.keep_view is True:
-            return
-        keep = self.keep_view or {}
-        for rnd in [r for r in self.server_view if r < server_round]:
-            if rnd not in keep:
-                del self.server_view[rnd]
-            elif (parties := keep[rnd]) is not None:
-                wanted = {self.node_of[p] for p in parties if p in self.node_of}
-                view = self.server_view[rnd]
-                for node in [n for n in view if n not in wanted]:
-                    del view[node]
-
     def _exchange(
         self,
         server_round: int,
@@ -283,11 +194,11 @@ class SecureAggregation(StrategyWrapper):
     ) -> dict[int, RecordDict]:
         """Send one message per party, return ``{party: content}`` of error-free replies."""
         _started(self._grid, "a protocol stage")
-        msgs = stage_messages(
+        msgs = wire.stage_messages(
             configs, self.node_of, self.message_config, server_round, msg_type, extra
         )
         replies = self._send_and_receive(msgs)
-        out = self._record(server_round, stage, replies)
+        out = self._collect(server_round, stage, replies)
         self.round_trips[server_round] = self.round_trips.get(server_round, 0) + 1
         return out
 
@@ -323,11 +234,12 @@ class SecureAggregation(StrategyWrapper):
             {"party": party, "stage": stage, "reason": reason}
         )
 
-    def _record(
+    def _collect(
         self, server_round: int, stage: str, replies: Iterable[Message]
     ) -> dict[int, RecordDict]:
+        """``{party: content}`` of the error-free replies; every refusal or failure is a
+        fault of ``stage``."""
         out = {}
-        view = self.server_view.setdefault(server_round, {})
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
@@ -343,7 +255,6 @@ class SecureAggregation(StrategyWrapper):
                 continue
             if not msg.has_content() or node not in self.party_of:
                 continue
-            view.setdefault(node, {})[stage] = wire.copy_content(msg.content)
             out[self.party_of[node]] = msg.content
         return out
 
@@ -428,7 +339,6 @@ class SecureAggregation(StrategyWrapper):
     ) -> Iterable[Message]:
         """Inner's train messages plus what parties need; key setup when due."""
         self._grid, self._global = grid, arrays
-        self._prune_view(server_round)
         msgs = list(self.inner.configure_train(server_round, arrays, config, grid))
         self._parties = []
         if not msgs:  # e.g. a DP budget is spent: no round, nothing to protect
@@ -496,14 +406,8 @@ class SecureAggregation(StrategyWrapper):
         replies = list(replies)
         if not self._parties:
             return self.inner.aggregate_train(server_round, replies)
-        got = self._record(server_round, "train", replies)
-        side = {}
-        for msg in replies:
-            if msg.has_content():
-                for k, rec in msg.content.items():
-                    if k.startswith(wire.SIDE_PREFIX):
-                        rest = k[len(wire.SIDE_PREFIX) :]
-                        side[f"{wire.SIDE_PREFIX}{msg.metadata.src_node_id}.{rest}"] = rec
+        got = self._collect(server_round, "train", replies)
+        sides = side.collect(replies)
         arrays = _started(self._global, "aggregation")
         dim = sum(int(np.prod(a.shape)) for a in arrays.values()) + wire.EXTRA_COORDS
         try:
@@ -524,18 +428,12 @@ class SecureAggregation(StrategyWrapper):
             self.fault(server_round, None, "aggregate", f"round skipped: {exc}")
             self.included = {server_round: []}
             return None, None
-        arrays, off = ArrayRecord(), 0
-        for k, a in self._global.items():
-            g = a.numpy()
-            size = int(np.prod(g.shape))
-            upd = vals[off : off + size].reshape(g.shape) / weight
-            arrays[k] = Array((g.astype(np.float64) + upd).astype(g.dtype))
-            off += size
+        arrays = with_delta(self._global, vals[: -wire.EXTRA_COORDS] / weight)
         n_w = round(weight) if abs(weight - round(weight)) < 1e-3 else float(weight)
         metrics = MetricRecord({weighted_by_key(self.inner): n_w})
         if self.release_train_loss:
             metrics["train-loss"] = float(wloss / weight)
-        content = RecordDict({"arrays": arrays, "metrics": metrics, **side})
+        content = RecordDict({"arrays": arrays, "metrics": metrics, **sides})
         self.included = {server_round: included}
         return self.inner.aggregate_train(
             server_round, [self._synthetic(server_round, content, replies)]

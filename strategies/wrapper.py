@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -61,49 +61,3 @@ def weighted_by_key(strategy: Strategy) -> str:
     """The metric the innermost aggregating strategy weighs replies by (FedAvg's
     ``weighted_by_key``; ``num-examples`` for a strategy that has none)."""
     return getattr(strategy_chain(strategy)[-1], "weighted_by_key", "num-examples")
-
-
-class GridProxy(Grid):
-    """A Grid that forwards everything to the grid it wraps; an attacker's grid subclasses
-    it and overrides the exchanges it watches or rewrites."""
-
-    def __init__(self, grid: Grid) -> None:
-        self.grid = grid
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        """Forward."""
-        return self.grid.send_and_receive(messages, timeout=timeout)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Forward."""
-        return self.grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Forward."""
-        return self.grid.pull_messages(message_ids)
-
-    def set_run(self, run):  # noqa: ANN001, ANN201 - Flower's signature
-        """Forward."""
-        return self.grid.set_run(run)
-
-    @property
-    def run(self):  # noqa: ANN201 - Flower's signature
-        """Forward."""
-        return self.grid.run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        """Forward."""
-        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        """Forward."""
-        return self.grid.get_node_ids()

@@ -471,7 +471,7 @@ def test_federation_caps_and_errors():
 
 
 def test_federation_same_seed_same_bytes():
-    from privfl.data import _federation
+    from privfl.data.federation import _federation
 
     a = load_federation(scenario(seed=7, parties=3, partition="shards"))
     _federation.cache_clear()

@@ -16,9 +16,17 @@ import numpy as np
 import pytest
 import torch
 
-from privfl import data
 from privfl.config import DataSection, Scenario, load_scenario
-from privfl.data import ImageSet, load_dataset, load_federation
+from privfl.data import (
+    ImageSet,
+    federation,
+    imageset,
+    load_dataset,
+    load_federation,
+    loading,
+    mnist,
+    store,
+)
 from privfl.training import round_batch_data
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -36,9 +44,14 @@ def _isolated_cache(tmp_path, monkeypatch):
 
 def _forget() -> None:
     """Drop this process's loaded sets, as a fresh process would start."""
-    for cached in (data._load_split, data._load_sets, data._federation, data._own_data):
+    for cached in (
+        mnist._load_split,
+        loading._load_sets,
+        federation._federation,
+        federation._own_data,
+    ):
         cached.cache_clear()
-    data._BUILDS.clear()
+    store._BUILDS.clear()
 
 
 def _scenario(**data_section) -> Scenario:
@@ -57,9 +70,9 @@ def _pool_files(tmp_path: Path) -> list[Path]:
 
 def _decoded(name: str = "mnist-train") -> ImageSet:
     """The split decoded straight from its files, into this process's memory."""
-    spec = data._spec("mnist")
-    source = data._resolve_source(DataSection())
-    return data._decode_split(spec, source, name.endswith("train"))
+    spec = mnist._spec("mnist")
+    source = mnist._resolve_source(DataSection())
+    return mnist._decode_split(spec, source, name.endswith("train"))
 
 
 # --------------------------------------------------------------------------- no copies
@@ -84,7 +97,7 @@ def test_a_thousand_parties_hold_views_not_copies():
     assert not pool.images.numpy().flags.writeable and not pool.images.numpy().flags.owndata
     for p in fed.parties:
         assert p.train.images.shape == (8, 1, 28, 28)
-    assert sum(p.train._gathered is not None for p in fed.parties) <= data._KEEP_GATHERED
+    assert sum(p.train._gathered is not None for p in fed.parties) <= imageset._KEEP_GATHERED
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "MNIST").is_dir(), reason="no MNIST at ../shared/data")
@@ -101,8 +114,8 @@ def test_full_mnist_thousand_clinics_views_match_copies():
 
 
 def _decoded_from(root: Path) -> ImageSet:
-    spec = data._spec("mnist")
-    return data._decode_split(spec, data._resolve_source(DataSection(root=str(root))), True)
+    spec = mnist._spec("mnist")
+    return mnist._decode_split(spec, mnist._resolve_source(DataSection(root=str(root))), True)
 
 
 # --------------------------------------------------------------------------- same bytes
@@ -183,18 +196,19 @@ _CHILD = """
 import hashlib, json, sys
 from privfl import data
 from privfl.config import Scenario
+from privfl.data import store
 fed = data.load_federation(Scenario.from_dict(json.loads(sys.argv[1])))
 h = hashlib.sha256()
 for p in fed.parties:
     h.update(p.train.images.numpy().tobytes() + p.train.labels.numpy().tobytes())
-print(json.dumps({"builds": dict(data._BUILDS), "digest": h.hexdigest()}))
+print(json.dumps({"builds": dict(store._BUILDS), "digest": h.hexdigest()}))
 """
 
 
 def test_a_second_process_maps_the_file_the_first_wrote(tmp_path):
     raw = {"scenario": {"seed": 5}, "data": {"parties": 20, "samples_per_party": 40}}
     fed = load_federation(Scenario.from_dict(raw))
-    assert data._BUILDS == {"mnist-train": 1, "mnist-test": 1}
+    assert store._BUILDS == {"mnist-train": 1, "mnist-test": 1}
     files = _pool_files(tmp_path)
     assert len(files) == 2
     stamps = [(f.stat().st_ino, f.stat().st_mtime_ns) for f in files]
@@ -269,14 +283,14 @@ def test_a_damaged_cache_file_is_detected_and_rebuilt(tmp_path, damage):
     damage(path)
     _forget()
     again, _, _ = load_dataset(sc)
-    assert data._BUILDS["mnist-train"] == 1  # decoded again, not mapped as it was
+    assert store._BUILDS["mnist-train"] == 1  # decoded again, not mapped as it was
     assert torch.equal(again.images, want_images) and torch.equal(again.labels, want_labels)
     assert path.stat().st_size == size
     assert damage is Path.unlink or path.stat().st_ino != inode  # renamed into place
     assert not list(path.parent.glob("*.tmp"))
     _forget()
     load_dataset(sc)
-    assert data._BUILDS["mnist-train"] == 0  # the rebuilt file is good
+    assert store._BUILDS["mnist-train"] == 0  # the rebuilt file is good
 
 
 def test_an_unwritable_cache_keeps_a_private_copy(tmp_path, monkeypatch):

@@ -10,10 +10,6 @@ from torch import nn
 
 from privfl.attacks.gradient_inversion import (
     AttackerKnowledge,
-    _cosine,
-    _GradientModel,
-    _matcher,
-    _tv,
     dlg,
     duplicate_pairs,
     gradient_from_update,
@@ -22,6 +18,7 @@ from privfl.attacks.gradient_inversion import (
     inverting_gradients,
     recover_labels,
 )
+from privfl.attacks.gradient_inversion.objective import _cosine, _GradientModel, _matcher, _tv
 from privfl.metrics import match_reconstructions, psnr
 
 torch.set_num_threads(1)

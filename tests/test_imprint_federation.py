@@ -69,7 +69,10 @@ def test_expected_samples_follow_the_round_not_the_federation() -> None:
     # The rounding noise of a sum of 100, not 1,000, parties.
     assert aggregate_noise_std(sc) == pytest.approx(2.0**-20 / (12 * 100) ** 0.5)
     dp = load_scenario("scenarios/thousand_clinics_imprint_dp.toml")
-    assert dp.defense == sc.replace(DP).defense
+    # The same defense but DP, and a 32-bit ring: the noisy sum of 100 parties fits it.
+    assert dp.defense.dp == sc.replace(DP).defense.dp
+    assert dp.defense.secure_aggregation == sc.defense.secure_aggregation
+    assert (dp.defense.secagg.ring_bits, sc.defense.secagg.ring_bits) == (32, 62)
     assert dp.attack == sc.attack and dp.data == sc.data and dp.training == sc.training
 
 

@@ -11,14 +11,12 @@ import torch
 from privfl.architecture import build_model
 from privfl.attacks.gradient_inversion import (
     AttackerKnowledge,
-    _cosine,
-    _GradientModel,
-    _l2,
     gradient_from_update,
     inverting_gradients,
     recover_labels,
     spread_labels,
 )
+from privfl.attacks.gradient_inversion.objective import _cosine, _GradientModel, _l2
 from privfl.bench.inversion import gradient_inversion_bench_rows
 from privfl.config import Scenario, load_scenario, resolve_scenario_path
 from privfl.data import load_federation

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.serverapp import Grid
 
 from privfl.architecture import build_model
 from privfl.clients.app import make_client_app
@@ -13,7 +14,9 @@ from privfl.clients.policy import drops_out, simulation_policy
 from privfl.config import SCENARIO_KEY, Scenario, ScenarioError
 from privfl.data import load_federation
 from privfl.dp import accounted_sampling_rate
+from privfl.flower import wire
 from privfl.flower.loopback import LoopbackGrid
+from privfl.flower.transcript import RecordingGrid, Transcript
 from privfl.strategies.factory import build_strategy
 from privfl.strategies.rounds import sample_parties
 from privfl.strategies.secure_aggregation import SecureAggregation
@@ -37,16 +40,17 @@ def _nodes() -> dict[int, int]:
     return {100 + p: p for p in range(PARTIES)}
 
 
-def _run(sc: Scenario, keep_view=None):
+def _run(sc: Scenario):
     grid = LoopbackGrid(make_client_app(sc, secret=SECRET), _nodes())
+    # What the server received, by party, as a curious server's recorder sees it.
+    recording = RecordingGrid(grid, Transcript(_nodes(), copy=False))
+    grid.transcript = recording.transcript
     strat = build_strategy(sc, _nodes())
-    if keep_view is not None:
-        strat.keep_view = keep_view
     fed = load_federation(sc)
     start = ArrayRecord(build_model(sc, fed.num_classes).state_dict())
     cfg = ConfigRecord({SCENARIO_KEY: sc.to_json()})
     res = strat.start(
-        grid, start, num_rounds=sc.scenario.rounds, train_config=cfg, evaluate_config=cfg
+        recording, start, num_rounds=sc.scenario.rounds, train_config=cfg, evaluate_config=cfg
     )
     return strat, res, grid
 
@@ -100,15 +104,16 @@ def test_min_parties_is_sized_for_the_parties_of_a_round():
 @pytest.mark.parametrize("protocol", ["masking", "additive"])
 def test_only_the_sampled_parties_train_and_the_sum_is_theirs(protocol):
     sc = _scenario(protocol)
-    strat, res, _ = _run(sc, keep_view=True)
+    strat, res, grid = _run(sc)
     _, plain, _ = _run(sc.replace(["defense.secure_aggregation='none'"]))
     assert isinstance(strat, SecureAggregation)
     for rnd in (1, 2):
         want = sample_parties(range(PARTIES), PER_ROUND, seed=5, server_round=rnd)
         # Every stage of the protocol went to this round's sample and no one else.
-        for stage in ("train", "setup/advertise", "unmask" if protocol == "masking" else "sum#0"):
-            heard = {strat.party_of[n] for n, v in strat.server_view[rnd].items() if stage in v}
-            assert heard == set(want), stage
+        last = wire.UNMASK if protocol == "masking" else wire.PARTIAL_SUM
+        for stage in ("train", wire.SETUP, last):
+            (first, *_) = grid.transcript.exchanges(rnd, stage)
+            assert set(first.received) == set(want), stage
     assert strat.included[2] == sample_parties(range(PARTIES), PER_ROUND, seed=5, server_round=2)
     assert not strat.faults
     # The secure sum of the sampled parties is the plain mean of the same parties,
@@ -184,25 +189,37 @@ def test_threshold_is_sized_for_the_dropout_rate_or_refused():
         sec(0.05, threshold=20)
 
 
-def test_the_server_keeps_only_the_view_an_attack_asks_for():
+def _payloads(obj, seen=None):
+    """Every RecordDict / ArrayRecord reachable from ``obj`` through containers and
+    attributes (strategies, their inner strategies, dicts, lists)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, Grid):  # the transport (in simulation it also holds the parties)
+        return []
+    if isinstance(obj, RecordDict | ArrayRecord):
+        return [obj]
+    if isinstance(obj, dict):
+        items = list(obj.values())
+    elif isinstance(obj, list | tuple | set):
+        items = list(obj)
+    elif hasattr(obj, "__dict__") and type(obj).__module__.startswith(("privfl", "flwr")):
+        items = list(vars(obj).values())
+    else:
+        return []
+    return [p for item in items for p in _payloads(item, seen)]
+
+
+def test_the_server_keeps_no_party_payload_after_a_round():
     sc = _scenario("masking", rounds=3)
-    strat, _, _ = _run(sc)
-    assert set(strat.server_view) == {3}  # the last round, until a next one begins
-    strat, _, _ = _run(sc, keep_view={1: [2, 7]})
-    assert set(strat.server_view) == {1, 3}
-    assert {strat.party_of[n] for n in strat.server_view[1]} == {2, 7} & set(
-        sample_parties(range(PARTIES), PER_ROUND, seed=5, server_round=1)
-    )
-    gi = sc.replace(
-        [
-            "attack.kind='gradient-inversion'",
-            "attack.gradient_inversion.round=2",
-            "attack.gradient_inversion.target_party=4",
-            "model.name='lenet'",
-        ]
-    )
-    inner = build_strategy(sc, _nodes())
-    assert SecureAggregation.from_scenario(inner.inner, gi, party_of=_nodes()).keep_view == {2: [4]}
+    strat, _, grid = _run(sc)
+    assert grid.transcript.exchanges(3, "train")  # the parties did send payloads
+    kept = _payloads(strat)
+    # Only models the server holds itself (the round's global weights) remain.
+    model_keys = set(build_model(sc, load_federation(sc).num_classes).state_dict())
+    assert kept and all(isinstance(p, ArrayRecord) for p in kept), [type(p) for p in kept]
+    assert all(set(p.keys()) == model_keys for p in kept)
 
 
 def test_results_record_each_rounds_sample(tmp_path):

@@ -272,6 +272,37 @@ def test_forged_key_directory_is_detected(protocol, trust):
     assert "forged or altered key directory" in f["reason"]
 
 
+@pytest.mark.parametrize("forged_party, refused", [(1, True), (3, False)])
+def test_a_party_checks_the_signatures_of_the_keys_it_uses(forged_party, refused):
+    # 7 parties, 2 neighbours each: party 0 masks with parties 1 and 6 only. A forged
+    # entry of a neighbour is refused; one of a party it never uses cannot hurt it.
+    sc = _scenario(protocol="masking", parties=7, min_parties=3).replace(
+        ["defense.secagg.neighbours=2", "defense.secagg.threshold=2"]
+    )
+    app = make_client_app(sc, secret=SECRET)
+    forged = MaskingParty(9, None, b"x").public_keys[1]
+
+    def forge(msg):
+        cfg = msg.content.config_records.get("config")
+        if (
+            cfg is not None
+            and wire.PREFIX + "dir_mask_keys" in cfg
+            and msg.metadata.dst_node_id == 100
+        ):
+            msg = Message(copy.deepcopy(msg.content), metadata=msg.metadata)
+            cfg = msg.content["config"]
+            keys = list(cfg[wire.PREFIX + "dir_mask_keys"])
+            keys[forged_party] = forged
+            cfg[wire.PREFIX + "dir_mask_keys"] = keys
+        return msg
+
+    strat, _ = _run(sc, TamperGrid(app, _nodes(sc), on_send=forge), rounds=1)
+    party0 = [f for f in strat.faults.get(1, []) if f["party"] == 0 and "signed" in f["reason"]]
+    assert bool(party0) == refused
+    if not refused:
+        assert strat.included[1] == list(range(7))
+
+
 @pytest.mark.parametrize("trust", [True, False])
 def test_a_lowered_masking_threshold_is_refused(trust):
     # A threshold of 1 would let the server alone open every party's self-mask seed.

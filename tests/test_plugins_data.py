@@ -20,7 +20,6 @@ from privfl.attacks.imprint import (
     ImprintBlock,
     RiggedModel,
     bin_edges,
-    evaluate_imprint,
     measurement_vector,
     reconstruct_from_update,
 )
@@ -28,6 +27,7 @@ from privfl.clients.app import make_client_app
 from privfl.config import Scenario, ScenarioError, load_scenario, resolve_scenario_path
 from privfl.data import DataError, flwr_datasets_partition, load_dataset, load_federation
 from privfl.errors import UserError
+from privfl.evaluation.imprint import evaluate_imprint
 from privfl.flower.loopback import LoopbackGrid
 from privfl.metrics.images import image_grid_figure, psnr
 from privfl.models import build_task_model

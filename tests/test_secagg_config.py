@@ -82,7 +82,9 @@ def test_bench_help_through_the_cli(capsys):
         (3, {"samples_per_party": 100}, None, 32),
         (3, {"samples_per_party": 2000}, None, 62),  # 3 x 4 x 2000 x 2^20 > 2^31
         (3, {}, None, 62),  # weights (examples) unknown up front
-        (3, {}, {"mode": "distributed", "noise_multiplier": 1.0}, 62),  # noise headroom
+        (3, {}, {"mode": "distributed", "noise_multiplier": 1.0}, 32),  # noise fits
+        (600, {}, {"mode": "distributed", "noise_multiplier": 1.0}, 62),  # too many parties
+        (3, {}, {"mode": "distributed", "noise_multiplier": 1e4}, 62),  # noise headroom
         (600, {}, {"mode": "global", "noise_multiplier": 1.0}, 62),  # too many parties
     ],
 )

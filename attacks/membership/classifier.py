@@ -7,6 +7,7 @@ from torch import nn
 
 from privfl.attacks.membership.query import LabelledImages
 from privfl.config import Scenario
+from privfl.training import make_optimizer
 
 
 def train_classifier(
@@ -23,8 +24,6 @@ def train_classifier(
     Used for the over-fit single target and for LiRA's shadows; returns ``model``
     (trained in place, left in eval mode).
     """
-    from privfl.training import make_optimizer
-
     model.to(device).train()
     opt = make_optimizer(model, scenario)
     bs = scenario.training.batch_size

@@ -16,22 +16,22 @@ from typing import Any
 
 import torch
 
+from privfl.architecture import build_model
+from privfl.attacks.imprint import (
+    attack_round_scenario,
+    expected_fraction,
+    imprint_bins_of,
+    reconstruct_from_update,
+)
 from privfl.config import Scenario
+from privfl.data import load_federation
+from privfl.evaluation.imprint import evaluate_imprint
+from privfl.runner import resolve
+from privfl.training import TrainConfig, resolve_device, round_batch_data, train_local
 
 
 def imprint_trial(scenario: Scenario) -> dict[str, Any]:
     """Rig, train every party one round, aggregate, reconstruct and score."""
-    from privfl.architecture import build_model
-    from privfl.attacks.imprint import (
-        attack_round_scenario,
-        evaluate_imprint,
-        expected_fraction,
-        imprint_bins_of,
-        reconstruct_from_update,
-    )
-    from privfl.data import load_federation
-    from privfl.training import TrainConfig, resolve_device, round_batch_data, train_local
-
     # The attack round's hyper-parameters (the server's own local steps / batch size).
     scenario = attack_round_scenario(scenario)
     fed = load_federation(scenario)
@@ -104,11 +104,7 @@ def imprint_bench_rows(
     overrides : Sequence[str]
         ``section.key=value`` overrides applied first.
     """
-    from privfl.runner import resolve
-
     base = resolve(scenario, overrides)
-    from privfl.attacks.imprint import imprint_bins_of
-
     bins = imprint_bins_of(base)
     rows = [{"kind": "scenario", **imprint_trial(base)}]
     if seeds:

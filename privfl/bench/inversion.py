@@ -30,7 +30,10 @@ from typing import Any
 
 import torch
 
+from privfl.clients.app import make_client_app
 from privfl.config import load_scenario, resolve_scenario_path
+from privfl.flower.loopback import LoopbackGrid
+from privfl.server import run_federation
 
 # The reference figure for each shipped scenario.
 REFERENCE = {
@@ -93,10 +96,6 @@ def gradient_inversion_bench_rows(
     With ``keep``, each run's folder (results, report, the reconstruction grid
     ``gradient_inversion.png``) is written to ``keep/<scenario>_seed<seed>``.
     """
-    from privfl.clients.app import make_client_app
-    from privfl.flower.loopback import LoopbackGrid
-    from privfl.server import run_federation
-
     rows = []
     for name in scenarios:
         for seed in seeds:

@@ -19,7 +19,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from privfl.architecture import build_model
 from privfl.config import Scenario
+from privfl.data import load_federation
+from privfl.evaluation.membership import run_membership
+from privfl.runner import resolve
+from privfl.training import TrainConfig, train_local
 
 DEFAULT_SCENARIOS = ("mia_small_hospitals", "mia_small_hospitals_dpsgd")
 # The reference figure for each scenario's setting.
@@ -53,10 +58,6 @@ ROW_KEYS = (
 
 def fedavg_global_model(scenario: Scenario, device: torch.device | str = "cpu") -> nn.Module:
     """The global model of ``scenario.rounds`` rounds of plain FedAvg, in-process."""
-    from privfl.architecture import build_model
-    from privfl.data import load_federation
-    from privfl.training import TrainConfig, train_local
-
     fed = load_federation(scenario)
     model = build_model(scenario, fed.num_classes)
     global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -103,9 +104,6 @@ def membership_bench_rows(
         the operating point / members scored), ``epsilon`` (DP runs), ``seconds`` (the
         whole scenario, shared by its rows) and the metrics in ``ROW_KEYS``.
     """
-    from privfl.evaluation.membership import run_membership
-    from privfl.runner import resolve
-
     rows: list[dict[str, Any]] = []
     runs = (
         [(name, None) for name in scenarios]

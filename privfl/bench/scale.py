@@ -42,12 +42,27 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.client import NumPyClient
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp import ClientApp
+from flwr.common import ndarrays_to_parameters
+from flwr.server import ServerConfig
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import FedAvg as LegacyFedAvg
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
+from privfl.architecture import build_model
+from privfl.clients.app import make_client_app
 from privfl.config import SCENARIO_KEY, Scenario
+from privfl.data import load_federation
 from privfl.errors import UserError
 from privfl.flower.loopback import LoopbackGrid
 from privfl.results import atomic_write_text
+from privfl.runner import resolve
+from privfl.strategies.factory import build_strategy
+from privfl.training import train_local
 
 METHODS = ("plain", "additive", "masking", "masking+dp", "flower-secagg+")
 PARTIES = (10, 30, 100, 300, 1000)
@@ -109,8 +124,6 @@ def per_round(n: int) -> int:
 
 def scenario_for(method: str, n: int, rounds: int, overrides: list[str]) -> Scenario:
     """The thousand_clinics scenario with ``n`` parties and ``method``'s defense."""
-    from privfl.runner import resolve
-
     k = per_round(n)
     protocol, dp = {
         "plain": ("none", "none"),
@@ -186,11 +199,6 @@ def _mark(grid: TimedGrid) -> _Marks:
 
 def run_privfl(method: str, n: int, measured: int, overrides: list[str]) -> Row:
     """One row for a privfl method: warm-up plus ``measured`` training rounds."""
-    from privfl.architecture import build_model
-    from privfl.clients.app import make_client_app
-    from privfl.data import load_federation
-    from privfl.strategies.factory import build_strategy
-
     sc = scenario_for(method, n, measured + 1, overrides)
     nodes = {100 + p: p for p in range(n)}
     fed = load_federation(sc)
@@ -227,20 +235,6 @@ def flower_graph(n: int, overrides: list[str]) -> tuple[int, int]:
 
 def run_flower_secaggplus(n: int, measured: int, overrides: list[str]) -> Row:
     """One row for Flower's SecAgg+ workflow over the same parties, model and data."""
-    import torch
-    from flwr.client import NumPyClient
-    from flwr.client.mod import secaggplus_mod
-    from flwr.clientapp import ClientApp
-    from flwr.common import ndarrays_to_parameters
-    from flwr.server import ServerConfig
-    from flwr.server.compat.legacy_context import LegacyContext
-    from flwr.server.strategy import FedAvg as LegacyFedAvg
-    from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
-
-    from privfl.architecture import build_model
-    from privfl.data import load_federation
-    from privfl.training import train_local
-
     sc = scenario_for("flower-secagg+", n, measured + 1, overrides)
     fed = load_federation(sc)
     k = per_round(n)

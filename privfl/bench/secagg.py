@@ -19,19 +19,31 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.client import NumPyClient
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.common import ndarrays_to_parameters
+from flwr.server import ServerConfig
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import FedAvg as LegacyFedAvg
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp.strategy import FedAvg
 
+from privfl.clients.policy import make_policy_mod, simulation_policy
+from privfl.clients.secagg import register_secure_aggregation, secagg_mod
 from privfl.config import Scenario
 from privfl.fixedpoint import FixedPointCodec
 from privfl.flower.loopback import LoopbackGrid
+from privfl.runner import resolve, run_scenario
 from privfl.secagg import prg
 from privfl.secagg.masking import MaskingParty
+from privfl.strategies.secure_aggregation import SecureAggregation
 
 
 def _delta(party: int, rnd: int, dim: int) -> np.ndarray:
@@ -51,10 +63,6 @@ def _train(dim: int) -> Callable[[Message, Context], Message]:
 
 
 def _message_api_run(protocol: str, n: int, dim: int, rounds: int) -> dict[str, float]:
-    from privfl.clients.policy import make_policy_mod, simulation_policy
-    from privfl.clients.secagg import register_secure_aggregation, secagg_mod
-    from privfl.strategies.secure_aggregation import SecureAggregation
-
     sc = Scenario.from_dict({"data": {"parties": n}, "defense": {"secure_aggregation": protocol}})
     policies = {p: simulation_policy(sc, p) for p in range(n)}
     # The party's guards run as in a real party: policy checks, signed keys, model binding.
@@ -89,13 +97,6 @@ def _message_api_run(protocol: str, n: int, dim: int, rounds: int) -> dict[str, 
 
 
 def _flower_secaggplus_run(n: int, dim: int, rounds: int) -> dict[str, float]:
-    from flwr.client import NumPyClient
-    from flwr.client.mod import secaggplus_mod
-    from flwr.server import ServerConfig
-    from flwr.server.compat.legacy_context import LegacyContext
-    from flwr.server.strategy import FedAvg as LegacyFedAvg
-    from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
-
     class Client(NumPyClient):
         def __init__(self, party: int) -> None:
             self.party = party
@@ -112,8 +113,6 @@ def _flower_secaggplus_run(n: int, dim: int, rounds: int) -> dict[str, float]:
     app = ClientApp(client_fn=client_fn, mods=[secaggplus_mod])
     nodes = {100 + i: i for i in range(n)}
     grid = LoopbackGrid(app, nodes)
-    from flwr.common import ndarrays_to_parameters
-
     strategy = LegacyFedAvg(
         fraction_evaluate=0.0,
         min_available_clients=n,
@@ -203,10 +202,6 @@ def _kernel_timing(dim: int, n: int, reps: int, ring_bits: int) -> dict[str, flo
 
 def _scenario_rounds(overrides: list[str]) -> dict[str, dict[str, float]]:
     """Per-round seconds of the three-hospital Flower simulation per protocol."""
-    import tempfile
-
-    from privfl.runner import run_scenario
-
     out: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="privfl-bench-secagg-") as tmp:
         for method in ("none", "additive", "masking"):
@@ -301,8 +296,6 @@ def main(argv: list[str]) -> int:
         )
     if args.scenario:
         overrides = args.set if args.set is not None else ["scenario.rounds=3"]
-        from privfl.runner import resolve
-
         ring = resolve("three_hospitals", overrides).defense.secagg.ring_bits
         print(
             f"\nthree_hospitals on Flower's simulation engine ({', '.join(overrides)}; "

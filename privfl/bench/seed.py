@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from privfl.runner import run_scenario
+
 # (scenario, reference figure, group)
 ROWS: list[tuple[str, str, str]] = [
     ("dlg_batch1", "DLG: batch of 1 recovered exactly", "dlg"),
@@ -62,8 +64,6 @@ def main(argv: list[str]) -> int:
     )
     args = p.parse_args(argv)
     groups = {g.strip() for g in args.only.split(",") if g.strip()}
-
-    from privfl.runner import run_scenario
 
     print(
         f"{'scenario':<26} {'seed':>4} {'attack (role)':<44} {'recovered':>10} "

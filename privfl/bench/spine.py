@@ -21,6 +21,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from privfl.deployment import DeploymentRun, run_deployment
+from privfl.runner import resolve, run_scenario
+
 
 def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
@@ -83,14 +86,10 @@ def main(argv: list[str]) -> int:
     )
     args = p.parse_args(argv)
 
-    from privfl.runner import resolve, run_scenario
-
     scenario = resolve(args.scenario, args.set)
     with tempfile.TemporaryDirectory() as tmp:
         res = run_scenario(scenario, Path(tmp) / "run", progress=False)
         if args.engine == "deployment":
-            from privfl.deployment import DeploymentRun, run_deployment
-
             timings = Path(tmp) / "timings"
             timings.mkdir()
             report = DeploymentRun()

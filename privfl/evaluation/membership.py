@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from privfl import progress
+from privfl.architecture import build_model
 from privfl.attacks.membership import (
     LabelledImages,
     LabelledTensors,
@@ -27,7 +28,10 @@ from privfl.attacks.membership import (
     train_classifier,
 )
 from privfl.config import Scenario, ScenarioError
+from privfl.data import load_federation
+from privfl.dp.sgd import train_dp_sgd
 from privfl.metrics import roc
+from privfl.models import build_task_model
 from privfl.results import AttackReport
 from privfl.seeding import derive_seed
 
@@ -150,8 +154,6 @@ def _train_model(
     DP-SGD under ``defense.dp.mode = "client"``. Returns the model and its epsilon."""
     mi, dp = scenario.attack.membership, scenario.defense.dp
     if dp.mode == "client":
-        from privfl.dp.sgd import train_dp_sgd
-
         t = scenario.training
         res = train_dp_sgd(
             model,
@@ -177,8 +179,6 @@ def _shadow_trainer(
 ) -> Callable[[Any], nn.Module]:
     """Shadows mimic the target's training from their own random initialisation. A
     federated target is mimicked by central training for ``rounds × local_epochs`` epochs."""
-    from privfl.models import build_task_model
-
     mi = scenario.attack.membership
     epochs = scenario.scenario.rounds * scenario.training.local_epochs
     counter = iter(range(1_000_000))
@@ -284,8 +284,6 @@ def run_membership(
     mi = scenario.attack.membership
     device = torch.device(device)
     if federation is None:
-        from privfl.data import load_federation
-
         federation = load_federation(scenario)
     if mi.target == "federated" and target_model is None:
         raise ValueError(
@@ -307,8 +305,6 @@ def run_membership(
 
     def mimic_factory() -> nn.Module:
         # Like LiRA's shadows, QMIA's mimics know the target's architecture, not its weights.
-        from privfl.models import build_task_model
-
         return build_task_model(
             scenario.model.name,
             num_classes,
@@ -364,8 +360,6 @@ def run_membership(
     for k, split in enumerate(splits):
         target_model = given_model
         if target_model is None:
-            from privfl.architecture import build_model
-
             # Target 0 uses the single target's seed tag: K = 1 is the single-target attack.
             tag = "mia-target" if k == 0 else f"mia-target-{k}"
             with progress.phase(f"membership: target model {k + 1}/{len(splits)}"):

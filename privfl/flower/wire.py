@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.constant import SType
+
+from privfl.config import SCENARIO_KEY, Scenario
+from privfl.fixedpoint import FixedPointCodec
 
 SETUP = "train.privfl_secagg_setup"
 RESHARE = "train.privfl_secagg_reshare"
@@ -140,3 +144,66 @@ def unpack_shares(content: RecordDict) -> dict[int, memoryview]:
     if rec is None:
         return {}
     return {int(p): _u8_payload(a) for p, a in rec.items()}
+
+
+def _template_layout(template: ArrayRecord) -> list[tuple[str, tuple[int, ...], Any]]:
+    return [(k, tuple(a.shape), a.numpy().dtype) for k, a in template.items()]
+
+
+def curious_read(
+    content: RecordDict, template: ArrayRecord, scenario: Scenario | FixedPointCodec
+) -> dict[str, np.ndarray] | None:
+    """What a curious server reads from one party's stage payload.
+
+    Decodes the ring vector in ``content`` (masked input or partial sum) with the
+    public fixed-point codec (``scenario``: the codec, or the scenario naming it) and
+    reshapes it to ``template``'s arrays. Returns None when
+    the payload carries no vector (only ciphertexts or keys).
+    """
+    vec = read_vector(content)
+    if vec is None:
+        return None
+    layout = _template_layout(template)
+    need = sum(int(np.prod(s)) for _, s, _ in layout)
+    if vec.size < need:
+        return None
+    codec = (
+        scenario
+        if isinstance(scenario, FixedPointCodec)
+        else FixedPointCodec.from_section(scenario.defense.secagg)
+    )
+    vals = codec.decode(vec)
+    out, off = {}, 0
+    for k, shape, dtype in layout:
+        size = int(np.prod(shape))
+        out[k] = vals[off : off + size].reshape(shape).astype(dtype, copy=False)
+        off += size
+    return out
+
+
+def stage_messages(
+    configs: Mapping[int, ConfigRecord],
+    node_of: Mapping[int, int],
+    common: Scenario | Mapping[str, Any],
+    server_round: int,
+    msg_type: str,
+    extra: Mapping[int, Mapping[str, Any]] | None = None,
+) -> list[Message]:
+    """One stage message per party: its config (with the ``common`` entries, or the
+    scenario as privfl's parties expect it, and the round) and extras."""
+    shared = {SCENARIO_KEY: common.to_json()} if isinstance(common, Scenario) else dict(common)
+    msgs = []
+    for party, values in configs.items():
+        cfg = ConfigRecord(dict(values))
+        cfg.update(shared)
+        cfg["server-round"] = server_round
+        content = RecordDict({"config": cfg, **(extra or {}).get(party, {})})
+        msgs.append(
+            Message(
+                content,
+                dst_node_id=node_of[party],
+                message_type=msg_type,
+                group_id=str(server_round),
+            )
+        )
+    return msgs

@@ -50,14 +50,23 @@ def public_bytes(key: X25519PrivateKey) -> bytes:
     return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
-def agree(private: bytes, peer_public: bytes, *, salt: bytes, info: bytes) -> bytes:
-    """32 bytes from X25519 key agreement followed by HKDF-SHA256."""
+def exchange(private: bytes, peer_public: bytes) -> bytes:
+    """The raw X25519 shared secret of ``private`` and ``peer_public``."""
     try:
         peer = X25519PublicKey.from_public_bytes(peer_public)
     except ValueError as exc:
         raise ChannelError(f"invalid X25519 public key ({len(peer_public)} bytes)") from exc
-    shared = X25519PrivateKey.from_private_bytes(private).exchange(peer)
+    return X25519PrivateKey.from_private_bytes(private).exchange(peer)
+
+
+def derive(shared: bytes, *, salt: bytes, info: bytes) -> bytes:
+    """32 bytes of HKDF-SHA256 from a shared secret."""
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info).derive(shared)
+
+
+def agree(private: bytes, peer_public: bytes, *, salt: bytes, info: bytes) -> bytes:
+    """32 bytes from X25519 key agreement followed by HKDF-SHA256."""
+    return derive(exchange(private, peer_public), salt=salt, info=info)
 
 
 def _aad(
@@ -90,7 +99,10 @@ class SecureChannel:
         )
         self.send_counter = 0
         self.recv_high: dict[int, int] = {}
-        self._keys: dict[bytes, AESGCM] = {}
+        # Pair keys, kept with the party's state: one key agreement per peer and epoch,
+        # not one per message.
+        self._keys: dict[bytes, bytes] = {}
+        self._ciphers: dict[bytes, AESGCM] = {}
 
     @property
     def public_key(self) -> bytes:
@@ -100,12 +112,16 @@ class SecureChannel:
     def _aead(self, other: int, peer_public: bytes) -> AESGCM:
         lo, hi = sorted((self.party, other))
         cache_key = peer_public + struct.pack(">II", lo, hi)
-        if cache_key not in self._keys:
-            info = _LABEL + struct.pack(">II", lo, hi)
-            self._keys[cache_key] = AESGCM(
-                agree(self._sk, peer_public, salt=self.session, info=info)
-            )
-        return self._keys[cache_key]
+        cipher = self._ciphers.get(cache_key)
+        if cipher is None:
+            key = self._keys.get(cache_key)
+            if key is None:
+                info = _LABEL + struct.pack(">II", lo, hi)
+                key = self._keys[cache_key] = agree(
+                    self._sk, peer_public, salt=self.session, info=info
+                )
+            cipher = self._ciphers[cache_key] = AESGCM(key)
+        return cipher
 
     def seal(
         self,
@@ -177,6 +193,7 @@ class SecureChannel:
             "sk": self._sk.hex(),
             "send_counter": self.send_counter,
             "recv_high": {str(k): v for k, v in self.recv_high.items()},
+            "keys": {k.hex(): v.hex() for k, v in self._keys.items()},
         }
 
     @classmethod
@@ -185,4 +202,5 @@ class SecureChannel:
         ch = cls(state["party"], bytes.fromhex(state["session"]), bytes.fromhex(state["sk"]))
         ch.send_counter = state["send_counter"]
         ch.recv_high = {int(k): v for k, v in state["recv_high"].items()}
+        ch._keys = {bytes.fromhex(k): bytes.fromhex(v) for k, v in state.get("keys", {}).items()}
         return ch

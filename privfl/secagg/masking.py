@@ -28,6 +28,9 @@ unmask replies make the server raise :class:`MaskingError` rather than output a 
 sum. Security is against an honest-but-curious server colluding with fewer than ``t``
 parties; against a server that lies about ``S`` to different parties SecAgg's extra
 consistency round would be needed (not done here).
+
+The party and the server side live in one file so that the protocol reads in one place:
+each side's checks are the other side's assumptions.
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ from privfl.secagg import prg, shamir
 from privfl.secagg.channel import (
     ChannelError,
     SecureChannel,
-    agree,
+    derive,
+    exchange,
     private_bytes,
     public_bytes,
 )
@@ -116,8 +120,12 @@ def resolve_threshold(threshold: int, neighbourhood_size: int) -> int:
 
 def pairwise_seed(sk: bytes, peer_pk: bytes, *, session: bytes, rnd: int, i: int, j: int) -> bytes:
     """Seed of the round-``rnd`` mask between ``i`` and ``j`` (same for both)."""
+    return _round_seed(exchange(sk, peer_pk), session=session, rnd=rnd, i=i, j=j)
+
+
+def _round_seed(shared: bytes, *, session: bytes, rnd: int, i: int, j: int) -> bytes:
     lo, hi = sorted((i, j))
-    return agree(sk, peer_pk, salt=session, info=b"privfl-mask|" + struct.pack(">qII", rnd, lo, hi))
+    return derive(shared, salt=session, info=b"privfl-mask|" + struct.pack(">qII", rnd, lo, hi))
 
 
 def _x(party: int) -> int:
@@ -153,6 +161,9 @@ class MaskingParty:
         self.threshold = 0
         self.held_keyshares: dict[int, bytes] = {}
         self._own_bshares: dict[int, tuple[bytes, list[int]]] = {}
+        # X25519 secrets shared with each neighbour: agreed once per epoch, kept with the
+        # party's state (as secret as the mask key itself), expanded per round by HKDF.
+        self._shared: dict[int, bytes] = {}
         self.last_commitment = b""
 
     @property
@@ -171,6 +182,7 @@ class MaskingParty:
         if directory[self.party] != self.public_keys:
             raise ValueError(f"party {self.party}: the directory holds someone else's keys for me")
         self.directory = dict(directory)
+        self._shared = {}
         self.neighbours = neighbourhoods(list(directory), neighbours)[self.party]
         self.threshold = resolve_threshold(threshold, len(self.neighbours) + 1)
         xs = [_x(p) for p in [self.party, *self.neighbours]]
@@ -252,14 +264,10 @@ class MaskingParty:
         """``(seed, sign)`` of every mask this party adds in round ``rnd``: self mask first."""
         out = [(self_seed, 1)]
         for j in active:
-            seed = pairwise_seed(
-                self._mask_sk,
-                self.directory[j][1],
-                session=self.session,
-                rnd=rnd,
-                i=self.party,
-                j=j,
-            )
+            shared = self._shared.get(j)
+            if shared is None:
+                shared = self._shared[j] = exchange(self._mask_sk, self.directory[j][1])
+            seed = _round_seed(shared, session=self.session, rnd=rnd, i=self.party, j=j)
             out.append((seed, 1 if self.party < j else -1))
         return out
 
@@ -324,6 +332,7 @@ class MaskingParty:
             "threshold": self.threshold,
             "held": {str(p): v.hex() for p, v in self.held_keyshares.items()},
             "own_b": {str(r): [v.hex(), a] for r, (v, a) in self._own_bshares.items()},
+            "shared": {str(p): v.hex() for p, v in self._shared.items()},
         }
 
     @classmethod
@@ -340,6 +349,7 @@ class MaskingParty:
         p._own_bshares = {
             int(k): (bytes.fromhex(v), list(a)) for k, (v, a) in state["own_b"].items()
         }
+        p._shared = {int(k): bytes.fromhex(v) for k, v in state.get("shared", {}).items()}
         return p
 
 

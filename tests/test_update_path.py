@@ -1,0 +1,124 @@
+"""The one path of an update: Δ, side records and the server's transcript."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from privfl.flower import side
+from privfl.flower.loopback import LoopbackGrid
+from privfl.flower.transcript import RecordingGrid, Transcript
+from privfl.flower.update import Update, UpdateError, delta_arrays, flat_delta, with_delta
+
+
+def _record(**arrays: np.ndarray) -> ArrayRecord:
+    return ArrayRecord({k: Array(v) for k, v in arrays.items()})
+
+
+def _sent() -> ArrayRecord:
+    rng = np.random.default_rng(0)
+    return _record(
+        w=rng.normal(size=(3, 2)).astype(np.float32), b=rng.normal(size=4).astype(np.float32)
+    )
+
+
+def test_flat_delta_is_local_minus_global_in_float64():
+    sent = _sent()
+    local = _record(w=sent["w"].numpy() + 0.5, b=sent["b"].numpy() - 1.0)
+    d = flat_delta(sent, local)
+    want = np.concatenate(
+        [
+            (local["w"].numpy().astype(np.float64) - sent["w"].numpy()).ravel(),
+            (local["b"].numpy().astype(np.float64) - sent["b"].numpy()).ravel(),
+        ]
+    )
+    assert d.dtype == np.float64 and np.array_equal(d, want)
+    arrays = delta_arrays(sent, local)
+    assert arrays["w"].shape == (3, 2) and np.array_equal(arrays["b"].ravel(), want[6:])
+
+
+def test_with_delta_undoes_flat_delta_bit_for_bit():
+    sent = _sent()
+    local = _record(w=sent["w"].numpy() * 1.5, b=sent["b"].numpy() + 3.0)
+    back = with_delta(sent, flat_delta(sent, local))
+    for k in ("w", "b"):
+        assert back[k].numpy().dtype == np.float32
+        assert np.array_equal(back[k].numpy(), local[k].numpy())
+
+
+def test_a_mismatched_update_names_what_is_wrong():
+    sent = _sent()
+    with pytest.raises(UpdateError, match="local weights have keys"):
+        flat_delta(sent, _record(w=sent["w"].numpy()))
+    with pytest.raises(UpdateError, match=r"'b' has shape \(5,\), expected \(4,\)"):
+        flat_delta(sent, _record(w=sent["w"].numpy(), b=np.zeros(5, np.float32)))
+    with pytest.raises(UpdateError, match="update has 3 entries"):
+        with_delta(sent, np.zeros(3))
+
+
+def test_an_update_reads_and_writes_a_reply():
+    sent = _sent()
+    local = _record(w=sent["w"].numpy() + 1.0, b=sent["b"].numpy())
+    content = RecordDict(
+        {
+            "arrays": local,
+            "metrics": MetricRecord({"num-examples": 12, "train-loss": 0.5}),
+            side.key(side.EPSILON): ConfigRecord({"epsilon": 1.0}),
+        }
+    )
+    upd = Update.from_reply(sent, content)
+    assert upd.weight == 12 and set(upd.side) == {"privfl.side.dp-epsilon"}
+    upd.delta = upd.delta * 0.5
+    upd.write(sent, content)
+    assert np.allclose(content["arrays"]["w"].numpy(), sent["w"].numpy() + 0.5)
+    del content["metrics"]
+    with pytest.raises(UpdateError, match="lacks its 'metrics'"):
+        Update.from_reply(sent, content)
+
+
+def test_side_record_names_and_node_tags():
+    k = side.key("imprint")
+    assert k == "privfl.side.imprint" and side.node_of(k) is None
+    t = side.tagged(k, 17)
+    assert t == "privfl.side.17.imprint" and side.name_of(t) == "imprint"
+    assert side.tagged(t, 0) == t  # already names its node: kept through every layer
+    assert side.node_of(t) == 17 and side.is_side(t) and not side.is_side("arrays")
+    with pytest.raises(ValueError, match="starts with a letter"):
+        side.key("3x")
+
+
+def _echo(msg: Message, context: Context) -> Message:
+    party = int(context.node_config["partition-id"])
+    content = RecordDict({"metrics": MetricRecord({"party": party})})
+    content[side.key("note")] = ConfigRecord({"party": party})
+    return Message(content, reply_to=msg)
+
+
+def test_the_recording_grid_keeps_what_the_server_received_by_party():
+    nodes = {10: 0, 11: 1, 12: 2}
+    grid = LoopbackGrid(_echo, nodes)
+    rec = RecordingGrid(grid, Transcript(nodes, watch=[1, 2]))
+    msgs = [
+        Message(
+            RecordDict({"config": ConfigRecord({"server-round": 4})}),
+            dst_node_id=n,
+            message_type="train",
+        )
+        for n in nodes
+    ]
+    replies = list(rec.send_and_receive(msgs))
+    assert len(replies) == 3
+    (ex,) = rec.transcript.exchanges(4, "train")
+    assert set(ex.sent) == set(ex.received) == {1, 2}  # watched parties only
+    assert ex.received[2]["metrics"]["party"] == 2
+    assert ex.config(1)["server-round"] == 4
+    # A snapshot: changing the live reply later does not change the record.
+    replies[0].content["metrics"]["party"] = 99
+    assert all(c["metrics"]["party"] != 99 for c in ex.received.values())
+    # The loopback grid refuses push/pull: no half-open exchange is left behind.
+    with pytest.raises(NotImplementedError):
+        rec.push_messages(msgs)
+    assert len(rec.transcript.exchanges(4)) == 1
+    collected = side.collect(replies)
+    assert set(collected) == {f"privfl.side.{n}.note" for n in nodes}
