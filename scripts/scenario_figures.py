@@ -39,19 +39,22 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("PRIVFL_LAB_SECRET", "5c" * 32)
 
 
-def _counter_urandom() -> None:
+def _counter_urandom(scenario: str) -> None:
+    """``os.urandom`` as a SHA-256 counter stream, restarted for each scenario (so its
+    figures do not depend on which scenarios ran before it in the process)."""
     counter = itertools.count()
+    tag = b"privfl-figures|" + scenario.encode() + b"|"
 
     def urandom(n: int) -> bytes:
         out = b""
         while len(out) < n:
-            out += hashlib.sha256(b"privfl-figures|%d" % next(counter)).digest()
+            out += hashlib.sha256(tag + str(next(counter)).encode()).digest()
         return out[:n]
 
     os.urandom = urandom
 
 
-_counter_urandom()
+_counter_urandom("")
 
 import torch  # noqa: E402
 
@@ -116,6 +119,7 @@ def run_all(names: list[str], rounds: int | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in names:
         print(f"  {name} ...", file=sys.stderr, flush=True)
+        _counter_urandom(name)
         with tempfile.TemporaryDirectory() as tmp:
             res = run_scenario(
                 name,

@@ -22,6 +22,9 @@ serialised records, no Ray): Flower's Ray engine spends minutes
 starting 1,000 SuperNodes on a 2-core machine, which would swamp the protocol's cost.
 The round time includes the grid's copying and serialisation of every message (what a
 transport would also pay); it is neither party nor server time.
+
+One file: privfl's federation and its Flower SecAgg+ twin are built from the same
+scenario and timed by the same grid and row, so the table compares like with like.
 """
 
 from __future__ import annotations

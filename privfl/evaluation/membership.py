@@ -2,7 +2,10 @@
 which records are members, runs the attacks of :mod:`privfl.attacks.membership` against
 the target's query interface and scores them. It holds the ground truth, so it is an
 evaluator, apart from the attackers it runs: each attack sees only a
-:class:`~privfl.attacks.membership.QueryAPI` and public data."""
+:class:`~privfl.attacks.membership.QueryAPI` and public data.
+
+One file: training the targets, splitting members from non-members and scoring every
+attack on the same split are one experiment; apart, each would need the others' state."""
 
 from __future__ import annotations
 
