@@ -31,6 +31,7 @@ from privfl.attacks.imprint import (
     ImprintReconstruction,
     aggregate_noise_std,
     reconstruct_from_update,
+    state_update,
 )
 from privfl.data import sample_shape
 from privfl.flower import side
@@ -80,10 +81,8 @@ def participant_reconstruct(
     if not 0 < w < 1:
         raise ValueError(f"own_weight_fraction: must be in (0, 1), got {w}")
     keys = (block_info.weight_key, block_info.bias_key)
-    others = {
-        k: global_after[k].double() - global_before[k].double() - w * own_update[k].double()
-        for k in keys
-    }
+    aggregate = state_update(global_before, global_after, keys)
+    others = {k: aggregate[k] - w * own_update[k].double() for k in keys}
     return reconstruct_from_update(others, block_info, noise_std=noise_std)
 
 
@@ -115,7 +114,7 @@ def participant_mod(msg: Message, context: Context, call_next: ClientAppCallable
     ):
         return call_next(msg, context)
     server_round = int(msg.content["config"]["server-round"])
-    side = None
+    exfiltrated = None
     if server_round == im.round + 1 and _BEFORE_KEY in context.state:
         recon = participant_reconstruct(
             _imprint_arrays(context.state[_BEFORE_KEY]),
@@ -127,15 +126,15 @@ def participant_mod(msg: Message, context: Context, call_next: ClientAppCallable
             ImprintInfo.from_state(_imprint_arrays(msg.content["arrays"]), sample_shape(scenario)),
             noise_std=aggregate_noise_std(scenario),
         )
-        side = _side_record(recon, im.round)
+        exfiltrated = _side_record(recon, im.round)
     reply = call_next(msg, context)
     if server_round == im.round and not reply.has_error():
         before = _imprint_arrays(msg.content["arrays"])
         after = _imprint_arrays(reply.content["arrays"])
         context.state[_BEFORE_KEY] = ArrayRecord(before)
         context.state[_OWN_KEY] = ArrayRecord({k: after[k] - before[k] for k in _KEYS})
-    if side is not None and not reply.has_error():
-        reply.content[SIDE_KEY] = side
+    if exfiltrated is not None and not reply.has_error():
+        reply.content[SIDE_KEY] = exfiltrated
     return reply
 
 
