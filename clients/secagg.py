@@ -43,7 +43,7 @@ from privfl.refusal import RefusalError, refusal_reply
 from privfl.secagg.additive import AdditiveParty
 from privfl.secagg.channel import ChannelError
 from privfl.secagg.identity import IdentityError, sign_keys, verify_keys
-from privfl.secagg.masking import MaskingParty, neighbourhoods
+from privfl.secagg.masking import MaskingParty, neighbours_of
 from privfl.seeding import parts_rng
 
 NoiseFn = Callable[..., np.ndarray]
@@ -449,7 +449,7 @@ def handle_setup(
         k = int(cfg[wire.PREFIX + "neighbours"])
         # Only the keys this party will use need their signatures checked: its
         # neighbours' (every party's with all pairs), not the whole round's.
-        mine = {party, *neighbourhoods(ps, k).get(party, [])}
+        mine = {party, *neighbours_of(ps, k, party)} if party in ps else {party}
         _check_directory(
             cfg, directory, session=session, me=proto, record=party_record(context), only=mine
         )

@@ -17,6 +17,7 @@ from privfl.secagg import (
     RoundAbortedError,
     neighbourhoods,
 )
+from privfl.secagg.masking import neighbours_of
 
 CODEC = FixedPointCodec(clip_range=4.0, frac_bits=20, ring_bits=62)
 SESSION = b"session-0123456789"
@@ -308,3 +309,12 @@ def test_32_bit_ring_sums_in_uint32_words(protocol):
         parties[0].mask(enc[0].astype(np.uint64), rnd=9) if protocol == "masking" else parties[
             0
         ].share(enc[0].astype(np.uint64), rnd=9, attempt=0, parties=[0, 1], directory={1: b""})
+
+
+@pytest.mark.parametrize(("n", "k"), [(2, 0), (5, 0), (7, 2), (10, 4), (30, 16), (31, 30)])
+def test_one_partys_neighbours_are_its_row_of_the_graph(n, k):
+    parties = [3 * i + 1 for i in range(n)][::-1]  # unsorted, not 0..n-1
+    graph = neighbourhoods(parties, k)
+    assert all(neighbours_of(parties, k, p) == graph[p] for p in parties)
+    with pytest.raises(ValueError, match="not among the parties"):
+        neighbours_of(parties, k, 0)

@@ -94,17 +94,27 @@ def neighbourhoods(parties: Sequence[int], k: int) -> dict[int, list[int]]:
     whole neighbourhood (all pairs: fewer than ``t`` parties).
     """
     ps = sorted(parties)
-    n = len(ps)
+    return {p: _ring_neighbours(ps, k, idx) for idx, p in enumerate(ps)}
+
+
+def neighbours_of(parties: Sequence[int], k: int, party: int) -> list[int]:
+    """``neighbourhoods(parties, k)[party]``, without building the other parties' lists
+    (a party needs only its own)."""
+    ps = sorted(parties)
+    if party not in ps:
+        raise ValueError(f"party {party}: not among the parties {ps}")
+    return _ring_neighbours(ps, k, ps.index(party))
+
+
+def _ring_neighbours(ps: list[int], k: int, idx: int) -> list[int]:
+    n, p = len(ps), ps[idx]
     if k == 0 or k >= n - 1:
-        return {p: [q for q in ps if q != p] for p in ps}
+        return [q for q in ps if q != p]
     if k % 2:
         raise ValueError(f"defense.secagg.neighbours must be even, got {k}")
-    out = {}
-    for idx, p in enumerate(ps):
-        nb = {ps[(idx + o) % n] for o in range(1, k // 2 + 1)}
-        nb |= {ps[(idx - o) % n] for o in range(1, k // 2 + 1)}
-        out[p] = sorted(nb)
-    return out
+    nb = {ps[(idx + o) % n] for o in range(1, k // 2 + 1)}
+    nb |= {ps[(idx - o) % n] for o in range(1, k // 2 + 1)}
+    return sorted(nb)
 
 
 def resolve_threshold(threshold: int, neighbourhood_size: int) -> int:
@@ -183,7 +193,7 @@ class MaskingParty:
             raise ValueError(f"party {self.party}: the directory holds someone else's keys for me")
         self.directory = dict(directory)
         self._shared = {}
-        self.neighbours = neighbourhoods(list(directory), neighbours)[self.party]
+        self.neighbours = neighbours_of(list(directory), neighbours, self.party)
         self.threshold = resolve_threshold(threshold, len(self.neighbours) + 1)
         xs = [_x(p) for p in [self.party, *self.neighbours]]
         shares = shamir.share_bytes(self._mask_sk, xs, self.threshold)
