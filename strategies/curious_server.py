@@ -28,7 +28,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from privfl.architecture import build_model
-from privfl.attacks.gradient_inversion import AttackerKnowledge, Reconstruction, invert_update
+from privfl.attacks.gradient_inversion import (
+    AttackerKnowledge,
+    Reconstruction,
+    SpanError,
+    invert_update,
+)
 from privfl.config import Scenario
 from privfl.data import load_federation
 from privfl.evaluation.inversion import InversionEvaluator
@@ -223,8 +228,17 @@ class CuriousServer(StrategyWrapper):
             self._input_shape or tuple(public.shape[1:]),
         )
         labels = self._truth()[1] if self.knowledge.labels_known else None
+        try:
+            self.reconstruction = self._invert(model, update, labels)
+        except SpanError as exc:  # the model or the update does not fit the method
+            self.failure = str(exc)
+
+    def _invert(
+        self, model: torch.nn.Module, update: dict, labels: torch.Tensor | None
+    ) -> Reconstruction:
         s = self.settings
-        self.reconstruction = invert_update(
+        assert self.knowledge is not None
+        return invert_update(
             model,
             {k: torch.as_tensor(v) for k, v in update.items()},
             self.knowledge,

@@ -19,6 +19,12 @@ Methods
     constraint [0, 1], the best of several random starts kept by its gradient distance.
     For a FedAvg update it unrolls the party's local steps, each on its own batch of
     the dummy images (``multi_step="simulate"``, :attr:`AttackerKnowledge.samples`).
+``feature-span``
+    Reads the first dense layer's update as a sum of one rank-one term per sample and
+    peels the local steps off one at a time: the samples' features are vertices of the
+    non-negative cone of its row space, the right vertices, labels and steps pass an exact
+    test against its column space, and each feature is inverted through the layers below
+    (:func:`feature_span`; related to the Cocktail Party Attack, Kariyappa et al., 2023).
 
 Labels of larger batches are recovered first (:func:`recover_labels`, count-based from
 the last-layer bias gradient, with the batch's mean prediction estimated on the
@@ -43,6 +49,8 @@ Modules
     :func:`dlg`, :func:`idlg` and :func:`duplicate_pairs`.
 ``inverting``
     :func:`inverting_gradients` and :func:`spread_labels` (the FedAvg simulation).
+``span``
+    :func:`feature_span`, the feature-span peeling of a whole FedAvg update.
 ``update``
     :func:`invert_update`, the curious server's entry point.
 """
@@ -60,6 +68,7 @@ from privfl.attacks.gradient_inversion.knowledge import (
 )
 from privfl.attacks.gradient_inversion.labels import recover_labels
 from privfl.attacks.gradient_inversion.objective import gradient_from_update
+from privfl.attacks.gradient_inversion.span import SpanError, feature_span
 from privfl.attacks.gradient_inversion.update import invert_update
 
 __all__ = [
@@ -68,8 +77,10 @@ __all__ = [
     "Method",
     "MultiStep",
     "Reconstruction",
+    "SpanError",
     "dlg",
     "duplicate_pairs",
+    "feature_span",
     "gradient_from_update",
     "idlg",
     "invert_update",

@@ -8,7 +8,7 @@ from typing import Literal
 
 from torch import Tensor
 
-Method = Literal["dlg", "idlg", "inverting-gradients"]
+Method = Literal["dlg", "idlg", "inverting-gradients", "feature-span"]
 MultiStep = Literal["average", "simulate"]
 LabelRecovery = Literal["analytic", "joint"]
 

@@ -20,6 +20,7 @@ from privfl.attacks.gradient_inversion.knowledge import (
 )
 from privfl.attacks.gradient_inversion.labels import recover_labels
 from privfl.attacks.gradient_inversion.objective import gradient_from_update
+from privfl.attacks.gradient_inversion.span import feature_span
 
 
 def invert_update(
@@ -49,8 +50,11 @@ def invert_update(
         ``received − sent`` weights, keyed like ``model.state_dict()``.
     knowledge : AttackerKnowledge
         What the attacker knows (batch size, labels known, local steps, lr, shapes).
-    method : {"dlg", "idlg", "inverting-gradients"}
-        Which attack to run.
+    method : {"dlg", "idlg", "inverting-gradients", "feature-span"}
+        Which attack to run. ``feature-span`` reads the update itself (not a gradient
+        to match): ``iterations``, ``restarts``, ``lr`` and ``tv_weight`` then set its
+        feature inversion, and it recovers the labels exactly whether or not they are
+        known.
     iterations, restarts, lr, tv_weight, seed, device
         Optimiser settings; the same seed gives the same reconstruction.
     labels : Tensor, optional
@@ -111,6 +115,8 @@ def _dispatch(
     common: dict,
     trial_iterations: int = 0,
 ) -> Reconstruction:
+    if method == "feature-span":
+        return feature_span(model, update, knowledge, **common_span(common))
     target = gradient_from_update(model, update, knowledge)
     if method == "dlg":
         if labels is None and label_recovery == "analytic":
@@ -122,4 +128,12 @@ def _dispatch(
         return inverting_gradients(  # type: ignore[arg-type]
             model, target, knowledge, labels=labels, trial_iterations=trial_iterations, **common
         )
-    raise ValueError(f"method: unknown {method!r}; accepted: dlg, idlg, inverting-gradients")
+    raise ValueError(
+        f"method: unknown {method!r}; accepted: dlg, idlg, inverting-gradients, feature-span"
+    )
+
+
+def common_span(common: dict) -> dict:
+    """The shared settings :func:`feature_span` takes (it has no multi-step model: it
+    peels the steps off one by one)."""
+    return {k: v for k, v in common.items() if k != "multi_step"}

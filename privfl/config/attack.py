@@ -12,7 +12,7 @@ from privfl.config.errors import _fail
 class GradientInversionSection:
     """Curious server inverting one party's update (``attack.gradient_inversion``)."""
 
-    method: Literal["dlg", "idlg", "inverting-gradients"] = "dlg"
+    method: Literal["dlg", "idlg", "inverting-gradients", "feature-span"] = "dlg"
     target_party: int = 0
     round: int = 1
     iterations: int = 300

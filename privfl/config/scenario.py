@@ -58,6 +58,13 @@ class Scenario:
                     "attack.gradient_inversion.round",
                     f"must be <= scenario.rounds ({self.scenario.rounds})",
                 )
+            if gi.method == "feature-span" and self.training.weight_decay:
+                # decay adds a full-rank term to the dense layer's update
+                _fail(
+                    "attack.gradient_inversion.method",
+                    "feature-span needs training.weight_decay = 0 "
+                    f"(got {self.training.weight_decay})",
+                )
         im = self.attack.imprint
         if self.attack.kind == "imprint":
             if im.round > self.scenario.rounds:

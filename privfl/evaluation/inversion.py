@@ -65,12 +65,18 @@ class InversionEvaluator:
         )
         kn = knowledge
         secure = self.scenario.defense.secure_aggregation
-        budget = (
-            f"best of {s.restarts} start(s) after {s.trial_iterations or s.iterations} "
-            f"Adam steps each, run to {s.iterations}"
-            if s.method == "inverting-gradients"
-            else f"best of {s.restarts} start(s), run to {s.iterations} L-BFGS iterations"
-        )
+        if s.method == "inverting-gradients":
+            budget = (
+                f"best of {s.restarts} start(s) after {s.trial_iterations or s.iterations} "
+                f"Adam steps each, run to {s.iterations}"
+            )
+        elif s.method == "feature-span":
+            budget = (
+                f"local steps peeled off the first dense layer's update; each feature "
+                f"inverted from {s.restarts} public start(s), {s.iterations} Adam steps"
+            )
+        else:
+            budget = f"best of {s.restarts} start(s), run to {s.iterations} L-BFGS iterations"
         notes = [
             f"method {s.method}, {budget}; "
             f"attacker knows batch size {kn.batch_size}, {kn.local_steps} local step(s) "
