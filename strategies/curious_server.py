@@ -179,7 +179,8 @@ class CuriousServer(StrategyWrapper):
         if metrics is not None and "num-examples" in metrics:
             n = int(metrics["num-examples"])
         steps = local_steps(n, self.scenario)
-        simulate = self.settings.multi_step == "simulate"
+        # feature-span peels the steps off one by one: it needs them as they were taken
+        simulate = self.settings.multi_step == "simulate" or self.settings.method == "feature-span"
         # The server set lr, steps and batch size itself; simulating, it unrolls steps of
         # one batch each over the distinct samples those steps can have touched.
         batch = min(n, t.batch_size) if simulate else min(n, steps * t.batch_size)

@@ -161,6 +161,8 @@ def test_refuses_what_breaks_the_structure():
         feature_span(model, update, dataclasses.replace(kn, weight_decay=1e-4))
     with pytest.raises(SpanError, match="reuse samples"):
         feature_span(model, update, dataclasses.replace(kn, samples=6, batch_size=4))
+    with pytest.raises(SpanError, match="reuse samples"):  # every step on one batch
+        feature_span(model, update, dataclasses.replace(kn, samples=3))
     sigmoid = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.Sigmoid(), nn.Linear(8, 4))
     split = split_at_dense(sigmoid, torch.rand(2, *SHAPE))  # the pixels are non-negative
     assert split.weight == "1.weight"

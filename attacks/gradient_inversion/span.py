@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from privfl import progress
 from privfl.attacks.gradient_inversion.knowledge import AttackerKnowledge, Reconstruction
 from privfl.attacks.gradient_inversion.objective import _clone
+from privfl.errors import UserError
 
 # Layers that may sit between the ReLU and the dense layer without making any feature
 # negative.
@@ -69,8 +70,9 @@ _EXACT = 1e-2  # span residual of δ above which a pick is taken to be no sample
 _MORE_ROUNDS = 2  # extra rounds of linear programs when a step's picks are not exact
 
 
-class SpanError(ValueError):
-    """The model or the update does not fit the feature-span attack."""
+class SpanError(UserError, ValueError):
+    """The model or the training plan does not fit the feature-span attack (the message
+    says what would)."""
 
 
 @dataclass
@@ -349,12 +351,14 @@ def feature_span(
         )
     if steps > 1 and n > steps * batch:
         raise SpanError(f"feature-span: {n} samples cannot fit {steps} steps of batch {batch}")
-    if steps > 1 and n < steps * batch and n != batch:
+    if steps > 1 and n < steps * batch - batch + 1:
+        # the same sample at two steps is two vertices that the span test cannot tell
+        # apart from two samples
         raise SpanError(
             f"feature-span: {steps} steps of batch {batch} over {n} samples reuse samples; "
             "the attack needs each sample in one step"
         )
-    sizes = [batch] * steps if n == batch else [min(batch, n - s * batch) for s in range(steps)]
+    sizes = [min(batch, n - s * batch) for s in range(steps)]
     device = torch.device(device)
     net = _clone(model).to(device=device, dtype=torch.float64).eval()
     shape = kn.input_shape
@@ -384,7 +388,7 @@ def feature_span(
         # peeled off is off by the peeling's rounding, which splits them into many.
         found = feature_vertices(vh[:rank].T.cpu().numpy(), trials, rng)
         verts = torch.as_tensor(found, device=device)
-    with progress.phase("gradient inversion: feature-span peeling", total=steps) as bar:
+    with progress.phase("gradient inversion: feature-span peeling", total=len(sizes)) as bar:
         for s, size in enumerate(sizes):
             if size <= 0 or len(verts) < size or left <= 0:
                 break  # no non-negative structure left: nothing more to read

@@ -13,8 +13,8 @@ printed beside the reference figure for that scenario. Usage::
     privfl bench inversion ig_cnn_b1 ig_cnn_b8 ig_fedavg ig_fedavg_secagg span_fedavg \\
         [-o attack.gradient_inversion.round=3]
 
-The ``ig_*`` rows also carry what was measured per seed when those scenarios were tuned
-(``measured``) and the CPU time of the whole run (the machine may be shared).
+The ``ig_*`` and ``span_*`` rows also carry what was measured per seed when those scenarios
+were tuned (``measured``) and the CPU time of the whole run (the machine may be shared).
 """
 
 from __future__ import annotations
@@ -47,8 +47,9 @@ REFERENCE = {
     "span_fedavg": "target: >= 10 of 40 at >= 18 dB, < 10 min",
 }
 
-# What was measured per seed when the ig_* scenarios were tuned (2-core CPU, --threads 1):
-# recovered/total, best PSNR, CPU seconds of the whole run or of the attack alone.
+# What was measured per seed when the ig_* and span_* scenarios were tuned (2-core CPU,
+# --threads 1): recovered/total, best or mean PSNR, CPU seconds of the whole run or of
+# the attack alone.
 MEASURED: dict[str, dict[int, str]] = {
     "ig_cnn_b1": {
         0: "1/1, 22.0 dB, run 42 s CPU",
@@ -65,6 +66,13 @@ MEASURED: dict[str, dict[int, str]] = {
         4: "8/8, best 26.0 dB, run 117 s CPU",
     },
     "ig_fedavg": {0: "0/40, best 12.4 dB, labels 33/40, run 618 s CPU"},
+    "span_fedavg": {
+        0: "34/40, mean 22.2 dB, labels 40/40, run 135 s CPU",
+        1: "21/40, mean 19.3 dB, labels 40/40, run 101 s CPU",
+        2: "36/40, mean 24.8 dB, labels 40/40, run 100 s CPU",
+        3: "32/40, mean 20.8 dB, labels 40/40, run 101 s CPU",
+        4: "40/40, mean 31.7 dB, labels 40/40, run 111 s CPU",
+    },
     # with -o attack.gradient_inversion.iterations=200: the payload is ring noise
     "ig_fedavg_secagg": {
         0: "0/40, best 6.6 dB (200 steps), 16 s CPU",
