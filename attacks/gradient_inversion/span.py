@@ -68,6 +68,7 @@ _SAME_VERTEX = 1.0 - 1e-8
 _SAME_SAMPLE = 0.99999
 _EXACT = 1e-2  # span residual of δ above which a pick is taken to be no sample of the step
 _MORE_ROUNDS = 2  # extra rounds of linear programs when a step's picks are not exact
+_BLOCK = 32  # vertices tested at once (memory: block × scales × classes × dense width)
 
 
 class SpanError(UserError, ValueError):
@@ -176,10 +177,14 @@ def feature_vertices(basis: np.ndarray, trials: int, rng: np.random.Generator) -
 
 def _head_deltas(head: nn.Sequential, h: Tensor, labels: Tensor) -> Tensor:
     """``∂ℓ_i/∂z`` of the dense layer's output for each row of ``h`` and its label."""
+    return _deltas_at(head, head[0](h), labels)
+
+
+def _deltas_at(head: nn.Sequential, z: Tensor, labels: Tensor) -> Tensor:
+    """``∂ℓ_i/∂z`` for dense-layer outputs ``z`` (rows) and their labels."""
     with torch.enable_grad():
-        z = head[0](h).detach().requires_grad_(True)
-        out = head[1:](z)
-        loss = nn.functional.cross_entropy(out, labels, reduction="sum")
+        z = z.detach().requires_grad_(True)
+        loss = nn.functional.cross_entropy(head[1:](z), labels, reduction="sum")
         (d,) = torch.autograd.grad(loss, z)
     return d
 
@@ -198,11 +203,21 @@ def pick_batch(
     Returns the vertex indices, their labels, their scaled features ``h`` and the
     residuals (0 for a sample of this step, exactly).
     """
-    n, scales = len(vertices), torch.as_tensor(_SCALES * ref_norm, dtype=vertices.dtype)
-    h = (vertices[:, None, None, :] * scales[None, :, None, None]).expand(-1, -1, classes, -1)
-    y = torch.arange(classes).expand(n, len(scales), classes)
-    res = _span_residual(_head_deltas(head, h.reshape(-1, h.shape[-1]), y.reshape(-1)), u)
-    res = res.view(n, len(scales), classes)
+    n = len(vertices)
+    scales = torch.as_tensor(_SCALES * ref_norm, dtype=vertices.dtype, device=vertices.device)
+    dense = head[0]
+    with torch.no_grad():
+        wh = dense(vertices) - dense.bias  # W·ĥ: the dense layer at scale s is s·W·ĥ + b
+    y = torch.arange(classes).repeat(len(scales))
+    res = torch.empty((n, len(scales), classes), dtype=vertices.dtype, device=vertices.device)
+    # A block of vertices at a time: every vertex × scale × label at once would take
+    # gigabytes when the programs return many spurious vertices.
+    for lo in range(0, n, _BLOCK):
+        block = wh[lo : lo + _BLOCK]
+        z = block[:, None, None, :] * scales[None, :, None, None] + dense.bias
+        z = z.expand(-1, -1, classes, -1).reshape(-1, z.shape[-1])
+        d = _deltas_at(head, z, y.repeat(len(block)))
+        res[lo : lo + len(block)] = _span_residual(d, u).view(len(block), len(scales), classes)
     best = res.flatten(1).min(1)
     # The grid is coarse: refine the scale of the most likely vertices before ranking, or
     # a rounding-split copy of a vertex can beat the vertex itself.
