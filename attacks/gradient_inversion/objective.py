@@ -57,6 +57,13 @@ def _tv(x: Tensor) -> Tensor:
     return dx + dy
 
 
+def _tv_each(x: Tensor) -> Tensor:
+    """:func:`_tv` of each image of the batch (an objective summed over images)."""
+    dx = (x[..., :, 1:] - x[..., :, :-1]).abs().flatten(1).mean(1)
+    dy = (x[..., 1:, :] - x[..., :-1, :]).abs().flatten(1).mean(1)
+    return dx + dy
+
+
 class _GradientModel:
     """A frozen copy of the attacked model (double precision unless told), called
     functionally."""

@@ -15,14 +15,15 @@ with the structure of the model instead of independence:
 2. **Which vertices, with which label, at which step.** A sample of step ``s`` contributes
    ``δ_i = ∂ℓ/∂z`` evaluated on the weights of step ``s``: for the right scale and label
    it lies exactly in the column space of ``ΔW``, which spurious vertices and features of
-   other steps miss. The ``B`` vertices closest to it are step ``s``'s batch; their
-   exact rank-one terms are peeled off ``ΔW``.
+   other steps miss. The ``B`` vertices closest to it are step ``s``'s batch. The test
+   always runs against the whole update (what is peeled off only measures how much of
+   ``ΔW`` is explained), so rounding does not build up from step to step.
 3. **Images.** Each of those features is inverted through the layers below it (cosine
    distance and a total-variation prior, Adam, box [0, 1], starts at the attacker's public
    images nearest in feature space).
 4. **The next step.** The party's step ``s`` is replayed on the recovered batch (the dense
    layers from the exact features, the layers below from the images), which gives the
-   weights of step ``s + 1``; back to 1 on what is left of ``ΔW``.
+   weights of step ``s + 1``; back to 2 with the vertices not yet taken.
 
 Exact for plain SGD (momentum is replayed too); weight decay adds a full-rank term, which
 this attack refuses. A masked payload under secure aggregation has no non-negative vector
@@ -43,7 +44,7 @@ from torch import Tensor, nn
 
 from privfl import progress
 from privfl.attacks.gradient_inversion.knowledge import AttackerKnowledge, Reconstruction
-from privfl.attacks.gradient_inversion.objective import _clone
+from privfl.attacks.gradient_inversion.objective import _clone, _tv_each
 from privfl.errors import UserError
 
 # Layers that may sit between the ReLU and the dense layer without making any feature
@@ -83,7 +84,6 @@ class _Split:
     below: nn.Sequential  # input → features h (non-negative)
     head: nn.Sequential  # the dense layer and everything after it
     weight: str  # state_dict key of the dense layer's weight
-    bias: str
 
     @property
     def dense(self) -> nn.Linear:
@@ -124,7 +124,6 @@ def split_at_dense(model: nn.Module, example: Tensor) -> _Split:
         below=nn.Sequential(*[m for _, m in leaves[:first]]),
         head=nn.Sequential(*[m for _, m in leaves[first:]]),
         weight=f"{leaves[first][0]}.weight",
-        bias=f"{leaves[first][0]}.bias",
     )
     if split.dense.bias is None:
         raise SpanError(f"feature-span: the dense layer {leaves[first][0]} has no bias")
@@ -242,35 +241,21 @@ def pick_batch(
             scale, r = scales[s_idx].item(), grid
         refined.append((r, i, label, scale))
     refined.sort()
-    order: list[int] = []
-    labels, feats, residuals = [], [], []
-    for r, i, label, scale in refined:
-        if any(float(vertices[i] @ vertices[j]) >= _SAME_SAMPLE for j in order):
-            continue
-        order.append(i)
-        labels.append(label)
-        feats.append(vertices[i] * scale)
-        residuals.append(r)
-        if len(order) == size:
-            break
-    # Two samples can be this alike (two plain strokes of one digit): fill the batch with
-    # the best remaining vertices rather than replay the step without one of them.
-    for r, i, label, scale in refined:
-        if len(order) == size:
-            break
-        if i not in order:
-            order.append(i)
-            labels.append(label)
-            feats.append(vertices[i] * scale)
-            residuals.append(r)
-    return order, torch.tensor(labels), torch.stack(feats), torch.tensor(residuals)
-
-
-def _tv_each(x: Tensor) -> Tensor:
-    """:func:`_tv` of each image of the batch."""
-    dx = (x[..., :, 1:] - x[..., :, :-1]).abs().flatten(1).mean(1)
-    dy = (x[..., 1:, :] - x[..., :-1, :]).abs().flatten(1).mean(1)
-    return dx + dy
+    taken: list[tuple[float, int, int, float]] = []
+    for pick in refined:
+        if len(taken) < size and all(
+            float(vertices[pick[1]] @ vertices[t[1]]) < _SAME_SAMPLE for t in taken
+        ):
+            taken.append(pick)
+    # Fewer distinct samples than the batch in the shortlist: fill it with the best
+    # remaining vertices rather than replay the step without one of them.
+    for pick in refined:
+        if len(taken) < size and pick not in taken:
+            taken.append(pick)
+    order = [i for _, i, _, _ in taken]
+    labels = torch.tensor([label for _, _, label, _ in taken])
+    feats = torch.stack([vertices[i] * scale for _, i, _, scale in taken])
+    return order, labels, feats, torch.tensor([r for r, _, _, _ in taken])
 
 
 def invert_features(
@@ -291,12 +276,10 @@ def invert_features(
     opt = torch.optim.Adam([x], lr=lr)
     cuts = [int(iterations * f) for f in (0.5, 0.75, 0.9)]
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, cuts, gamma=0.3)
-    tv = torch.zeros(())
     for _ in range(iterations):
         f = below(x).flatten(1)
         dist = 1.0 - (f * goal).sum(1) / f.norm(dim=1).clamp_min(1e-12)
-        tv = _tv_each(x) if tv_weight else tv
-        loss = (dist + tv_weight * tv).sum()
+        loss = (dist + tv_weight * _tv_each(x)).sum() if tv_weight else dist.sum()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -379,8 +362,8 @@ def feature_span(
     shape = kn.input_shape
     aux = kn.auxiliary_images
     gen = torch.Generator().manual_seed(seed)
-    example = aux[:4] if aux is not None else torch.rand((2, *shape), generator=gen)
-    split = split_at_dense(net, example.to(device=device, dtype=torch.float64))
+    pool = _starts_pool(aux, shape, gen, device)  # public images: where inversions start
+    split = split_at_dense(net, pool[:4])
     rest = torch.as_tensor(update[split.weight]).to(device=device, dtype=torch.float64).clone()
     total = float(rest.norm())
     rng = np.random.default_rng(seed)
@@ -389,7 +372,6 @@ def feature_span(
     peeled: list[Tensor] = []  # unit vertices already peeled off
     images: list[Tensor] = []
     labels: list[Tensor] = []
-    left = n
     u_all, sv, vh = torch.linalg.svd(rest, full_matrices=False)
     rank = min(n, int((sv > sv[0] * 1e-9).sum())) if sv.numel() and sv[0] > 0 else 0
     # Every sample's δ lies in the update's column space, at its own step: the test runs
@@ -405,11 +387,11 @@ def feature_span(
         verts = torch.as_tensor(found, device=device)
     with progress.phase("gradient inversion: feature-span peeling", total=len(sizes)) as bar:
         for s, size in enumerate(sizes):
-            if size <= 0 or len(verts) < size or left <= 0:
+            if len(verts) < size:
                 break  # no non-negative structure left: nothing more to read
             coef = kn.lr * (1.0 - mu ** (steps - s)) / (1.0 - mu) if mu else kn.lr
             with torch.no_grad():
-                ref = split.below(_starts_pool(aux, shape, gen, device)).flatten(1)
+                ref = split.below(pool).flatten(1)  # the pool's features at this step
             ref_norm = float(ref.norm(dim=1).mean())
             idx, y, h, res = pick_batch(split.head, verts, u, size, ref_norm, kn.num_classes)
             for _ in range(_MORE_ROUNDS):
@@ -419,8 +401,9 @@ def feature_span(
                 # rarely): draw more before peeling a wrong term off the update
                 more = feature_vertices(vh[:rank].T.cpu().numpy(), trials, rng)
                 more_t = torch.as_tensor(more, device=device)
-                new = (more_t @ verts.T).max(1).values < _SAME_VERTEX if len(verts) else None
-                verts = torch.cat([verts, more_t if new is None else more_t[new]])
+                if len(verts):
+                    more_t = more_t[(more_t @ verts.T).max(1).values < _SAME_VERTEX]
+                verts = torch.cat([verts, more_t])
                 if len(peeled):
                     verts = verts[(verts @ torch.stack(peeled).T).max(1).values < _SAME_SAMPLE]
                 again = pick_batch(split.head, verts, u, size, ref_norm, kn.num_classes)
@@ -431,13 +414,10 @@ def feature_span(
             picked = verts[idx]
             peeled += list(picked)
             verts = verts[(verts @ picked.T).max(1).values < _SAME_SAMPLE]
-            x = _invert(
-                split.below, h, ref, aux, shape, gen, restarts, iterations, lr, tv_weight, device
-            )
+            x = _invert(split.below, h, ref, pool, restarts, iterations, lr, tv_weight)
             images.append(x)
             labels.append(y)
             _replay_step(split, velocity, x, h, y, kn.lr, mu)
-            left -= size
             bar.advance()
     found = sum(len(x) for x in images)
     if found < n:  # blank guesses for what could not be read
@@ -454,6 +434,7 @@ def feature_span(
 def _starts_pool(
     aux: Tensor | None, shape: tuple[int, ...], gen: torch.Generator, device: torch.device
 ) -> Tensor:
+    """The attacker's public images, or uniform noise images when it has none."""
     pool = aux if aux is not None and len(aux) else torch.rand((64, *shape), generator=gen)
     return pool.to(device=device, dtype=torch.float64)
 
@@ -462,17 +443,14 @@ def _invert(
     below: nn.Module,
     h: Tensor,
     ref: Tensor,
-    aux: Tensor | None,
-    shape: tuple[int, ...],
-    gen: torch.Generator,
+    pool: Tensor,
     restarts: int,
     iterations: int,
     lr: float,
     tv_weight: float,
-    device: torch.device,
 ) -> Tensor:
-    """Invert the features ``h`` from the pool images nearest to them in feature space."""
-    pool = _starts_pool(aux, shape, gen, device)
+    """Invert the features ``h`` from the ``pool`` images nearest to them in feature
+    space (``ref``: the pool's features)."""
     k = min(restarts, len(pool))
     goal = h / h.norm(dim=1, keepdim=True)
     near = (goal @ (ref / ref.norm(dim=1, keepdim=True).clamp_min(1e-300)).T).topk(k, 1).indices

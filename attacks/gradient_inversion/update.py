@@ -116,7 +116,9 @@ def _dispatch(
     trial_iterations: int = 0,
 ) -> Reconstruction:
     if method == "feature-span":
-        return feature_span(model, update, knowledge, **common_span(common))
+        # it peels the steps off one by one: there is no multi-step model to choose
+        span = {k: v for k, v in common.items() if k != "multi_step"}
+        return feature_span(model, update, knowledge, **span)
     target = gradient_from_update(model, update, knowledge)
     if method == "dlg":
         if labels is None and label_recovery == "analytic":
@@ -131,9 +133,3 @@ def _dispatch(
     raise ValueError(
         f"method: unknown {method!r}; accepted: dlg, idlg, inverting-gradients, feature-span"
     )
-
-
-def common_span(common: dict) -> dict:
-    """The shared settings :func:`feature_span` takes (it has no multi-step model: it
-    peels the steps off one by one)."""
-    return {k: v for k, v in common.items() if k != "multi_step"}

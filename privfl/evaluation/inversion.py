@@ -91,7 +91,9 @@ class InversionEvaluator:
                 f"shares), not the party's update"
             )
         if kn.local_steps > 1:
-            notes.append(f"{kn.local_steps} local steps modelled as '{s.multi_step}'")
+            # feature-span reads the steps as taken, whatever multi_step says
+            model = "peeled one by one" if s.method == "feature-span" else f"as '{s.multi_step}'"
+            notes.append(f"{kn.local_steps} local steps modelled {model}")
         if kn.momentum or kn.weight_decay:
             notes.append(
                 f"the party's SGD momentum {kn.momentum} and weight decay {kn.weight_decay} "
