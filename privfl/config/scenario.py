@@ -51,13 +51,7 @@ class Scenario:
         n = self.data.parties
         gi = self.attack.gradient_inversion
         if self.attack.kind == "gradient-inversion":
-            if gi.target_party >= n:
-                _fail("attack.gradient_inversion.target_party", f"must be < data.parties ({n})")
-            if gi.round > self.scenario.rounds:
-                _fail(
-                    "attack.gradient_inversion.round",
-                    f"must be <= scenario.rounds ({self.scenario.rounds})",
-                )
+            self._check_target("attack.gradient_inversion", gi.round, gi.target_party)
             if gi.method == "feature-span" and self.training.weight_decay:
                 # decay adds a full-rank term to the dense layer's update
                 _fail(
@@ -67,10 +61,7 @@ class Scenario:
                 )
         im = self.attack.imprint
         if self.attack.kind == "imprint":
-            if im.round > self.scenario.rounds:
-                _fail(
-                    "attack.imprint.round", f"must be <= scenario.rounds ({self.scenario.rounds})"
-                )
+            self._check_target("attack.imprint", im.round)
             changes_plan = bool(im.local_steps or im.batch_size or im.lr)
             if changes_plan and self.defense.dp.mode == "client" and im.round == 1:
                 # DP-SGD parties calibrate their noise for the whole run in round 1.
@@ -140,13 +131,7 @@ class Scenario:
             )
         act = self.attack.active_server
         if self.attack.kind == "active-server":
-            if act.target_party >= n:
-                _fail("attack.active_server.target_party", f"must be < data.parties ({n})")
-            if act.round > self.scenario.rounds:
-                _fail(
-                    "attack.active_server.round",
-                    f"must be <= scenario.rounds ({self.scenario.rounds})",
-                )
+            self._check_target("attack.active_server", act.round, act.target_party)
         if self.data.samples_per_party and self.training.batch_size > self.data.samples_per_party:
             _fail(
                 "training.batch_size",
@@ -158,6 +143,14 @@ class Scenario:
     # The party policy and the secure-aggregation mod convert the scenario once per
     # message: the plain forms are computed once per instance and kept beside the fields
     # (not fields themselves, so equality, hash and repr are unchanged).
+    def _check_target(self, key: str, rnd: int, party: int | None = None) -> None:
+        """An attack's round falls inside the run and its target party exists."""
+        n = self.data.parties
+        if party is not None and party >= n:
+            _fail(f"{key}.target_party", f"must be < data.parties ({n})")
+        if rnd > self.scenario.rounds:
+            _fail(f"{key}.round", f"must be <= scenario.rounds ({self.scenario.rounds})")
+
     def _plain(self) -> dict[str, Any]:
         plain = self.__dict__.get(_PLAIN)
         if plain is None:
