@@ -56,9 +56,10 @@ def clip_update_mod(msg: Message, context: Context, call_next: ClientAppCallable
     policy mod).
 
     Active for train messages when ``defense.dp.mode`` is ``global`` with
-    ``clipping = "client"``, or ``distributed`` (the integer noise added inside secure
-    aggregation is calibrated to that norm); a no-op otherwise. The norm itself is not
-    reported: it is private.
+    ``clipping = "client"``; a no-op otherwise. Under ``distributed`` the party's
+    secure-aggregation encoder clips the update itself, in float64 right before it adds
+    the noise calibrated to that norm (:func:`privfl.clients.secagg.encode_update`). The
+    norm itself is not reported: it is private.
     """
     reply = call_next(msg, context)
     if msg.metadata.message_type.split(".")[0] != "train" or reply.has_error():
@@ -67,6 +68,6 @@ def clip_update_mod(msg: Message, context: Context, call_next: ClientAppCallable
     if config is None or SCENARIO_KEY not in config:
         return reply
     dp = scenario_from_json(str(config[SCENARIO_KEY])).defense.dp
-    if not (dp.mode == "distributed" or (dp.mode == "global" and dp.clipping == "client")):
+    if not (dp.mode == "global" and dp.clipping == "client"):
         return reply
     return _clip_reply(msg, reply, dp.clip)

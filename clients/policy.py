@@ -25,6 +25,7 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 from privfl.config import SCENARIO_KEY, Scenario, ScenarioError, scenario_from_json
 from privfl.data import cache_dir
 from privfl.dp import seed_secret
+from privfl.flower import wire
 from privfl.flower.wire import PREFIX as _SA
 from privfl.refusal import (  # noqa: F401  (re-exported: the party side of refusals)
     REFUSAL_CODE,
@@ -230,7 +231,7 @@ def _state(context: Context) -> ConfigRecord:
 
 
 def _parties(cfg: ConfigRecord, key: str) -> list[int]:
-    return [int(p) for p in cfg.get(key, [])]
+    return wire.ids(cfg.get(key, []))
 
 
 def _check_masking_graph(policy: PartyPolicy, cfg: ConfigRecord) -> None:
@@ -402,8 +403,12 @@ def _publish(
     )
     state["noise-secret"] = noise if noise is not None else b""
     state["identity-key"] = policy.identity_key
-    state["roster-parties"] = sorted(policy.roster)
-    state["roster-keys"] = [policy.roster[p] for p in sorted(policy.roster)]
+    parties = sorted(policy.roster)
+    keys = [policy.roster[p] for p in parties]
+    # Written only when changed: a record type-checks every item of a list it is given.
+    if state.get("roster-parties") != parties or state.get("roster-keys") != keys:
+        state["roster-parties"] = parties
+        state["roster-keys"] = keys
 
 
 def party_record(context: Context) -> PartyRecord | None:

@@ -34,7 +34,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from privfl.clients.policy import PartyRecord, party_record
 from privfl.config import SCENARIO_KEY, Scenario, scenario_from_json
-from privfl.dp import check_distributed, distributed_epsilon, distributed_noise
+from privfl.dp import check_distributed, clip_l2, distributed_epsilon, distributed_noise
 from privfl.errors import PrivflError
 from privfl.fixedpoint import FixedPointCodec
 from privfl.flower import side, wire
@@ -150,6 +150,11 @@ def encode_update(
     except UpdateError as exc:
         raise SecAggClientError(f"party {party}: {exc}") from None
     delta, metrics = update.delta, update.metrics
+    distributed = isinstance(scenario, Scenario) and scenario.defense.dp.mode == "distributed"
+    if distributed:
+        # The noise below is calibrated to this norm: clip here, in float64, so that what
+        # is encoded is within it exactly (not through a float32 copy of the weights).
+        delta, _ = clip_l2(delta, scenario.defense.dp.clip)
     own = (
         scenario if isinstance(scenario, SecAggSettings) else SecAggSettings.from_scenario(scenario)
     )
@@ -173,7 +178,7 @@ def encode_update(
         rng=dither,
         out=vec[delta.size :],
     )
-    if isinstance(scenario, Scenario) and scenario.defense.dp.mode == "distributed":
+    if distributed:
         noise_fn = noise_fn or distributed_noise
         noise = noise_fn(
             delta.size,
@@ -310,7 +315,7 @@ def make_secagg_mod(
         if bytes(cfg[wire.PREFIX + "session"]) != bytes.fromhex(st["session"]):
             raise SecAggClientError(f"party {party}: train message is for another key-setup epoch")
         rnd = int(cfg["server-round"])
-        parties = [int(p) for p in cfg[wire.PREFIX + "parties"]]
+        parties = wire.ids(cfg[wire.PREFIX + "parties"])
         if party not in parties:
             raise SecAggClientError(f"party {party}: not among this round's parties {parties}")
         record = party_record(context)
@@ -471,7 +476,7 @@ def handle_reshare(
     cache = context.state.array_records.get(wire.CACHE)
     if cache is None:
         raise SecAggClientError(f"party {party}: nothing cached to re-share in round {rnd}")
-    parties = [int(p) for p in cfg[wire.PREFIX + "parties"]]
+    parties = wire.ids(cfg[wire.PREFIX + "parties"])
     directory = {int(p): bytes.fromhex(k) for p, k in st["directory"].items()}
     # Sealed under the round's binding, as the partial sums that open them expect.
     cts = proto.share(
@@ -501,7 +506,7 @@ def handle_partial_sum(
             wire.unpack_shares(msg.content),
             rnd=rnd,
             attempt=int(cfg[wire.PREFIX + "attempt"]),
-            parties=[int(p) for p in cfg[wire.PREFIX + "parties"]],
+            parties=wire.ids(cfg[wire.PREFIX + "parties"]),
             directory=directory,
             dim=int(cfg[wire.PREFIX + "dim"]),
             bind=_stored_bind(st, rnd),
@@ -522,8 +527,8 @@ def handle_unmask(
     rnd = int(cfg["server-round"])
     rev = proto.unmask(
         rnd=rnd,
-        survivors=[int(p) for p in cfg[wire.PREFIX + "survivors"]],
-        dropped=[int(p) for p in cfg.get(wire.PREFIX + "dropped", [])],
+        survivors=wire.ids(cfg[wire.PREFIX + "survivors"]),
+        dropped=wire.ids(cfg.get(wire.PREFIX + "dropped", [])),
         incoming=wire.unpack_cts(cfg, wire.PREFIX + "in_"),
         bind=_stored_bind(st, rnd),
     )

@@ -378,7 +378,7 @@ class SecureAggregation(StrategyWrapper):
                 cfg.setdefault(key, value)
             cfg["server-round"] = server_round
             cfg[wire.PREFIX + "session"] = ep["session"]
-            cfg[wire.PREFIX + "parties"] = self._parties
+            cfg[wire.PREFIX + "parties"] = wire.pack_ids(self._parties)
             if ep["fresh"] and self.protocol == "additive":
                 cfg[wire.PREFIX + "dir_parties"] = ep["parties"]
                 cfg[wire.PREFIX + "dir_keys"] = [ep["keys"][p][0] for p in ep["parties"]]
@@ -468,7 +468,7 @@ class SecureAggregation(StrategyWrapper):
                     p: ConfigRecord(
                         {
                             wire.PREFIX + "attempt": attempt,
-                            wire.PREFIX + "parties": parties,
+                            wire.PREFIX + "parties": wire.pack_ids(parties),
                             wire.PREFIX + "dim": dim,
                         }
                     )
@@ -489,7 +489,10 @@ class SecureAggregation(StrategyWrapper):
                     ) from exc
                 cfgs = {
                     p: ConfigRecord(
-                        {wire.PREFIX + "attempt": attempt, wire.PREFIX + "parties": parties}
+                        {
+                            wire.PREFIX + "attempt": attempt,
+                            wire.PREFIX + "parties": wire.pack_ids(parties),
+                        }
                     )
                     for p in parties
                 }
@@ -538,8 +541,8 @@ class SecureAggregation(StrategyWrapper):
         cfgs = {
             p: ConfigRecord(
                 {
-                    wire.PREFIX + "survivors": survivors,
-                    wire.PREFIX + "dropped": dropped,
+                    wire.PREFIX + "survivors": wire.pack_ids(survivors),
+                    wire.PREFIX + "dropped": wire.pack_ids(dropped),
                     **wire.pack_cts(routed[p], wire.PREFIX + "in_"),
                 }
             )

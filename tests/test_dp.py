@@ -30,6 +30,7 @@ from privfl.dp import (
     seed_secret,
     wrap_probability_bound,
 )
+from privfl.dp.noise import SKELLAM_TABLE_MAX_VARIANCE, skellam_table
 from privfl.flower.loopback import LoopbackGrid
 from privfl.strategies.dp_global import DPGlobalUpdate
 
@@ -252,6 +253,46 @@ def test_poisson_sampler_matches_reference_pmf():
     assert big.var() == pytest.approx(3e12, rel=0.04)
 
 
+@pytest.mark.parametrize("variance", [2.0, 37.0, 5e4])
+def test_skellam_table_sampler_matches_the_skellam_pmf(variance):
+    """The CDF-table sampler against scipy's Skellam pmf, and against a plain binary
+    search over the same table (the guide table only speeds the search up)."""
+    ks = KeyStream(bytes(range(32)))
+    x = ks.skellam(variance, 200_000)
+    assert x.dtype == np.int64
+    sd = math.sqrt(variance)
+    if variance < 100:
+        k = np.arange(-int(8 * sd) - 5, int(8 * sd) + 6)
+        expected = stats.skellam.pmf(k, variance / 2, variance / 2) * x.size
+        observed = np.array([(x == v).sum() for v in k])
+        m = expected > 5
+        chi2 = ((observed[m] - expected[m]) ** 2 / expected[m]).sum()
+        assert stats.chi2.sf(chi2, m.sum() - 1) > 1e-4
+    assert x.mean() == pytest.approx(0.0, abs=5 * sd / math.sqrt(x.size))
+    assert x.var() == pytest.approx(variance, rel=0.02)
+    table = skellam_table(variance)
+    u = KeyStream(bytes(32)).uint64(100_000)
+    u = u[u < table.total]
+    u[:2] = [0, table.total - 1]  # the two extreme words: the two ends of the table
+    centre = table.cdf[-1]
+    v = np.where(u < centre, u, np.uint64(table.total - 1) - u)
+    ref = np.searchsorted(table.cdf, v, side="right") - table.width
+    assert np.array_equal(table.lookup(u), np.where(u < centre, ref, -ref))
+    lo, hi = table.lookup(u[:2]).tolist()  # the outermost integers of non-zero mass
+    assert lo == -hi and 0 < hi <= table.width
+
+
+def test_skellam_is_reproducible_per_key_and_falls_back_above_the_table():
+    a = KeyStream(bytes(32)).skellam(1e6, 1000)
+    assert np.array_equal(a, KeyStream(bytes(32)).skellam(1e6, 1000))
+    assert not np.array_equal(a, KeyStream(bytes([1]) * 32).skellam(1e6, 1000))
+    big = KeyStream(bytes(32)).skellam(4 * SKELLAM_TABLE_MAX_VARIANCE, 20_000)
+    assert big.var() == pytest.approx(4 * SKELLAM_TABLE_MAX_VARIANCE, rel=0.05)
+    assert not KeyStream(bytes(32)).skellam(0.0, 5).any()
+    with pytest.raises(ValueError, match="variance must be >= 0"):
+        KeyStream(bytes(32)).skellam(-1.0, 5)
+
+
 # --------------------------------------------------------------------------- distributed
 
 
@@ -346,7 +387,9 @@ def test_check_distributed_names_the_keys_to_change():
 def test_distributed_epsilon_close_to_gaussian():
     sc = _scenario({"mode": "distributed", "epsilon": 2.0}, secure_aggregation="masking", rounds=5)
     eps = distributed_epsilon(sc, dim=100_000, rounds=5)
-    assert 2.0 * 0.99 <= eps <= 2.0 * 1.01  # rounding inflates the sensitivity by < 0.1%
+    # σ carries 1% for the grid's rounding (which inflates the sensitivity by < 0.1%
+    # here): the budget is never overspent, and little of it is left unspent.
+    assert 2.0 * 0.97 <= eps <= 2.0
 
 
 # --------------------------------------------------------------------------- budget stop

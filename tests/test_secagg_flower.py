@@ -314,7 +314,9 @@ def test_encode_update_checks_and_distributed_noise_hook():
 
     dec = FixedPointCodec.from_section(dist.defense.secagg).decode(vec)
     assert calls == [(15, 2, 3, 2.0**20)]
-    assert np.allclose(dec[:12], 0.5 + 3 / 2**20, atol=2**-20)  # weight 1 under DP
+    # Weight 1 under DP, and Δ (0.5 on 12 coordinates, norm 1.73) clipped to
+    # defense.dp.clip = 1 by the encoder itself, before the noise.
+    assert np.allclose(dec[:12], 1 / np.sqrt(12) + 3 / 2**20, atol=2**-20)
     assert dec[-2] == 1.0
     bad = lambda size, **kw: np.zeros(size, dtype=np.float64)  # noqa: E731
     with pytest.raises(SecAggClientError, match="party 2: distributed noise must be"):
@@ -347,7 +349,13 @@ def test_distributed_noise_through_the_mod():
     (reply,) = spy.seen[0]
     assert checks == [(15, 3)] * 3
     assert reply.content["metrics"]["num-examples"] == 3  # weight 1 per party
-    want = 0.25 + sum(_delta(p, 1)["w"] for p in range(3)) / 3 + 1.0  # +1.0: noise 2^20 each
+
+    def clipped_w(p):  # each party's whole Δ clipped to defense.dp.clip = 1 by its encoder
+        d = _delta(p, 1)
+        norm = np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in d.values()))
+        return d["w"] * min(1.0, 1.0 / norm)
+
+    want = 0.25 + sum(clipped_w(p) for p in range(3)) / 3 + 1.0  # +1.0: noise 2^20 each
     assert np.max(np.abs(reply.content["arrays"]["w"].numpy() - want)) < 1e-4
 
 

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from privfl.flower import side
+from privfl.flower import side, wire
 from privfl.flower.loopback import LoopbackGrid
+from privfl.flower.npy import as_numpy
 from privfl.flower.transcript import RecordingGrid, Transcript
 from privfl.flower.update import Update, UpdateError, delta_arrays, flat_delta, with_delta
 
@@ -122,3 +123,38 @@ def test_the_recording_grid_keeps_what_the_server_received_by_party():
     assert len(rec.transcript.exchanges(4)) == 1
     collected = side.collect(replies)
     assert set(collected) == {f"privfl.side.{n}.note" for n in nodes}
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        np.arange(12, dtype=np.float32).reshape(3, 4),
+        np.asfortranarray(np.arange(12.0).reshape(3, 4)),
+        np.arange(6, dtype=">i4"),
+        np.zeros((0, 5), dtype=np.int64),
+        np.array(3.5),
+        np.arange(7, dtype=np.uint32),
+    ],
+)
+def test_as_numpy_reads_what_array_numpy_reads(value):
+    arr = Array(value)
+    got = as_numpy(arr)
+    want = arr.numpy()
+    assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want)
+    assert not got.flags.writeable  # a view of the Array's own bytes
+
+
+def test_as_numpy_refuses_a_truncated_payload():
+    arr = Array(np.arange(10, dtype=np.float64))
+    cut = Array(dtype=arr.dtype, shape=arr.shape, stype=arr.stype, data=arr.data[:-8])
+    with pytest.raises(ValueError, match="holds 72 data bytes"):
+        as_numpy(cut)
+
+
+def test_party_lists_travel_packed_and_plain():
+    packed = wire.pack_ids([0, 7, 999])
+    assert isinstance(packed, bytes) and wire.ids(packed) == [0, 7, 999]
+    assert wire.ids([3, 1]) == [3, 1]
+    assert ConfigRecord({"p": packed})["p"] == packed
+    with pytest.raises(ValueError, match="not a multiple of 4"):
+        wire.ids(b"\x00\x01\x02")

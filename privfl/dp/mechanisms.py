@@ -11,13 +11,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from privfl.config import Scenario, ScenarioError
-from privfl.dp.accounting import accounted_sampling_rate, epsilon_spent, global_noise_multiplier
+from privfl.dp.accounting import (
+    MAX_ROUNDING_INFLATION,
+    accounted_sampling_rate,
+    epsilon_spent,
+    global_noise_multiplier,
+)
 from privfl.dp.noise import KeyStream, noise_key
 
 # Per-party noise in ring units below this makes the integer noise visibly non-Gaussian.
 MIN_RING_NOISE_STD = 16.0
-# Rounding may add at most this fraction to the clip norm in ring units.
-MAX_ROUNDING_INFLATION = 0.01
 
 
 def clip_l2(vec: np.ndarray, clip: float) -> tuple[np.ndarray, float]:

@@ -1,11 +1,12 @@
 """Where DP noise comes from: an AES-256-CTR keystream (:class:`KeyStream`) keyed fresh
-from ``os.urandom`` or, in lab mode, from a party-local secret; exact samplers for
-Gaussian, Poisson, Skellam and discrete Gaussian noise on it."""
+from ``os.urandom`` or, in lab mode, from a party-local secret; samplers for Gaussian,
+Poisson, Skellam and discrete Gaussian noise on it."""
 
 from __future__ import annotations
 
 import math
 import os
+from functools import lru_cache
 
 import numpy as np
 from cryptography.hazmat.primitives import hashes
@@ -129,9 +130,24 @@ class KeyStream:
         return out
 
     def skellam(self, variance: float, n: int) -> np.ndarray:
-        """``n`` symmetric Skellam variates of the given variance (difference of two
-        Poisson(variance/2))."""
-        return self.poisson(variance / 2, n) - self.poisson(variance / 2, n)
+        """``n`` symmetric Skellam variates of the given variance (the law of the
+        difference of two Poisson(variance/2)).
+
+        Up to a variance of :data:`SKELLAM_TABLE_MAX_VARIANCE`, one 64-bit keystream word
+        per variate is looked up in the integer CDF table of :func:`skellam_table`;
+        beyond it, two Poisson variates are drawn.
+        """
+        if variance < 0:
+            raise ValueError(f"skellam: variance must be >= 0, got {variance}")
+        if variance == 0:
+            return np.zeros(n, dtype=np.int64)
+        if variance > SKELLAM_TABLE_MAX_VARIANCE:
+            return self.poisson(variance / 2, n) - self.poisson(variance / 2, n)
+        table = skellam_table(float(variance))
+        u = self.uint64(n)
+        while (bad := np.flatnonzero(u >= table.total)).size:  # about 2^-40 of draws
+            u[bad] = self.uint64(bad.size)
+        return table.lookup(u)
 
     def discrete_gaussian(self, sigma: float, n: int) -> np.ndarray:
         """``n`` discrete Gaussian variates N_Z(0, σ²) (Canonne–Kamath–Steinke 2020,
@@ -154,6 +170,64 @@ class KeyStream:
             out[todo[: got.size]] = got
             todo = todo[got.size :]
         return out
+
+
+# Where scipy's scaled Bessel function still evaluates (its argument is the variance);
+# the table then holds up to ~630,000 entries (5 MB).
+SKELLAM_TABLE_MAX_VARIANCE = 1e9
+_TABLE_SCALE = 2.0**64 - 2.0**24  # keeps the table's total below 2^64
+_GUIDE_BITS = 18
+
+
+class SkellamTable:
+    """Inverse-CDF sampling of a symmetric Skellam law from 64-bit uniform words.
+
+    ``cdf[i]`` is P(X <= i - width) for i = 0..width, in units of 2^-64: each probability
+    ``exp(-variance) I_k(variance)`` is rounded down to a multiple of 2^-64 and summed in
+    integers, so the law drawn is the Skellam law within 2^-64 per integer (masses below
+    that, and the tails beyond ten standard deviations, are never drawn). A guide table
+    indexed by a word's top bits starts each search next to its answer (Chen and Asau
+    1974). The table is public, a function of the variance only.
+    """
+
+    def __init__(self, variance: float) -> None:
+        self.width = math.ceil(10 * math.sqrt(variance)) + 16
+        ks = np.arange(-self.width, 1)
+        mass = np.floor(special.ive(ks, variance) * _TABLE_SCALE)
+        if not np.isfinite(mass).all():
+            raise ValueError(f"skellam: no table for variance {variance}")
+        self.cdf = np.cumsum(mass.astype(np.uint64))
+        # P(X <= 0) + P(X >= 1), the latter equal to P(X <= -1) by symmetry.
+        self.total = int(self.cdf[-1]) + int(self.cdf[-2])
+        edges = np.arange(2**_GUIDE_BITS, dtype=np.uint64) << np.uint64(64 - _GUIDE_BITS)
+        self.guide = np.searchsorted(self.cdf, edges, side="right").astype(np.int32)
+        self.cdf.setflags(write=False)
+        self.guide.setflags(write=False)
+
+    def lookup(self, u: np.ndarray) -> np.ndarray:
+        """The variates for uniform words ``u < total`` (int64)."""
+        high = (u >= self.cdf[-1]).astype(np.uint64)
+        # X > 0 mirrors X < 0: a word above P(X <= 0) is read from the top down,
+        # v = total - 1 - u there (masked ufuncs are slower than this modular arithmetic).
+        v = u + high * (np.uint64(self.total - 1) - u - u)
+        idx = self.guide[v >> np.uint64(64 - _GUIDE_BITS)].astype(np.int64)
+        todo = np.flatnonzero(self.cdf[idx] <= v)
+        for _ in range(8):
+            if not todo.size:
+                break
+            idx[todo] += 1
+            todo = todo[self.cdf[idx[todo]] <= v[todo]]
+        if todo.size:  # a word in a tail bucket spanning many entries
+            idx[todo] = np.searchsorted(self.cdf, v[todo], side="right")
+        k = idx - self.width
+        k *= 1 - 2 * high.astype(np.int64)
+        return k
+
+
+@lru_cache(maxsize=8)
+def skellam_table(variance: float) -> SkellamTable:
+    """The shared :class:`SkellamTable` of ``variance`` (one per process)."""
+    return SkellamTable(variance)
 
 
 def _poisson_inverse_cdf(u: np.ndarray, lam: float) -> np.ndarray:

@@ -17,7 +17,10 @@ from types import SimpleNamespace
 from flwr.app import Context, Message, RecordDict
 from flwr.app.error import Error
 from flwr.serverapp import Grid
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.inflatable.inflatable_object import (
+    get_all_nested_objects,
+    no_object_id_recompute,
+)
 from flwr.supercore.task_identity import TaskIdentity
 
 from privfl.flower.wire import copy_content
@@ -26,8 +29,12 @@ DropRule = Callable[[int, str], bool]
 
 
 def message_bytes(msg: Message) -> int:
-    """Serialised size of a message and everything it carries."""
-    return sum(len(o.deflate()) for o in get_all_nested_objects(msg).values())
+    """Serialised size of a message and everything it carries.
+
+    Each object's id is computed once, as Flower's own grids do when they push a
+    message (a parent's id otherwise re-serialises every child below it)."""
+    with no_object_id_recompute():
+        return sum(len(o.deflate()) for o in get_all_nested_objects(msg).values())
 
 
 class LoopbackGrid(Grid):

@@ -19,6 +19,7 @@ from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 from privfl.errors import PrivflError
 from privfl.flower import side
+from privfl.flower.npy import as_numpy
 
 WEIGHT_KEY = "num-examples"
 
@@ -59,7 +60,7 @@ def flat_delta(sent: ArrayRecord, got: ArrayRecord) -> np.ndarray:
     out = np.empty(sum(sizes))
     off = 0
     for k, n in zip(keys, sizes, strict=True):
-        a, b = got[k].numpy().ravel(), sent[k].numpy().ravel()
+        a, b = as_numpy(got[k]).ravel(), as_numpy(sent[k]).ravel()
         np.subtract(a, b, out=out[off : off + n], dtype=np.float64)
         off += n
     return out
@@ -88,8 +89,8 @@ def with_delta(
         n = int(np.prod(a.shape))
         if off + n > delta.size:
             raise UpdateError(f"update has {delta.size} entries; the model needs more at '{k}'")
-        total = a.numpy().astype(np.float64).reshape(-1) + delta[off : off + n]
-        out[k] = Array(np.ascontiguousarray(total.reshape(ref.shape).astype(ref.numpy().dtype)))
+        total = as_numpy(a).reshape(-1) + delta[off : off + n]  # float64
+        out[k] = Array(np.ascontiguousarray(total.reshape(ref.shape).astype(as_numpy(ref).dtype)))
         off += n
     if off != delta.size:
         raise UpdateError(f"update has {delta.size} entries, the model {off}")

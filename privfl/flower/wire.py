@@ -17,6 +17,7 @@ from flwr.common.constant import SType
 
 from privfl.config import SCENARIO_KEY, Scenario
 from privfl.fixedpoint import FixedPointCodec
+from privfl.flower.npy import as_numpy
 
 SETUP = "train.privfl_secagg_setup"
 RESHARE = "train.privfl_secagg_reshare"
@@ -34,20 +35,38 @@ EXTRA_COORDS = 2  # weight and weight * train-loss ride at the end of the vector
 RING_DTYPES = (np.dtype(np.uint32), np.dtype(np.uint64))
 
 
-def pack_cts(cts: Mapping[int, bytes], key: str = "") -> dict[str, list[int] | list[bytes]]:
-    """``{party: bytes}`` as two aligned ConfigRecord lists."""
+def pack_cts(cts: Mapping[int, bytes], key: str = "") -> dict[str, bytes | list[bytes]]:
+    """``{party: bytes}`` as two aligned ConfigRecord values (packed ids, ciphertexts)."""
     order = sorted(cts)
-    return {f"{key}to": order, f"{key}cts": [cts[p] for p in order]}
+    return {f"{key}to": pack_ids(order), f"{key}cts": [cts[p] for p in order]}
 
 
 def unpack_cts(rec: ConfigRecord, key: str = "") -> dict[int, bytes]:
     """Inverse of :func:`pack_cts`; raises ``ValueError`` on a malformed record."""
     to, cts = rec.get(f"{key}to", []), rec.get(f"{key}cts", [])
-    if not isinstance(to, list) or not isinstance(cts, list) or len(to) != len(cts):
+    if not isinstance(to, bytes | list) or not isinstance(cts, list):
         raise ValueError(f"malformed ciphertext lists {key!r}")
-    if len(set(to)) != len(to):
+    order = ids(to)
+    if len(order) != len(cts):
+        raise ValueError(f"malformed ciphertext lists {key!r}")
+    if len(set(order)) != len(order):
         raise ValueError(f"duplicate parties in ciphertext list {key!r}")
-    return {int(p): bytes(c) for p, c in zip(to, cts, strict=True)}
+    return {p: bytes(c) for p, c in zip(order, cts, strict=True)}
+
+
+def pack_ids(ids: list[int]) -> bytes:
+    """Party indices as one ConfigRecord value (4-byte words: Flower serialises a list of
+    ints element by element, a hundred times slower)."""
+    return np.asarray(ids, dtype="<u4").tobytes()
+
+
+def ids(value: Any) -> list[int]:
+    """Party indices from :func:`pack_ids` bytes or a plain list of ints."""
+    if isinstance(value, bytes):
+        if len(value) % 4:
+            raise ValueError(f"a packed party list has {len(value)} bytes, not a multiple of 4")
+        return np.frombuffer(value, dtype="<u4").astype(int).tolist()
+    return [int(p) for p in value]
 
 
 def vector_record(vec: np.ndarray) -> ArrayRecord:
@@ -65,7 +84,7 @@ def read_vector(content: RecordDict) -> np.ndarray | None:
     rec = content.array_records[VECTOR]
     if "v" not in rec:
         return None
-    v = rec["v"].numpy()
+    v = as_numpy(rec["v"])
     return v if v.dtype in RING_DTYPES and v.ndim == 1 else None
 
 

@@ -191,9 +191,10 @@ class MaskingParty:
             raise ValueError(f"party {self.party}: not in the key directory")
         if directory[self.party] != self.public_keys:
             raise ValueError(f"party {self.party}: the directory holds someone else's keys for me")
-        self.directory = dict(directory)
         self._shared = {}
         self.neighbours = neighbours_of(list(directory), neighbours, self.party)
+        # Only the neighbourhood's keys are ever used again: keep the party's state small.
+        self.directory = {p: directory[p] for p in [self.party, *self.neighbours]}
         self.threshold = resolve_threshold(threshold, len(self.neighbours) + 1)
         xs = [_x(p) for p in [self.party, *self.neighbours]]
         shares = shamir.share_bytes(self._mask_sk, xs, self.threshold)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Mapping, Sequence
+from functools import lru_cache
 
 from privfl.errors import PrivflError
 
@@ -45,18 +46,25 @@ def reconstruct(shares: Mapping[int, int], threshold: int) -> int:
     if len(shares) < threshold:
         raise ShamirError(f"need {threshold} shares to reconstruct, got {len(shares)}")
     pts = sorted(shares.items())[:threshold]
-    xs = [x for x, _ in pts]
+    xs = tuple(x for x, _ in pts)
     if len(set(xs)) != len(xs) or 0 in xs:
-        raise ShamirError(f"share points must be distinct and non-zero, got {xs}")
-    secret = 0
-    for i, (xi, yi) in enumerate(pts):
+        raise ShamirError(f"share points must be distinct and non-zero, got {list(xs)}")
+    return sum(y * c for (_, y), c in zip(pts, _lagrange_at_zero(xs), strict=True)) % PRIME
+
+
+@lru_cache(maxsize=8192)
+def _lagrange_at_zero(xs: tuple[int, ...]) -> tuple[int, ...]:
+    # Public and fixed by the share points alone; a server reconstructs with the same
+    # points round after round, and each coefficient costs a modular inversion.
+    out = []
+    for i, xi in enumerate(xs):
         num, den = 1, 1
         for j, xj in enumerate(xs):
             if j != i:
                 num = num * (-xj) % PRIME
                 den = den * (xi - xj) % PRIME
-        secret = (secret + yi * num * pow(den, -1, PRIME)) % PRIME
-    return secret
+        out.append(num * pow(den, -1, PRIME) % PRIME)
+    return tuple(out)
 
 
 def share_bytes(secret: bytes, xs: Sequence[int], threshold: int) -> dict[int, bytes]:

@@ -68,7 +68,7 @@ class IsolationServer(ActiveServer):
             self._failed(server_round, "the round ran no partial-sum stage")
             return
         cfg = done.config()
-        parties = [int(p) for p in cfg[wire.PREFIX + "parties"]]
+        parties = wire.ids(cfg[wire.PREFIX + "parties"])
         dim = int(cfg[wire.PREFIX + "dim"])
         server = AdditiveServer(self.codec)
         partials = {

@@ -135,7 +135,7 @@ class KeyMitmServer(ActiveServer):
             cfg = ex.config(t)
             opened = self._opened.get((server_round, int(cfg[wire.PREFIX + "attempt"])))
             partial = wire.read_vector(ex.received[t])
-            others = [int(p) for p in cfg[wire.PREFIX + "parties"] if int(p) != t]
+            others = [p for p in wire.ids(cfg[wire.PREFIX + "parties"]) if p != t]
             if (
                 partial is None
                 or opened is None
