@@ -10,12 +10,13 @@ hyper-parameters the server may choose taken from the message.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import hashlib
 import json
 import os
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -378,6 +379,28 @@ def _check_train_round(policy: PartyPolicy, cfg: ConfigRecord, state: ConfigReco
 # --------------------------------------------------------------------------- local record
 
 
+class RosterView(Mapping[int, bytes]):
+    """The roster as the party's state holds it (sorted parties, aligned keys), read
+    without building a dict of every party of the federation on each message."""
+
+    def __init__(self, parties: list[int], keys: list[bytes]) -> None:
+        if len(parties) != len(keys):
+            raise ValueError(f"roster of {len(parties)} parties and {len(keys)} keys")
+        self._parties, self._keys = parties, keys
+
+    def __getitem__(self, party: int) -> bytes:
+        i = bisect.bisect_left(self._parties, party)
+        if i == len(self._parties) or self._parties[i] != party:
+            raise KeyError(party)
+        return bytes(self._keys[i])
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._parties)
+
+    def __len__(self) -> int:
+        return len(self._parties)
+
+
 @dataclass(frozen=True)
 class PartyRecord:
     """What the inner handlers and mods read of the policy (from ``context.state``)."""
@@ -387,7 +410,7 @@ class PartyRecord:
     min_parties: int
     noise_secret: bytes | None
     identity_key: bytes
-    roster: dict[int, bytes]
+    roster: Mapping[int, bytes]
 
 
 def _publish(
@@ -403,12 +426,25 @@ def _publish(
     )
     state["noise-secret"] = noise if noise is not None else b""
     state["identity-key"] = policy.identity_key
-    parties = sorted(policy.roster)
-    keys = [policy.roster[p] for p in parties]
+    parties, keys = _roster_lists(policy.roster)
     # Written only when changed: a record type-checks every item of a list it is given.
     if state.get("roster-parties") != parties or state.get("roster-keys") != keys:
         state["roster-parties"] = parties
         state["roster-keys"] = keys
+
+
+_ROSTER_LISTS: dict[int, tuple[Mapping[int, bytes], list[int], list[bytes]]] = {}
+
+
+def _roster_lists(roster: Mapping[int, bytes]) -> tuple[list[int], list[bytes]]:
+    # Simulated parties share one roster object: sort it once, not once per message.
+    hit = _ROSTER_LISTS.get(id(roster))
+    if hit is None or hit[0] is not roster:
+        parties = sorted(roster)
+        hit = _ROSTER_LISTS[id(roster)] = (roster, parties, [roster[p] for p in parties])
+        while len(_ROSTER_LISTS) > 64:
+            _ROSTER_LISTS.pop(next(iter(_ROSTER_LISTS)))
+    return list(hit[1]), list(hit[2])
 
 
 def party_record(context: Context) -> PartyRecord | None:
@@ -423,7 +459,5 @@ def party_record(context: Context) -> PartyRecord | None:
         min_parties=int(rec["min-parties"]),
         noise_secret=secret or None,
         identity_key=bytes(rec["identity-key"]),
-        roster={
-            int(p): bytes(k) for p, k in zip(rec["roster-parties"], rec["roster-keys"], strict=True)
-        },
+        roster=RosterView(rec["roster-parties"], rec["roster-keys"]),
     )

@@ -54,16 +54,28 @@ def reconstruct(shares: Mapping[int, int], threshold: int) -> int:
 
 @lru_cache(maxsize=8192)
 def _lagrange_at_zero(xs: tuple[int, ...]) -> tuple[int, ...]:
-    # Public and fixed by the share points alone; a server reconstructs with the same
-    # points round after round, and each coefficient costs a modular inversion.
-    out = []
+    # Public and fixed by the share points alone: a server reconstructs with the same
+    # points round after round. One modular inversion for all the denominators
+    # (Montgomery's trick) instead of one per point.
+    nums, dens = [], []
     for i, xi in enumerate(xs):
-        num, den = 1, 1
+        # Share points are party indices: these products stay far below the prime, so
+        # they are reduced once rather than after every factor.
+        num = den = 1
         for j, xj in enumerate(xs):
             if j != i:
-                num = num * (-xj) % PRIME
-                den = den * (xi - xj) % PRIME
-        out.append(num * pow(den, -1, PRIME) % PRIME)
+                num *= -xj
+                den *= xi - xj
+        nums.append(num % PRIME)
+        dens.append(den % PRIME)
+    prefix = [1]
+    for d in dens:
+        prefix.append(prefix[-1] * d % PRIME)
+    inv = pow(prefix[-1], -1, PRIME)
+    out = [0] * len(xs)
+    for i in range(len(xs) - 1, -1, -1):
+        out[i] = nums[i] * inv % PRIME * prefix[i] % PRIME  # 1/dens[i] = inv * prefix[i]
+        inv = inv * dens[i] % PRIME
     return tuple(out)
 
 
