@@ -245,8 +245,24 @@ def _binding(msg: Message, rnd: int, parties: list[int], record: PartyRecord | N
     for key in sorted(arrays.keys()) if arrays is not None else []:
         a = arrays[key]
         h.update(json.dumps([key, a.dtype, list(a.shape)]).encode())
-        h.update(a.data)
+        h.update(_digest(a.data))
     return h.digest()
+
+
+_DIGESTS: dict[int, tuple[bytes, bytes]] = {}
+
+
+def _digest(data: bytes) -> bytes:
+    # SHA-256 of an array's bytes. Simulated parties of one process receive the same
+    # immutable bytes object, so it is hashed once a round rather than once a party.
+    if type(data) is not bytes:  # only immutable bytes can be remembered
+        return hashlib.sha256(data).digest()
+    hit = _DIGESTS.get(id(data))
+    if hit is None or hit[0] is not data:
+        hit = _DIGESTS[id(data)] = (data, hashlib.sha256(data).digest())
+        while len(_DIGESTS) > 256:
+            _DIGESTS.pop(next(iter(_DIGESTS)))
+    return hit[1]
 
 
 def _check_directory(
