@@ -173,7 +173,7 @@ class KeyStream:
 
 
 # Where scipy's scaled Bessel function still evaluates (its argument is the variance);
-# the table then holds up to ~630,000 entries (5 MB).
+# the table then holds up to ~316,000 words (2.5 MB), beside a 1 MB guide.
 SKELLAM_TABLE_MAX_VARIANCE = 1e9
 _TABLE_SCALE = 2.0**64 - 2.0**24  # keeps the table's total below 2^64
 _GUIDE_BITS = 18
