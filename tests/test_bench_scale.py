@@ -48,6 +48,11 @@ def test_small_bench_writes_the_schema_and_masking_bytes_grow_with_n(tmp_path, c
         by[("plain", 4)]["bytes_per_party"], rel=0.01
     )
     text = capsys.readouterr().out
+    # Each masking row says how it compares with plain FedAvg's round at the same n.
+    row = next(line.split() for line in text.splitlines() if line.split()[3:4] == ["masking"])
+    assert float(row[5]) == pytest.approx(
+        by[("masking", 4)]["round_seconds"] / by[("plain", 4)]["round_seconds"], abs=0.01
+    )
     assert "masking, party seconds above plain FedAvg's against the round's parties (4..8)" in text
     assert "per doubling of n" in text
 

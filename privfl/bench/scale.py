@@ -401,10 +401,11 @@ def peers(method: str, n: int, overrides: list[str]) -> int | None:
     return None
 
 
-def _print_row(r: Row, n_peers: int | None) -> None:
+def _print_row(r: Row, n_peers: int | None, plain: float | None) -> None:
+    ratio = "-" if plain is None or r.method == "plain" else f"{r.round_seconds / plain:.2f}"
     print(
         f"{r.parties:>6} {r.per_round:>6} {'-' if n_peers is None else n_peers:>5} "
-        f"{r.method:<15} {r.round_seconds:>9.3f} "
+        f"{r.method:<15} {r.round_seconds:>9.3f} {ratio:>7} "
         f"{r.party_seconds * 1e3:>10.1f} {r.server_seconds:>9.3f} "
         f"{r.bytes_per_party / 1024:>10.1f} {r.peak_memory_bytes / 2**20:>9.0f}",
         flush=True,
@@ -418,7 +419,8 @@ def run(
     rows: list[Row] = []
     notes: list[str] = []
     print(
-        f"{'n':>6} {'/round':>6} {'peers':>5} {'method':<15} {'round s':>9} {'party ms':>10} "
+        f"{'n':>6} {'/round':>6} {'peers':>5} {'method':<15} {'round s':>9} {'x plain':>7} "
+        f"{'party ms':>10} "
         f"{'server s':>9} {'KiB/party':>10} {'peak MiB':>9}",
         flush=True,
     )
@@ -439,7 +441,10 @@ def run(
                 print(f"{n:>6} {per_round(n):>6} {'':>5} {method:<15} failed", flush=True)
                 continue
             rows.append(row)
-            _print_row(row, peers(method, n, overrides))
+            plain = next(
+                (r.round_seconds for r in rows if r.method == "plain" and r.parties == n), None
+            )
+            _print_row(row, peers(method, n, overrides), plain)
     return rows, notes
 
 
@@ -515,7 +520,8 @@ def main(argv: list[str]) -> int:
     )
     rows, notes = run(parties, methods, args.rounds, args.set)
     print(
-        "round s: median wall time of a measured round; party ms: ClientApp time per party "
+        "round s: median wall time of a measured round; x plain: that over plain FedAvg's "
+        "round at the same n in this run; party ms: ClientApp time per party "
         "per round; server s: strategy time outside the grid; KiB/party: bytes a party "
         "sends per round; peak MiB: peak resident memory of this process (VmHWM), server "
         "and simulated parties together"
