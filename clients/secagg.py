@@ -250,6 +250,7 @@ def _binding(msg: Message, rnd: int, parties: list[int], record: PartyRecord | N
 
 
 _DIGESTS: dict[int, tuple[bytes, bytes]] = {}
+_DIGESTS_MAX_BYTES = 1 << 28  # the arrays kept alive for it, at most
 
 
 def _digest(data: bytes) -> bytes:
@@ -260,8 +261,9 @@ def _digest(data: bytes) -> bytes:
     hit = _DIGESTS.get(id(data))
     if hit is None or hit[0] is not data:
         hit = _DIGESTS[id(data)] = (data, hashlib.sha256(data).digest())
-        while len(_DIGESTS) > 256:
-            _DIGESTS.pop(next(iter(_DIGESTS)))
+        held = sum(len(d) for d, _ in _DIGESTS.values())
+        while held > _DIGESTS_MAX_BYTES and len(_DIGESTS) > 1:
+            held -= len(_DIGESTS.pop(next(iter(_DIGESTS)))[0])
     return hit[1]
 
 
