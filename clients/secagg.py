@@ -341,7 +341,9 @@ def make_secagg_mod(
             directory = {
                 int(p): (bytes(k),)
                 for p, k in zip(
-                    cfg[wire.PREFIX + "dir_parties"], cfg[wire.PREFIX + "dir_keys"], strict=True
+                    wire.ids(cfg[wire.PREFIX + "dir_parties"]),
+                    cfg[wire.PREFIX + "dir_keys"],
+                    strict=True,
                 )
             }
             _check_directory(
@@ -462,7 +464,7 @@ def handle_setup(
         proto, st = _load(context, party, codec)
         if st["session"] != session.hex() or not isinstance(proto, MaskingParty):
             raise SecAggClientError(f"party {party}: keyshare for an epoch I did not advertise in")
-        ps = [int(p) for p in cfg[wire.PREFIX + "dir_parties"]]
+        ps = wire.ids(cfg[wire.PREFIX + "dir_parties"])
         directory = {
             p: (bytes(c), bytes(m))
             for p, c, m in zip(

@@ -299,7 +299,7 @@ class SecureAggregation(StrategyWrapper):
             dir_cfg = {
                 wire.PREFIX + "stage": "keyshare",
                 wire.PREFIX + "session": session,
-                wire.PREFIX + "dir_parties": ps,
+                wire.PREFIX + "dir_parties": wire.pack_ids(ps),
                 wire.PREFIX + "dir_keys": [keys[p][0] for p in ps],
                 wire.PREFIX + "dir_mask_keys": [keys[p][1] for p in ps],
                 wire.PREFIX + "dir_sigs": [sigs[p] for p in ps],
@@ -380,7 +380,7 @@ class SecureAggregation(StrategyWrapper):
             cfg[wire.PREFIX + "session"] = ep["session"]
             cfg[wire.PREFIX + "parties"] = wire.pack_ids(self._parties)
             if ep["fresh"] and self.protocol == "additive":
-                cfg[wire.PREFIX + "dir_parties"] = ep["parties"]
+                cfg[wire.PREFIX + "dir_parties"] = wire.pack_ids(ep["parties"])
                 cfg[wire.PREFIX + "dir_keys"] = [ep["keys"][p][0] for p in ep["parties"]]
                 cfg[wire.PREFIX + "dir_sigs"] = [ep["sigs"][p] for p in ep["parties"]]
             if ep["fresh"] and self.protocol == "masking":

@@ -58,7 +58,7 @@ class KeyMitmServer(ActiveServer):
         cfg = msg.content.config_records.get("config")
         if cfg is None or wire.PREFIX + "dir_parties" not in cfg:
             return msg
-        parties = [int(p) for p in cfg[wire.PREFIX + "dir_parties"]]
+        parties = wire.ids(cfg[wire.PREFIX + "dir_parties"])
         session = bytes(cfg[wire.PREFIX + "session"])
         if session != self._session:  # a new key epoch: new stand-ins
             self._session = session
