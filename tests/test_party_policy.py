@@ -618,3 +618,15 @@ def test_everything_a_user_imports_is_exported():
             assert getattr(package, name) is not None, (package.__name__, name)
     with pytest.raises(AttributeError, match="no attribute"):
         privfl.strategies.NoSuchStrategy  # noqa: B018
+
+
+def test_roster_view_reads_the_state_lists_as_a_mapping():
+    from privfl.clients.policy import RosterView
+
+    view = RosterView([1, 4, 9], [b"a", b"b", b"c"])
+    assert view[4] == b"b" and list(view) == [1, 4, 9] and len(view) == 3
+    assert 9 in view and 5 not in view and 0 not in view and 10 not in view
+    with pytest.raises(KeyError):
+        view[5]
+    with pytest.raises(ValueError, match="3 parties and 2 keys"):
+        RosterView([1, 2, 3], [b"a", b"b"])

@@ -124,6 +124,18 @@ def test_shamir_fewer_than_t_refused_and_wrong_t_gives_other_value(secret, n, da
     assert shamir.reconstruct(shares, t) == secret
 
 
+@settings(max_examples=30, deadline=None)
+@given(st.binary(min_size=1, max_size=32), st.data())
+def test_shamir_reconstructs_from_scattered_points_of_a_large_federation(secret, data):
+    # Share points are party indices + 1, up to thousands: the Lagrange coefficients'
+    # unreduced products and their single batched inversion must still be exact.
+    t = data.draw(st.integers(1, 40))
+    xs = data.draw(st.lists(st.integers(1, 5000), min_size=t, max_size=t + 8, unique=True))
+    shares = shamir.share_bytes(secret, xs, t)
+    subset = data.draw(st.lists(st.sampled_from(xs), min_size=t, max_size=t, unique=True))
+    assert shamir.reconstruct_bytes({x: shares[x] for x in subset}, t) == secret
+
+
 def test_shamir_t_minus_one_shares_reveal_nothing_about_low_bits():
     # With t - 1 = 1 share of a degree-1 polynomial, the share is uniform whatever
     # the secret: compare share parity for two very different secrets.

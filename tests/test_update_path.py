@@ -158,3 +158,17 @@ def test_party_lists_travel_packed_and_plain():
     assert ConfigRecord({"p": packed})["p"] == packed
     with pytest.raises(ValueError, match="not a multiple of 4"):
         wire.ids(b"\x00\x01\x02")
+
+
+def test_loopback_counts_the_bytes_flower_serialises():
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    from privfl.flower.loopback import message_bytes
+
+    cfg = ConfigRecord({"p": wire.pack_ids([1, 2, 3]), "cts": [b"a" * 90, b"b" * 90]})
+    msg = Message(
+        RecordDict({"arrays": _sent(), "config": cfg}), dst_node_id=1, message_type="train"
+    )
+    # One id computation per object (as Flower's grids push), the same bytes.
+    want = sum(len(o.deflate()) for o in get_all_nested_objects(msg).values())
+    assert message_bytes(msg) == want > 6 * 4 + 4 * 4 + 180
