@@ -69,6 +69,12 @@ class PartyPolicy:
     roster: Mapping[int, bytes]
     lab_secret: bytes | None = None
 
+    @functools.cached_property
+    def roster_lists(self) -> tuple[tuple[int, ...], tuple[bytes, ...]]:
+        """The roster as the party's state holds it: sorted parties, aligned keys."""
+        parties = tuple(sorted(self.roster))
+        return parties, tuple(self.roster[p] for p in parties)
+
     @property
     def trust_server(self) -> bool:
         """Teaching mode: the party does what the server's messages ask."""
@@ -426,25 +432,11 @@ def _publish(
     )
     state["noise-secret"] = noise if noise is not None else b""
     state["identity-key"] = policy.identity_key
-    parties, keys = _roster_lists(policy.roster)
+    parties, keys = policy.roster_lists
     # Written only when changed: a record type-checks every item of a list it is given.
-    if state.get("roster-parties") != parties or state.get("roster-keys") != keys:
-        state["roster-parties"] = parties
-        state["roster-keys"] = keys
-
-
-_ROSTER_LISTS: dict[int, tuple[Mapping[int, bytes], list[int], list[bytes]]] = {}
-
-
-def _roster_lists(roster: Mapping[int, bytes]) -> tuple[list[int], list[bytes]]:
-    # Simulated parties share one roster object: sort it once, not once per message.
-    hit = _ROSTER_LISTS.get(id(roster))
-    if hit is None or hit[0] is not roster:
-        parties = sorted(roster)
-        hit = _ROSTER_LISTS[id(roster)] = (roster, parties, [roster[p] for p in parties])
-        while len(_ROSTER_LISTS) > 64:
-            _ROSTER_LISTS.pop(next(iter(_ROSTER_LISTS)))
-    return list(hit[1]), list(hit[2])
+    if state.get("roster-parties") != list(parties) or state.get("roster-keys") != list(keys):
+        state["roster-parties"] = list(parties)
+        state["roster-keys"] = list(keys)
 
 
 def party_record(context: Context) -> PartyRecord | None:

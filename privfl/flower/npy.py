@@ -38,9 +38,9 @@ def as_numpy(array: Array) -> np.ndarray:
     data = array.data
     if array.stype != SType.NUMPY or data[:6] != _MAGIC or data[6] not in (1, 2, 3):
         return array.numpy()
-    size, start = (2, 8) if data[6] == 1 else (4, 8)
-    hlen = int.from_bytes(data[start : start + size], "little")
-    begin = start + size
+    size = 2 if data[6] == 1 else 4  # the header length's bytes, after magic and version
+    hlen = int.from_bytes(data[8 : 8 + size], "little")
+    begin = 8 + size
     dtype, shape, fortran = _header(bytes(data[begin : begin + hlen]))
     count = int(np.prod(shape, dtype=np.int64))
     offset = begin + hlen

@@ -59,8 +59,8 @@ def _lagrange_at_zero(xs: tuple[int, ...]) -> tuple[int, ...]:
     # (Montgomery's trick) instead of one per point.
     nums, dens = [], []
     for i, xi in enumerate(xs):
-        # Share points are party indices: these products stay far below the prime, so
-        # they are reduced once rather than after every factor.
+        # Share points are small party indices: multiplying them unreduced and reducing
+        # once costs less than a reduction after every factor.
         num = den = 1
         for j, xj in enumerate(xs):
             if j != i:
