@@ -145,7 +145,7 @@ DROPOUT_CODE = 4408
 DROPOUT_PREFIX = "privfl dropout: "
 # Where each message falls in a round; a party that drops out answers nothing from its
 # dropout stage on.
-_STAGE_ORDER = {"advertise": 0, "keyshare": 1, "train": 2, "sum": 3, "reshare": 3, "unmask": 3}
+_STAGE_ORDER = {"advertise": 0, "train": 1, "sum": 2, "reshare": 2, "unmask": 2}
 
 
 def drops_out(scenario: Scenario, party: int, server_round: int) -> bool:
@@ -248,7 +248,7 @@ def _check_masking_graph(policy: PartyPolicy, cfg: ConfigRecord) -> None:
     t, k = int(cfg.get(_SA + "threshold", -1)), int(cfg.get(_SA + "neighbours", -1))
     if (t, k) != (sec.threshold, sec.neighbours):
         raise RefusalError(
-            f"mask-key sharing with threshold {t} and {k} neighbours refused: my policy "
+            f"masking with threshold {t} and {k} neighbours refused: my policy "
             f"says threshold {sec.threshold} and {sec.neighbours} neighbours (0 = automatic / "
             "all pairs)"
         )
@@ -264,12 +264,8 @@ def _check_stage(policy: PartyPolicy, mtype: str, cfg: ConfigRecord, state: Conf
     m = policy.min_parties
     if stage == "setup":
         n = int(cfg.get(_SA + "n", 0))
-        if str(cfg.get(_SA + "stage", "")) == "keyshare":
-            n = len(_parties(cfg, _SA + "dir_parties"))
-        if n < m:
+        if n < m and policy.scenario.defense.secure_aggregation == "additive":
             raise RefusalError(f"key setup among {n} parties refused: party.min_parties is {m}")
-        if str(cfg.get(_SA + "stage", "")) == "keyshare":
-            _check_masking_graph(policy, cfg)
         return
     rnd, current = int(cfg.get("server-round", -1)), int(state["last-round"])
     if rnd != current:
@@ -371,6 +367,8 @@ def _check_train_round(policy: PartyPolicy, cfg: ConfigRecord, state: ConfigReco
             f"round {rnd} refused: I already trained in round {last} and rounds only move "
             "forward (a replayed round would reuse its masks)"
         )
+    if policy.scenario.defense.secure_aggregation == "masking":
+        _check_masking_graph(policy, cfg)
     if policy.scenario.defense.secure_aggregation != "none":
         n = len(_parties(cfg, _SA + "parties"))
         if n < policy.min_parties:

@@ -42,8 +42,8 @@ from privfl.flower.update import Update, UpdateError
 from privfl.refusal import RefusalError, refusal_reply
 from privfl.secagg.additive import AdditiveParty
 from privfl.secagg.channel import ChannelError
-from privfl.secagg.identity import IdentityError, sign_keys, verify_keys
-from privfl.secagg.masking import MaskingParty, neighbours_of
+from privfl.secagg.identity import IdentityError, dh_private, dh_public, sign_keys, verify_keys
+from privfl.secagg.masking import MaskingError, MaskingParty, fresh_static_key, neighbours_of
 from privfl.seeding import parts_rng
 
 NoiseFn = Callable[..., np.ndarray]
@@ -331,7 +331,9 @@ def make_secagg_mod(
         codec = (settings or SecAggSettings.from_scenario(scenario)).codec
         proto, st = _load(context, party, codec)
         if bytes(cfg[wire.PREFIX + "session"]) != bytes.fromhex(st["session"]):
-            raise SecAggClientError(f"party {party}: train message is for another key-setup epoch")
+            raise SecAggClientError(
+                f"party {party}: train message is for another key-setup session"
+            )
         rnd = int(cfg["server-round"])
         parties = wire.ids(cfg[wire.PREFIX + "parties"])
         if party not in parties:
@@ -350,8 +352,9 @@ def make_secagg_mod(
                 cfg, directory, session=bytes.fromhex(st["session"]), me=proto, record=record
             )
             st["directory"] = {str(p): k[0].hex() for p, k in directory.items()}
-        if wire.PREFIX + "ks_to" in cfg:  # first round of an epoch (masking)
-            proto.receive_keyshares(wire.unpack_cts(cfg, wire.PREFIX + "ks_"))
+        if isinstance(proto, MaskingParty):
+            k, t = _graph_settings(cfg, scenario, party, record)
+            keys = _neighbour_keys(cfg, proto, neighbours_of(parties, k, party), record)
         bind = _binding(msg, rnd, parties, record)
         st.setdefault("bind", {})[str(rnd)] = bind.hex()
         spent = None
@@ -375,7 +378,19 @@ def make_secagg_mod(
         )
         content = RecordDict()
         if isinstance(proto, MaskingParty):
-            y, cts = proto.mask(vec, rnd=rnd, parties=parties, overwrite=True, bind=bind)
+            try:
+                y, cts = proto.mask(
+                    vec,
+                    rnd=rnd,
+                    parties=parties,
+                    keys=keys,
+                    neighbours=k,
+                    threshold=t,
+                    overwrite=True,
+                    bind=bind,
+                )
+            except MaskingError as exc:
+                raise SecAggClientError(str(exc)) from None
             content[wire.VECTOR] = wire.vector_record(y)
         else:
             context.state.array_records[wire.CACHE] = wire.vector_record(vec)
@@ -425,6 +440,78 @@ def _stage_context(
     return cfg, scenario, _party(context), SecAggSettings.from_scenario(scenario)
 
 
+def _masking_party(
+    context: Context,
+    party: int,
+    codec: FixedPointCodec,
+    session: bytes,
+    record: PartyRecord | None,
+) -> MaskingParty:
+    """The party's masking side for ``session``: its static key is its identity key's
+    (a roster party), else the random one it registered before, else a fresh one. The
+    last round it masked carries over, so no session change lets a round be masked twice."""
+    last, key = -1, None
+    rec = context.state.config_records.get(wire.STATE)
+    if rec is not None:
+        st = json.loads(str(rec["json"]))
+        if st.get("protocol") == "masking":
+            old = MaskingParty.from_state(st["party"], codec)
+            last, key = old.last_round, old.static_key
+    if record is not None:
+        key = dh_private(record.identity_key)
+    proto = MaskingParty(
+        party,
+        codec,
+        session,
+        key or fresh_static_key(),
+        repeat_rounds=record is not None and record.trust_server,
+    )
+    proto.last_round = last
+    return proto
+
+
+def _graph_settings(
+    cfg: ConfigRecord, scenario: Scenario | None, party: int, record: PartyRecord | None
+) -> tuple[int, int]:
+    """``(neighbours, threshold)`` of the masking graph: the party's own scenario's where
+    it has one (the server's must agree), else, or when it trusts the server, the server's."""
+    asked = (int(cfg[wire.PREFIX + "neighbours"]), int(cfg[wire.PREFIX + "threshold"]))
+    if scenario is None or (record is not None and record.trust_server):
+        return asked
+    own = (scenario.defense.secagg.neighbours, scenario.defense.secagg.threshold)
+    if asked != own:
+        raise RefusalError(
+            f"party {party}: the server asks for masking with (neighbours, threshold) = "
+            f"{asked}; my defense.secagg says {own}"
+        )
+    return own
+
+
+def _neighbour_keys(
+    cfg: ConfigRecord, proto: MaskingParty, hood: list[int], record: PartyRecord | None
+) -> dict[int, bytes]:
+    """The static keys of this round's neighbours: from the party's own roster, where it
+    holds one (a relayed key that differs is refused), else as the server relays them."""
+    try:
+        relayed = wire.unpack_cts(cfg, wire.PREFIX + "nb_")
+    except ValueError as exc:
+        raise SecAggClientError(f"party {proto.party}: {exc}") from None
+    if record is None or record.trust_server:
+        return relayed
+    keys = {}
+    for j in hood:
+        if j not in record.roster:
+            raise RefusalError(f"party {proto.party}: neighbour {j} is not on my roster")
+        keys[j] = dh_public(record.roster[j])
+        if j in relayed and relayed[j] != keys[j]:
+            raise RefusalError(
+                f"party {proto.party}: the server relayed a masking key for party {j} that "
+                "is not the one its identity key on my roster gives: a forged or altered key "
+                "directory"
+            )
+    return keys
+
+
 def handle_setup(
     msg: Message,
     context: Context,
@@ -432,7 +519,8 @@ def handle_setup(
     check_fn: Callable[..., None] | None = None,
     settings: SecAggSettings | None = None,
 ) -> Message:
-    """Key setup: ``advertise`` fresh keys, then (masking) ``keyshare`` the mask key."""
+    """Key setup (``advertise``): a fresh signed channel key (additive), or this party's
+    static masking key (masking; once per run)."""
     cfg, scenario, party, own = _stage_context(msg, context, settings)
     codec = own.codec
     stage = str(cfg[wire.PREFIX + "stage"])
@@ -446,43 +534,21 @@ def handle_setup(
                 dim=int(cfg[wire.PREFIX + "dim"]),
                 parties=record.min_parties if record else int(cfg[wire.PREFIX + "n"]),
             )
-        if protocol == "masking":
-            proto: Any = MaskingParty(party, codec, session)
-            keys = list(proto.public_keys)
-            out = ConfigRecord({"chan_pk": keys[0], "mask_pk": keys[1]})
-        else:
-            proto = AdditiveParty(party, codec, session)
-            keys = [proto.public_key]
-            out = ConfigRecord({"chan_pk": keys[0]})
         record = party_record(context)
+        if protocol == "masking":
+            proto: Any = _masking_party(context, party, codec, session, record)
+            out = ConfigRecord({"dh_pk": proto.public_key})
+            context.state.array_records.pop(wire.CACHE, None)
+            _save(context, proto, {"protocol": protocol, "session": session.hex()})
+            return Message(RecordDict({wire.PAYLOAD: out}), reply_to=msg)
+        proto = AdditiveParty(party, codec, session)
+        keys = [proto.public_key]
+        out = ConfigRecord({"chan_pk": keys[0]})
         if record is not None:
             out["sig"] = sign_keys(record.identity_key, session=session, party=party, keys=keys)
         context.state.array_records.pop(wire.CACHE, None)
         _save(context, proto, {"protocol": protocol, "session": session.hex(), "directory": {}})
         return Message(RecordDict({wire.PAYLOAD: out}), reply_to=msg)
-    if stage == "keyshare":
-        proto, st = _load(context, party, codec)
-        if st["session"] != session.hex() or not isinstance(proto, MaskingParty):
-            raise SecAggClientError(f"party {party}: keyshare for an epoch I did not advertise in")
-        ps = wire.ids(cfg[wire.PREFIX + "dir_parties"])
-        directory = {
-            p: (bytes(c), bytes(m))
-            for p, c, m in zip(
-                ps, cfg[wire.PREFIX + "dir_keys"], cfg[wire.PREFIX + "dir_mask_keys"], strict=True
-            )
-        }
-        k = int(cfg[wire.PREFIX + "neighbours"])
-        # Only the keys this party will use need their signatures checked: its
-        # neighbours' (every party's with all pairs), not the whole round's.
-        mine = {party, *neighbours_of(ps, k, party)} if party in ps else {party}
-        _check_directory(
-            cfg, directory, session=session, me=proto, record=party_record(context), only=mine
-        )
-        cts = proto.share_keys(
-            directory, threshold=int(cfg[wire.PREFIX + "threshold"]), neighbours=k
-        )
-        _save(context, proto, st)
-        return Message(RecordDict({wire.PAYLOAD: ConfigRecord(wire.pack_cts(cts))}), reply_to=msg)
     raise SecAggClientError(f"party {party}: unknown setup stage {stage!r}")
 
 
@@ -541,7 +607,7 @@ def handle_partial_sum(
 def handle_unmask(
     msg: Message, context: Context, *, settings: SecAggSettings | None = None
 ) -> Message:
-    """Masking: reveal self-mask shares of survivors and mask-key shares of dropped parties."""
+    """Masking: reveal self-mask shares of survivors and round seeds with dropped parties."""
     cfg, _, party, own = _stage_context(msg, context, settings)
     proto, st = _load(context, party, own.codec)
     rnd = int(cfg["server-round"])
@@ -556,7 +622,7 @@ def handle_unmask(
     payload = ConfigRecord(
         {
             **wire.pack_cts(rev["b"], "b_"),
-            **wire.pack_cts(rev["sk"], "sk_"),
+            **wire.pack_cts(rev["seed"], "seed_"),
             "bad_from": sorted(rev["bad"]),
             "bad_why": [rev["bad"][p] for p in sorted(rev["bad"])],
         }

@@ -18,6 +18,7 @@ from flwr.serverapp.strategy import (
     FedAdagrad,
     FedAdam,
     FedAvg,
+    FedAvgM,
     FedMedian,
     FedProx,
     FedTrimmedAvg,
@@ -37,6 +38,7 @@ from privfl.strategies.secure_aggregation import SecureAggregation
 # ``strategy.name`` -> Flower's class.
 BUILTIN_STRATEGIES: dict[str, type[Strategy]] = {
     "fedavg": FedAvg,
+    "fedavgm": FedAvgM,
     "fedprox": FedProx,
     "fedadam": FedAdam,
     "fedyogi": FedYogi,

@@ -14,11 +14,12 @@ privfl's own protocol is used rather than Flower's ``SecAggPlusWorkflow``: that 
 runs only with the legacy API, derives its masks from a 32-bit seeded Mersenne twister,
 and leaves every party's example count and metrics in plaintext.
 
-One file for the server's side of both protocols: the key epochs, the stage runner and
-the fault log they share are the strategy's state.
+One file for the server's side of both protocols: the key epochs (additive), the static
+keys (masking), the stage runner and the fault log they share are the strategy's state.
 
 Round trips per FL round: 2 (train + shares/masked input, then partial sums
-/ unmask); key setup adds 1 (additive) or 2 (masking) once per key epoch.
+/ unmask); key setup adds 1: once per key epoch (additive), or in a round where parties
+take part for the first time, for those parties only (masking).
 
 The strategy keeps no party's payload beyond the round that needs it. What the server
 receives is what its grid carries: a :class:`privfl.flower.transcript.RecordingGrid`
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 import numpy as np
@@ -46,7 +47,7 @@ from privfl.flower import side, wire
 from privfl.flower.update import with_delta
 from privfl.refusal import diverged_reason, refusal_reason
 from privfl.secagg.additive import AdditiveServer, RoundAbortedError
-from privfl.secagg.masking import MaskingError, MaskingServer
+from privfl.secagg.masking import MaskingError, MaskingServer, neighbourhoods
 from privfl.strategies.wrapper import StrategyWrapper, strategy_chain, weighted_by_key
 
 # Reply polling of stage exchanges: first wait, and the cap when the grid names none.
@@ -88,8 +89,8 @@ class SecureAggregation(StrategyWrapper):
         the neighbours each party masks with (0: all pairs; else an even k < parties of a
         round; the deterministic graph's caveat is in
         :func:`privfl.secagg.masking.neighbourhoods`). The protocol runs among the
-        parties ``inner`` asks to train each round: with parties sampled per round, each
-        new sample gets its own key setup and graph.
+        parties ``inner`` asks to train each round, on a graph over them: with parties
+        sampled per round, each sample gets its own graph, with no new keys.
     max_retries : int
         Additive: re-share rounds after a party drops out mid-round.
     timeout : float
@@ -156,6 +157,9 @@ class SecureAggregation(StrategyWrapper):
         self._global: ArrayRecord | None = None
         self._parties: list[int] = []
         self._epoch: dict[str, Any] | None = None
+        # Masking: the run's session and every registered party's static X25519 key.
+        self._session = os.urandom(16)
+        self._static: dict[int, bytes] = {}
 
     @classmethod
     def from_scenario(
@@ -258,80 +262,47 @@ class SecureAggregation(StrategyWrapper):
             out[self.party_of[node]] = msg.content
         return out
 
-    def _setup(self, server_round: int, parties: list[int]) -> None:
-        """Fresh keys for ``parties``; the epoch holds those that completed setup."""
+    def _advertise(self, server_round: int, parties: list[int], session: bytes) -> dict[int, Any]:
+        """The setup stage: each party's reply payload (its public keys)."""
         dim = sum(int(np.prod(a.shape)) for a in _started(self._global, "key setup").values())
-        while True:
-            session = os.urandom(16)
-            cfg = {
-                wire.PREFIX + "stage": "advertise",
-                wire.PREFIX + "session": session,
-                wire.PREFIX + "dim": dim,
-                wire.PREFIX + "n": len(parties),
-            }
-            got = self._exchange(
-                server_round,
-                "setup/advertise",
-                wire.SETUP,
-                {p: ConfigRecord(dict(cfg)) for p in parties},
+        cfg = {
+            wire.PREFIX + "stage": "advertise",
+            wire.PREFIX + "session": session,
+            wire.PREFIX + "dim": dim,
+            wire.PREFIX + "n": len(parties),
+        }
+        got = self._exchange(
+            server_round,
+            "setup/advertise",
+            wire.SETUP,
+            {p: ConfigRecord(dict(cfg)) for p in parties},
+        )
+        return {p: rec for p, c in got.items() if (rec := c.config_records.get(wire.PAYLOAD))}
+
+    def _setup(self, server_round: int, parties: list[int]) -> None:
+        """Additive: fresh signed channel keys for ``parties``; the epoch holds those that
+        completed setup."""
+        session = os.urandom(16)
+        keys, sigs = {}, {}
+        for p, rec in self._advertise(server_round, parties, session).items():
+            if "chan_pk" in rec:
+                keys[p] = bytes(rec["chan_pk"])
+                sigs[p] = bytes(rec.get("sig", b""))
+        ps = sorted(keys)
+        if len(ps) < 2:
+            raise SecureAggregationError(
+                f"round {server_round}: only parties {ps} completed key setup; need 2"
             )
-            keys, sigs = {}, {}
-            for p, c in got.items():
-                rec = c.config_records.get(wire.PAYLOAD)
-                if rec is not None and "chan_pk" in rec:
-                    keys[p] = (bytes(rec["chan_pk"]), bytes(rec.get("mask_pk", b"")))
-                    sigs[p] = bytes(rec.get("sig", b""))
-            ps = sorted(keys)
-            if len(ps) < 2:
-                raise SecureAggregationError(
-                    f"round {server_round}: only parties {ps} completed key setup; need 2"
-                )
-            epoch = {
-                "session": session,
-                "keys": keys,
-                "sigs": sigs,
-                "parties": ps,
-                "fresh": True,
-            }
-            if self.protocol == "additive":
-                self._epoch = epoch
-                return
-            dir_cfg = {
-                wire.PREFIX + "stage": "keyshare",
-                wire.PREFIX + "session": session,
-                wire.PREFIX + "dir_parties": wire.pack_ids(ps),
-                wire.PREFIX + "dir_keys": [keys[p][0] for p in ps],
-                wire.PREFIX + "dir_mask_keys": [keys[p][1] for p in ps],
-                wire.PREFIX + "dir_sigs": [sigs[p] for p in ps],
-                wire.PREFIX + "threshold": self.threshold,
-                wire.PREFIX + "neighbours": self.neighbours,
-            }
-            got = self._exchange(
-                server_round,
-                "setup/keyshare",
-                wire.SETUP,
-                {p: ConfigRecord(dict(dir_cfg)) for p in ps},
-            )
-            try:
-                sent = {p: wire.unpack_cts(got[p][wire.PAYLOAD]) for p in ps if p in got}
-            except (KeyError, ValueError):
-                sent = {}
-            if set(sent) == set(ps):
-                server = MaskingServer(
-                    self.codec,
-                    session,
-                    {p: keys[p] for p in ps},
-                    threshold=self.threshold,
-                    neighbours=self.neighbours,
-                )
-                inbox: dict[int, dict[int, bytes]] = {p: {} for p in ps}
-                for s, cts in sent.items():
-                    for r, ct in cts.items():
-                        inbox[r][s] = ct
-                epoch.update(server=server, inbox=inbox)
-                self._epoch = epoch
-                return
-            parties = sorted(sent)  # someone failed mid-setup: start over without it
+        self._epoch = {"session": session, "keys": keys, "sigs": sigs, "parties": ps, "fresh": True}
+
+    def _register(self, server_round: int, parties: list[int]) -> None:
+        """Masking: learn the static keys of parties not met before (once per party)."""
+        for p, rec in self._advertise(server_round, parties, self._session).items():
+            key = bytes(rec.get("dh_pk", b""))
+            if len(key) == 32:
+                self._static[p] = key
+            else:
+                self.fault(server_round, p, "setup", "excluded: no 32-byte static key")
 
     # ------------------------------------------------------------------ Strategy API
     def configure_train(
@@ -351,23 +322,18 @@ class SecureAggregation(StrategyWrapper):
                 f"round {server_round}: nodes {unknown} have no party index"
             )
         parties = sorted(self.party_of[m.metadata.dst_node_id] for m in msgs)
-        ep = self._epoch
-        # Masking keys one epoch per party set: with parties sampled per round, an epoch's
-        # members left out of a round would be unmasked as dropouts (their mask keys
-        # revealed), so a new sample gets fresh keys among itself only.
-        stale = set(parties) != set(ep["parties"]) if ep and self.protocol == "masking" else False
-        if ep is None or stale or not set(parties) <= set(ep["parties"]):
-            try:
-                self._setup(server_round, parties)
-            except SecureAggregationError as exc:
-                if self.on_failure == "raise":
-                    raise
-                self._epoch = None
-                self.fault(server_round, None, "setup", f"round skipped: {exc}")
-                return []
-            ep = self._epoch
-        ep = _started(ep, "the round's key epoch")
-        self._parties = [p for p in parties if p in ep["parties"]]
+        try:
+            extra = (
+                self._masking_round(server_round, parties)
+                if self.protocol == "masking"
+                else self._additive_round(server_round, parties)
+            )
+        except SecureAggregationError as exc:
+            if self.on_failure == "raise":
+                raise
+            self._epoch, self._parties = None, []
+            self.fault(server_round, None, "setup", f"round skipped: {exc}")
+            return []
         out = []
         for m in msgs:
             party = self.party_of[m.metadata.dst_node_id]
@@ -377,14 +343,8 @@ class SecureAggregation(StrategyWrapper):
             for key, value in self.message_config.items():
                 cfg.setdefault(key, value)
             cfg["server-round"] = server_round
-            cfg[wire.PREFIX + "session"] = ep["session"]
             cfg[wire.PREFIX + "parties"] = wire.pack_ids(self._parties)
-            if ep["fresh"] and self.protocol == "additive":
-                cfg[wire.PREFIX + "dir_parties"] = wire.pack_ids(ep["parties"])
-                cfg[wire.PREFIX + "dir_keys"] = [ep["keys"][p][0] for p in ep["parties"]]
-                cfg[wire.PREFIX + "dir_sigs"] = [ep["sigs"][p] for p in ep["parties"]]
-            if ep["fresh"] and self.protocol == "masking":
-                cfg.update(wire.pack_cts(ep["inbox"][party], wire.PREFIX + "ks_"))
+            cfg.update(extra(party))
             content = RecordDict({k: v for k, v in m.content.items() if k != "config"})
             content["config"] = cfg
             out.append(
@@ -395,9 +355,53 @@ class SecureAggregation(StrategyWrapper):
                     group_id=m.metadata.group_id or str(server_round),
                 )
             )
-        ep["fresh"] = False
         self.round_trips[server_round] = self.round_trips.get(server_round, 0) + 1
         return out
+
+    def _additive_round(
+        self, server_round: int, parties: list[int]
+    ) -> Callable[[int], dict[str, Any]]:
+        """Key setup when due; what each party's train message carries."""
+        ep = self._epoch
+        if ep is None or not set(parties) <= set(ep["parties"]):
+            self._setup(server_round, parties)
+        ep = _started(self._epoch, "the round's key epoch")
+        self._parties = [p for p in parties if p in ep["parties"]]
+        fresh, ep["fresh"] = ep["fresh"], False
+        directory = (
+            {
+                wire.PREFIX + "dir_parties": wire.pack_ids(ep["parties"]),
+                wire.PREFIX + "dir_keys": [ep["keys"][p] for p in ep["parties"]],
+                wire.PREFIX + "dir_sigs": [ep["sigs"][p] for p in ep["parties"]],
+            }
+            if fresh
+            else {}
+        )
+        return lambda party: {wire.PREFIX + "session": ep["session"], **directory}
+
+    def _masking_round(
+        self, server_round: int, parties: list[int]
+    ) -> Callable[[int], dict[str, Any]]:
+        """Register parties met for the first time; what each party's train message
+        carries: the session, the graph's settings and its neighbours' static keys."""
+        new = [p for p in parties if p not in self._static]
+        if new:
+            self._register(server_round, new)
+        self._parties = [p for p in parties if p in self._static]
+        if len(self._parties) < 2:
+            raise SecureAggregationError(
+                f"round {server_round}: only parties {self._parties} hold a static key; need 2"
+            )
+        graph = neighbourhoods(self._parties, self.neighbours)
+        common = {
+            wire.PREFIX + "session": self._session,
+            wire.PREFIX + "neighbours": self.neighbours,
+            wire.PREFIX + "threshold": self.threshold,
+        }
+        return lambda party: {
+            **common,
+            **wire.pack_cts({j: self._static[j] for j in graph[party]}, wire.PREFIX + "nb_"),
+        }
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -509,8 +513,13 @@ class SecureAggregation(StrategyWrapper):
     def _finish_masking(
         self, server_round: int, got: Mapping[int, RecordDict], dim: int
     ) -> tuple[np.ndarray, list[int]]:
-        ep = _started(self._epoch, "unmasking")
-        server: MaskingServer = ep["server"]
+        server = MaskingServer(
+            self.codec,
+            self._session,
+            self._parties,
+            threshold=self.threshold,
+            neighbours=self.neighbours,
+        )
         masked, self_mask_shares, commits = {}, {}, {}
         for p in self._parties:
             if p not in got:
@@ -535,7 +544,7 @@ class SecureAggregation(StrategyWrapper):
             if rec is not None and "commit" in rec:
                 commits[p] = bytes(rec["commit"])
         try:
-            survivors, dropped, routed = server.plan_unmask(masked, self_mask_shares, self._parties)
+            survivors, dropped, routed = server.plan_unmask(masked, self_mask_shares)
         except MaskingError as exc:
             raise SecureAggregationError(f"round {server_round}: {exc}") from exc
         cfgs = {
@@ -553,7 +562,10 @@ class SecureAggregation(StrategyWrapper):
         for p, c in got.items():
             rec = c.config_records.get(wire.PAYLOAD)
             try:
-                reveals[p] = {"b": wire.unpack_cts(rec, "b_"), "sk": wire.unpack_cts(rec, "sk_")}
+                reveals[p] = {
+                    "b": wire.unpack_cts(rec, "b_"),
+                    "seed": wire.unpack_cts(rec, "seed_"),
+                }
             except (ValueError, AttributeError):
                 self.fault(server_round, p, "unmask", "excluded: malformed unmask reply")
                 continue
@@ -564,7 +576,6 @@ class SecureAggregation(StrategyWrapper):
                     "unmask",
                     f"party {p} could not open its share of the self-mask seed: {why}",
                 )
-        server.faults.clear()
         try:
             total = server.unmask(
                 server_round, masked, survivors, dropped, reveals, commitments=commits
@@ -574,6 +585,4 @@ class SecureAggregation(StrategyWrapper):
         finally:
             for f in server.faults:
                 self.fault(server_round, f["party"], f["stage"], f["reason"])
-        if server.revealed:
-            self._epoch = None  # dropped parties' mask keys are known now: re-key
         return total, survivors

@@ -24,7 +24,8 @@ from privfl.dp import accounted_sampling_rate, distributed_noise, seed_secret
 from privfl.flower import wire
 from privfl.flower.loopback import LoopbackGrid
 from privfl.refusal import REFUSAL_CODE, refusal_reason
-from privfl.secagg.masking import MaskingError, MaskingParty, MaskingServer
+from privfl.secagg.channel import SecureChannel
+from privfl.secagg.masking import MaskingError, MaskingParty, MaskingServer, fresh_static_key
 from privfl.strategies.factory import aggregation_strategy
 from privfl.strategies.rounds import FederationRounds
 from privfl.strategies.secure_aggregation import SecureAggregation
@@ -248,16 +249,19 @@ def test_a_fault_after_partial_sums_skips_the_round_instead_of_isolating():
 def test_forged_key_directory_is_detected(protocol, trust):
     sc = _scenario(protocol=protocol, trust=trust)
     app = make_client_app(sc, secret=SECRET)
-    forged = MaskingParty(9, None, b"x").public_keys[0]  # a key the server holds
+    forged = SecureChannel(9, b"x").public_key  # a key the server holds
+    # Additive: the signed channel keys of the epoch's first train message; masking: the
+    # neighbours' static keys relayed with every train message.
+    field = wire.PREFIX + ("dir_keys" if protocol == "additive" else "nb_cts")
 
     def forge(msg):
         cfg = msg.content.config_records.get("config")
-        if cfg is not None and wire.PREFIX + "dir_keys" in cfg and msg.metadata.dst_node_id == 100:
+        if cfg is not None and field in cfg and msg.metadata.dst_node_id == 100:
             msg = Message(copy.deepcopy(msg.content), metadata=msg.metadata)
             cfg = msg.content["config"]
-            keys = list(cfg[wire.PREFIX + "dir_keys"])
-            keys[1] = forged  # party 0 is told party 1's channel key is the server's
-            cfg[wire.PREFIX + "dir_keys"] = keys
+            keys = list(cfg[field])
+            keys[1 if protocol == "additive" else 0] = forged  # party 0 is told party 1's key
+            cfg[field] = keys
         return msg
 
     grid = TamperGrid(app, NODES, on_send=forge)
@@ -266,38 +270,34 @@ def test_forged_key_directory_is_detected(protocol, trust):
     if trust:
         # Party 0 seals its share for party 1 under the server's key: the protocol breaks
         # only because this test does not re-encrypt in the middle; nothing notices why.
-        assert not any("signed" in f["reason"] for f in faults)
+        assert not any("forged" in f["reason"] for f in faults)
         return
-    (f,) = [f for f in faults if f["party"] == 0 and "not signed" in f["reason"]]
-    assert "forged or altered key directory" in f["reason"]
+    (f,) = [f for f in faults if f["party"] == 0 and "forged or altered" in f["reason"]]
+    assert "refused" in f["reason"]
 
 
 @pytest.mark.parametrize("forged_party, refused", [(1, True), (3, False)])
-def test_a_party_checks_the_signatures_of_the_keys_it_uses(forged_party, refused):
-    # 7 parties, 2 neighbours each: party 0 masks with parties 1 and 6 only. A forged
-    # entry of a neighbour is refused; one of a party it never uses cannot hurt it.
+def test_a_party_takes_its_neighbours_masking_keys_from_its_roster(forged_party, refused):
+    # 7 parties, 2 neighbours each: party 0 masks with parties 1 and 6 only. A forged key
+    # of a neighbour is refused; one of a party it never uses is never read.
     sc = _scenario(protocol="masking", parties=7, min_parties=3).replace(
         ["defense.secagg.neighbours=2", "defense.secagg.threshold=2"]
     )
     app = make_client_app(sc, secret=SECRET)
-    forged = MaskingParty(9, None, b"x").public_keys[1]
+    forged = SecureChannel(9, b"x").public_key
 
     def forge(msg):
         cfg = msg.content.config_records.get("config")
-        if (
-            cfg is not None
-            and wire.PREFIX + "dir_mask_keys" in cfg
-            and msg.metadata.dst_node_id == 100
-        ):
+        if cfg is not None and wire.PREFIX + "nb_cts" in cfg and msg.metadata.dst_node_id == 100:
             msg = Message(copy.deepcopy(msg.content), metadata=msg.metadata)
             cfg = msg.content["config"]
-            keys = list(cfg[wire.PREFIX + "dir_mask_keys"])
-            keys[forged_party] = forged
-            cfg[wire.PREFIX + "dir_mask_keys"] = keys
+            relayed = wire.unpack_cts(cfg, wire.PREFIX + "nb_")
+            relayed[forged_party] = forged
+            cfg.update(wire.pack_cts(relayed, wire.PREFIX + "nb_"))
         return msg
 
     strat, _ = _run(sc, TamperGrid(app, _nodes(sc), on_send=forge), rounds=1)
-    party0 = [f for f in strat.faults.get(1, []) if f["party"] == 0 and "signed" in f["reason"]]
+    party0 = [f for f in strat.faults.get(1, []) if f["party"] == 0 and "forged" in f["reason"]]
     assert bool(party0) == refused
     if not refused:
         assert strat.included[1] == list(range(7))
@@ -311,7 +311,7 @@ def test_a_lowered_masking_threshold_is_refused(trust):
 
     def lower(msg):
         cfg = msg.content.config_records.get("config")
-        if cfg is not None and cfg.get(wire.PREFIX + "stage") == "keyshare":
+        if cfg is not None and wire.PREFIX + "threshold" in cfg:
             msg = Message(copy.deepcopy(msg.content), metadata=msg.metadata)
             msg.content["config"][wire.PREFIX + "threshold"] = 1
         return msg
@@ -322,7 +322,7 @@ def test_a_lowered_masking_threshold_is_refused(trust):
         assert "threshold" not in reasons
         assert strat.included[1] == [0, 1, 2]
         return
-    assert "mask-key sharing with threshold 1 and 0 neighbours refused" in reasons
+    assert "masking with threshold 1 and 0 neighbours refused" in reasons
     assert getattr(strat, "included", {}).get(1, []) == []  # nothing summed, nothing released
 
 
@@ -428,25 +428,25 @@ def _masking_round(n=5, threshold=3):
 
     codec = FixedPointCodec(ring_bits=32, frac_bits=8, clip_range=4.0)
     session = b"s" * 16
-    parties = {p: MaskingParty(p, codec, session) for p in range(n)}
-    directory = {p: q.public_keys for p, q in parties.items()}
-    sent = {
-        p: q.share_keys(directory, threshold=threshold, neighbours=0) for p, q in parties.items()
+    parties = {p: MaskingParty(p, codec, session, fresh_static_key()) for p in range(n)}
+    graph = {
+        "parties": list(range(n)),
+        "keys": {p: q.public_key for p, q in parties.items()},
+        "neighbours": 0,
+        "threshold": threshold,
     }
-    for r, q in parties.items():
-        q.receive_keyshares({s: cts[r] for s, cts in sent.items() if r in cts})
-    server = MaskingServer(codec, session, directory, threshold=threshold, neighbours=0)
+    server = MaskingServer(codec, session, list(range(n)), threshold=threshold, neighbours=0)
     xs = {p: codec.encode(np.full(4, 0.1 * (p + 1)), weight=1.0, parties=n) for p in parties}
     masked, bsh, commits = {}, {}, {}
     for p, q in parties.items():
-        masked[p], bsh[p] = q.mask(xs[p], rnd=1)
+        masked[p], bsh[p] = q.mask(xs[p], rnd=1, **graph)
         commits[p] = q.last_commitment
     return codec, parties, server, masked, bsh, commits, xs
 
 
 def test_corrupted_share_with_exactly_t_shares_is_detected_not_silent():
     _codec, parties, server, masked, bsh, commits, _xs = _masking_round(n=3, threshold=3)
-    S, D, routed = server.plan_unmask(masked, bsh, [0, 1, 2])
+    S, D, routed = server.plan_unmask(masked, bsh)
     reveals = {p: parties[p].unmask(rnd=1, survivors=S, dropped=D, incoming=routed[p]) for p in S}
     share = bytearray(reveals[2]["b"][0])
     share[-1] ^= 1
@@ -457,7 +457,7 @@ def test_corrupted_share_with_exactly_t_shares_is_detected_not_silent():
 
 def test_corrupted_share_with_redundancy_is_attributed_and_the_sum_recovered():
     codec, parties, server, masked, bsh, commits, xs = _masking_round(n=5, threshold=3)
-    S, D, routed = server.plan_unmask(masked, bsh, list(range(5)))
+    S, D, routed = server.plan_unmask(masked, bsh)
     reveals = {p: parties[p].unmask(rnd=1, survivors=S, dropped=D, incoming=routed[p]) for p in S}
     share = bytearray(reveals[4]["b"][0])
     share[-1] ^= 1

@@ -60,8 +60,7 @@ def test_accepted_settings_build_the_graph_they_describe():
         m = sec.neighbourhood_size(parties)
         assert all(len(v) + 1 == m for v in graph.values())
         codec = FixedPointCodec.from_section(sec)
-        directory = {i: (b"", b"") for i in range(parties)}
-        server = MaskingServer(codec, b"s", directory, threshold=t, neighbours=k)
+        server = MaskingServer(codec, b"s", list(range(parties)), threshold=t, neighbours=k)
         assert 1 <= server.threshold <= m
 
 

@@ -1,4 +1,4 @@
-"""Channel (X25519 + HKDF + AES-GCM), AES-CTR PRG and Shamir sharing."""
+"""Channel (X25519 + HKDF + AES-GCM), static masking keys, AES-CTR PRG and Shamir sharing."""
 
 from __future__ import annotations
 
@@ -6,13 +6,15 @@ import os
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
 from privfl.flower import wire
 from privfl.secagg import prg, shamir
-from privfl.secagg.channel import ChannelError, SecureChannel
+from privfl.secagg.channel import ChannelError, SecureChannel, exchange, public_bytes
+from privfl.secagg.identity import IdentityError, dh_private, dh_public, public_identity
 
 SESSION = b"s" * 16
 
@@ -83,6 +85,20 @@ def test_channel_state_roundtrip_keeps_replay_protection_and_nonces():
     assert b.open(0, a.public_key, ct2, rnd=1, stage="x") == b"y"
 
 
+def test_identity_keys_read_as_x25519_keys_agree_on_one_pair_secret():
+    # The static masking key of a party is its Ed25519 identity key on the Montgomery
+    # curve: its public half follows from the roster's entry alone.
+    for _ in range(50):
+        a, b = os.urandom(32), os.urandom(32)
+        pa = public_bytes(X25519PrivateKey.from_private_bytes(dh_private(a)))
+        assert pa == dh_public(public_identity(a))
+        assert exchange(dh_private(a), dh_public(public_identity(b))) == exchange(dh_private(b), pa)
+    with pytest.raises(IdentityError, match="32 bytes"):
+        dh_public(b"short")
+    with pytest.raises(IdentityError, match="neutral point"):
+        dh_public((1).to_bytes(32, "little"))
+
+
 def test_prg_deterministic_and_uniform():
     seed = os.urandom(32)
     a = prg.expand(seed, 100_000, 62)
@@ -141,6 +157,21 @@ def test_shamir_t_minus_one_shares_reveal_nothing_about_low_bits():
     # the secret: compare share parity for two very different secrets.
     par = [shamir.share(s, [1, 2], 2)[1] & 1 for s in [0] * 400 + [12345] * 400]
     assert 120 < sum(par[:400]) < 280 and 120 < sum(par[400:]) < 280
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.binary(min_size=1, max_size=32), st.integers(1, 16), st.data())
+def test_shamir_points_off_the_polynomial_are_told_from_those_on_it(secret, t, data):
+    xs = data.draw(st.lists(st.integers(1, 5000), min_size=t + 4, max_size=t + 4, unique=True))
+    shares = shamir.share_bytes(secret, xs, t)
+    base = {x: shares[x] for x in xs[:t]}
+    others = {x: shares[x] for x in xs[t:]}
+    assert shamir.on_polynomial(base, others) == dict.fromkeys(others, True)
+    bad = data.draw(st.sampled_from(xs[t:]))
+    flipped = bytearray(others[bad])
+    flipped[-1] ^= 1
+    verdict = shamir.on_polynomial(base, {**others, bad: bytes(flipped)})
+    assert verdict == {x: x != bad for x in others}
 
 
 def test_shamir_bad_arguments():

@@ -139,8 +139,7 @@ def test_two_rounds_exact_and_two_round_trips(protocol):
     start = {k: np.full(s, 0.25) for k, s in SHAPES.items()}
     a1 = _check_round(spy, 1, [0, 1, 2], start, 3)
     _check_round(spy, 2, [0, 1, 2], a1, 3)
-    setup = 1 if protocol == "additive" else 2
-    assert strat.round_trips == {1: 2 + setup, 2: 2}
+    assert strat.round_trips == {1: 2 + 1, 2: 2}  # key setup once, in the first round
     assert not grid.errors
 
 
@@ -180,20 +179,33 @@ def test_curious_read_sees_an_unprotected_vector():
     assert curious_read(RecordDict({}), template, sc) is None
 
 
-def test_masking_recovers_from_drops_and_rekeys():
-    dropped_train = {103}
+def test_masking_recovers_from_drops_with_the_same_keys():
+    trains = []  # the round is told by the train messages sent so far, six a round
 
     def drop(node, mtype):
-        if mtype == "train" and node in dropped_train:
-            return True
-        return mtype == wire.UNMASK and node == 101  # sends input, then vanishes
+        if mtype == "train":
+            trains.append(node)
+            return node == 103 and len(trains) <= 6  # round 1: never sends its input
+        return mtype == wire.UNMASK and node == 101 and len(trains) > 6  # round 2: vanishes
 
     strat, spy, _, _ = _run("masking", 6, rounds=2, drop=drop, threshold=4)
     start = {k: np.full(s, 0.25) for k, s in SHAPES.items()}
-    survivors = [0, 1, 2, 4, 5]
-    a1 = _check_round(spy, 1, survivors, start, 6)
-    _check_round(spy, 2, survivors, a1, 6)
-    assert strat.round_trips[2] == 2 + 2  # party 3's mask key was revealed: re-key
+    a1 = _check_round(spy, 1, [0, 1, 2, 4, 5], start, 6)
+    _check_round(spy, 2, [0, 1, 2, 3, 4, 5], a1, 6)
+    # Party 3's round-1 seeds were revealed, no key: it is back in round 2 without setup.
+    assert strat.round_trips == {1: 3, 2: 2}
+
+
+def test_masking_skips_a_round_whose_dropped_partys_seed_left_with_its_neighbour():
+    # Party 3 never sends input and party 1, its neighbour, falls silent before revealing
+    # its round seed with 3: no one else holds it, so the round releases nothing.
+    def drop(node, mtype):
+        return (mtype, node) in {("train", 103), (wire.UNMASK, 101)}
+
+    strat, spy, _, _ = _run("masking", 6, rounds=1, drop=drop, threshold=4)
+    assert spy.seen == []
+    (fault,) = [f for f in strat.faults[1] if f["stage"] == "aggregate"]
+    assert re.search(r"round skipped.*party 1 did not answer.*dropped party 3", fault["reason"])
 
 
 def test_masking_refuses_below_threshold():
@@ -409,7 +421,7 @@ def test_stages_poll_push_pull_grids_until_every_reply(protocol):
     )
     start = {k: np.full(s, 0.25) for k, s in SHAPES.items()}
     _check_round(spy, 1, [0, 1, 2], start, 3)
-    stages = 2 if protocol == "additive" else 3  # setup stage(s) + the round's second stage
+    stages = 2  # the setup stage + the round's second stage
     assert grid.pulls == stages * 4  # three empty pulls, then all replies at once
 
 

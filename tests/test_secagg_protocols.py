@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -17,7 +19,7 @@ from privfl.secagg import (
     RoundAbortedError,
     neighbourhoods,
 )
-from privfl.secagg.masking import neighbours_of
+from privfl.secagg.masking import fresh_static_key, neighbours_of
 
 CODEC = FixedPointCodec(clip_range=4.0, frac_bits=20, ring_bits=62)
 SESSION = b"session-0123456789"
@@ -137,16 +139,30 @@ def test_additive_state_roundtrip():
 # ----------------------------------------------------------------------- masking
 
 
+class _Party:
+    """A MaskingParty with its round's graph (parties, static keys, k, t) filled in."""
+
+    def __init__(self, party, graph):
+        self.p, self.graph = party, graph
+
+    def mask(self, enc, *, rnd, **kw):
+        return self.p.mask(enc, rnd=rnd, **self.graph, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.p, name)
+
+
 def _masking_setup(n, threshold=0, k=0, codec=CODEC):
-    parties = {i: MaskingParty(i, codec, SESSION) for i in range(n)}
-    directory = {i: p.public_keys for i, p in parties.items()}
-    sent = {
-        i: p.share_keys(directory, threshold=threshold, neighbours=k) for i, p in parties.items()
+    ids = list(range(n))
+    raw = {i: MaskingParty(i, codec, SESSION, fresh_static_key()) for i in ids}
+    graph = {
+        "parties": ids,
+        "keys": {i: p.public_key for i, p in raw.items()},
+        "neighbours": k,
+        "threshold": threshold,
     }
-    for i, p in parties.items():
-        p.receive_keyshares({s: sent[s][i] for s in sent if i in sent[s]})
-    server = MaskingServer(codec, SESSION, directory, threshold=threshold, neighbours=k)
-    return parties, server
+    server = MaskingServer(codec, SESSION, ids, threshold=threshold, neighbours=k)
+    return {i: _Party(p, graph) for i, p in raw.items()}, server
 
 
 def _masking_round(parties, server, enc, rnd=1, drop_input=(), drop_unmask=(), overwrite=False):
@@ -156,7 +172,7 @@ def _masking_round(parties, server, enc, rnd=1, drop_input=(), drop_unmask=(), o
         if i in drop_input:
             continue
         masked[i], bsh[i] = parties[i].mask(enc[i], rnd=rnd, overwrite=overwrite)
-    S, D, routed = server.plan_unmask(masked, bsh, ids)
+    S, D, routed = server.plan_unmask(masked, bsh)
     reveals = {
         i: parties[i].unmask(rnd=rnd, survivors=S, dropped=D, incoming=routed[i])
         for i in S
@@ -189,22 +205,95 @@ def test_masking_in_place_masks_the_callers_vector_and_sums_alike():
     assert np.array_equal(CODEC.decode(total), want)
 
 
-def test_masking_survives_up_to_n_minus_t_drops_mid_round():
+def test_masking_survives_drops_before_and_after_the_masked_input():
     n, t, dim = 7, 4, 300
     xs, ws = _inputs(n, dim, seed=1)
     enc = {i: CODEC.encode(xs[i], weight=ws[i], parties=n) for i in range(n)}
     parties, server = _masking_setup(n, threshold=t)
-    # Two drop before sending input, one more after sending it (n - t = 3 in all).
-    total, S, _ = _masking_round(parties, server, enc, drop_input={1, 5}, drop_unmask={3})
-    assert S == [0, 2, 3, 4, 6]
+    # Three drop before sending input (n - t): the survivors reveal their round seeds with
+    # them, and only those.
+    total, S, _ = _masking_round(parties, server, enc, drop_input={1, 5, 6})
+    assert S == [0, 2, 3, 4]
     want = _plain([xs[i] for i in S], [ws[i] for i in S])
     assert np.max(np.abs(CODEC.decode(total) - want)) < n * 2.0**-20
-    assert server.revealed == {1, 5}
-    # Next round with the same keys (1 and 5 still away) also recovers.
-    total2, S2, _ = _masking_round(parties, server, enc, rnd=2, drop_input={1, 5})
-    assert S2 == [0, 2, 3, 4, 6]
+    # Next round, same static keys, no re-keying: 1 and 5 are back, 6 is still away.
+    total2, S2, _ = _masking_round(parties, server, enc, rnd=2, drop_input={6})
     want2 = _plain([xs[i] for i in S2], [ws[i] for i in S2])
+    assert S2 == [0, 1, 2, 3, 4, 5]
     assert np.max(np.abs(CODEC.decode(total2) - want2)) < n * 2.0**-20
+    # Three send their input and then fall silent: their self masks come from t shares.
+    total3, S3, _ = _masking_round(parties, server, enc, rnd=3, drop_unmask={0, 2, 4})
+    assert list(range(n)) == S3
+    assert np.max(np.abs(CODEC.decode(total3) - _plain(xs, ws))) < n * 2.0**-20
+
+
+def test_masking_fails_loudly_when_a_dropped_partys_seed_died_with_its_neighbour():
+    # Party 1 never sent input; survivor 3 then fell silent before revealing its round seed
+    # with 1, which no one else holds: no wrong sum, an error that names both.
+    n, dim = 7, 40
+    xs, ws = _inputs(n, dim, seed=2)
+    enc = {i: CODEC.encode(xs[i], weight=ws[i], parties=n) for i in range(n)}
+    parties, server = _masking_setup(n, threshold=4)
+    with pytest.raises(MaskingError, match=r"party 3 did not answer.*dropped party 1"):
+        _masking_round(parties, server, enc, drop_input={1}, drop_unmask={3})
+
+
+def test_revealed_round_seeds_serve_their_round_only():
+    parties, server = _masking_setup(4, threshold=3)
+    enc = CODEC.encode(np.zeros(16), parties=4)
+    masked, bsh = {}, {}
+    for i in (0, 1, 3):
+        masked[i], bsh[i] = parties[i].mask(enc, rnd=1)
+    S, D, routed = server.plan_unmask(masked, bsh)
+    assert (S, D) == ([0, 1, 3], [2])
+    rv = parties[0].unmask(rnd=1, survivors=S, dropped=D, incoming=routed[0])
+    assert set(rv["seed"]) == {2} and set(rv["b"]) == {0, 1, 3}  # a seed or a share, never both
+    keys = parties[0].graph["keys"]
+    (_, (seed_r1, _)) = parties[0].mask_seeds(1, {2: keys[2]}, b"")
+    (_, (seed_r2, _)) = parties[0].mask_seeds(2, {2: keys[2]}, b"")
+    assert rv["seed"][2] == seed_r1 != seed_r2
+    # Party 2 derives the same seed from its side of the pair.
+    assert parties[2].mask_seeds(1, {0: keys[0]}, b"")[1] == (seed_r1, -1)
+
+
+def test_masking_party_masks_a_round_once_unless_it_trusts_the_server():
+    parties, _ = _masking_setup(3)
+    enc = CODEC.encode(np.zeros(8), parties=3)
+    parties[0].mask(enc, rnd=4)
+    for rnd in (4, 3):
+        with pytest.raises(MaskingError, match=rf"already masked round 4; refusing round {rnd}"):
+            parties[0].mask(enc, rnd=rnd)
+    trusting = MaskingParty(0, CODEC, SESSION, fresh_static_key(), repeat_rounds=True)
+    graph = {**parties[0].graph, "keys": parties[0].graph["keys"]}
+    trusting.mask(enc, rnd=4, **graph)
+    trusting.mask(enc, rnd=4, **graph)
+
+
+def test_masking_party_state_roundtrip_mid_round():
+    n, dim = 4, 30
+    xs, ws = _inputs(n, dim, seed=4)
+    enc = {i: CODEC.encode(xs[i], weight=ws[i], parties=n) for i in range(n)}
+    parties, server = _masking_setup(n)
+    masked, bsh = {}, {}
+    for i in range(n):
+        masked[i], bsh[i] = parties[i].mask(enc[i], rnd=1)
+    for i in range(n):  # every party restored from its JSON state between the stages
+        restored = MaskingParty.from_state(json.loads(json.dumps(parties[i].to_state())), CODEC)
+        parties[i] = _Party(restored, parties[i].graph)
+    S, D, routed = server.plan_unmask(masked, bsh)
+    reveals = {i: parties[i].unmask(rnd=1, survivors=S, dropped=D, incoming=routed[i]) for i in S}
+    total = server.unmask(1, masked, S, D, reveals)
+    assert np.max(np.abs(CODEC.decode(total) - _plain(xs, ws))) < n * 2.0**-20
+    with pytest.raises(MaskingError, match="already masked round 1"):
+        parties[0].mask(enc[0], rnd=1)
+
+
+def test_masking_party_needs_every_neighbours_key():
+    parties, _ = _masking_setup(4, k=2)
+    graph = parties[0].graph
+    keys = {j: v for j, v in graph["keys"].items() if j != 3}
+    with pytest.raises(MaskingError, match=r"no static key for neighbours \[3\]"):
+        parties[0].p.mask(CODEC.encode(np.zeros(4), parties=4), rnd=1, **{**graph, "keys": keys})
 
 
 def test_masking_refuses_below_threshold():
@@ -235,7 +324,7 @@ def test_masking_detects_corrupted_share():
     masked, bsh = {}, {}
     for i in range(n):
         masked[i], bsh[i] = parties[i].mask(enc[i], rnd=1)
-    S, D, routed = server.plan_unmask(masked, bsh, list(range(n)))
+    S, D, routed = server.plan_unmask(masked, bsh)
     reveals = {i: parties[i].unmask(rnd=1, survivors=S, dropped=D, incoming=routed[i]) for i in S}
     reveals[4]["b"][0] = bytes(len(reveals[4]["b"][0]) - 1) + b"\x01"
     with pytest.raises(

@@ -12,7 +12,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, Strategy
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, Strategy
 
 from privfl.clients import (
     SecAggSettings,
@@ -119,6 +119,12 @@ def test_default_is_fedavg_and_keys_are_keyword_arguments():
     assert Scenario.from_json(sc.to_json()).strategy.options == {"eta": 0.05, "beta_1": 0.8}
     prox = strategy_chain(build_strategy(_scenario({"name": "fedprox", "proximal_mu": 0.1}), NODES))
     assert isinstance(prox[-1], FedProx) and prox[-1].proximal_mu == 0.1
+    sc = _scenario(
+        {"name": "fedavgm", "server_momentum": 0.9},
+        defense={"secure_aggregation": "masking", "dp": {"mode": "distributed", "epsilon": 3.0}},
+    )
+    avgm = strategy_chain(build_strategy(sc, NODES))
+    assert isinstance(avgm[-1], FedAvgM) and avgm[-1].server_momentum == 0.9
 
 
 def test_plugin_class_is_built_under_the_wrappers():
@@ -306,10 +312,12 @@ class ConfigGrid(LoopbackGrid):
         return replies
 
 
-def test_plain_flower_app_trains_fedadam_under_secure_aggregation_and_dp():
-    # No privfl scenario anywhere: both sides are built with explicit parameters.
+@pytest.mark.parametrize("protocol", ["additive", "masking"])
+def test_plain_flower_app_trains_fedadam_under_secure_aggregation_and_dp(protocol):
+    # No privfl scenario anywhere: both sides are built with explicit parameters. Without
+    # a roster a masking party registers a random static key of its own.
     codec = FixedPointCodec(clip_range=4.0, frac_bits=20, ring_bits=62)
-    party_settings = SecAggSettings(protocol="additive", codec=codec, equal_weights=True)
+    party_settings = SecAggSettings(protocol=protocol, codec=codec, equal_weights=True)
     adam = SpyFedAdam(
         fraction_evaluate=0.0, min_available_nodes=3, min_train_nodes=3, eta=0.3, tau=1e-2
     )
@@ -324,7 +332,7 @@ def test_plain_flower_app_trains_fedadam_under_secure_aggregation_and_dp():
     strategy = SecureAggregation(
         dp,
         party_of=NODES,
-        protocol="additive",
+        protocol=protocol,
         codec=codec,
         release_train_loss=False,
     )
@@ -355,6 +363,8 @@ def test_plain_flower_app_trains_fedadam_under_secure_aggregation_and_dp():
     # the server never held a party's weights: only protocol payloads
     assert grid.received and all("arrays" not in c for c in grid.received)
     assert not grid.errors
+    setup = [c for c in grid.configs if c.get("privfl.secagg.stage") == "advertise"]
+    assert len(setup) == 3  # key setup once per party, in the first round
 
 
 def test_dp_adds_noise_before_the_server_optimiser():

@@ -76,7 +76,7 @@ ADDITIVE_MAX = 30
 ADDITIVE_WHY = (
     f"additive: not run above {ADDITIVE_MAX} parties per round: each party sends a share "
     "of its whole update to every other party of the round (n x the model per party per "
-    "round), which masking does with one masked update plus O(log n) key shares"
+    "round), which masking does with one masked update plus O(log n) self-mask shares"
 )
 FLOWER_FEW = "flower-secagg+: not run below 3 parties per round (SecAgg+ needs num_shares > 2)"
 SECRET = bytes(range(32))  # the simulated parties' lab secret: fixed, so reruns agree

@@ -42,7 +42,7 @@ from privfl.fixedpoint import FixedPointCodec
 from privfl.flower.loopback import LoopbackGrid
 from privfl.runner import resolve, run_scenario
 from privfl.secagg import prg
-from privfl.secagg.masking import MaskingParty
+from privfl.secagg.masking import MaskingParty, fresh_static_key
 from privfl.strategies.secure_aggregation import SecureAggregation
 
 
@@ -156,11 +156,11 @@ def _kernel_timing(dim: int, n: int, reps: int, ring_bits: int) -> dict[str, flo
     codec = FixedPointCodec(
         clip_range=4.0, frac_bits=12 if ring_bits <= 32 else 20, ring_bits=ring_bits
     )
-    parties = {i: MaskingParty(i, codec, b"bench-session-01") for i in range(n)}
-    directory = {i: p.public_keys for i, p in parties.items()}
-    sent = {i: p.share_keys(directory, threshold=0, neighbours=0) for i, p in parties.items()}
-    for i, p in parties.items():
-        p.receive_keyshares({s: sent[s][i] for s in sent if i in sent[s]})
+    sks = {i: fresh_static_key() for i in range(n)}
+    keys = {i: MaskingParty(i, codec, b"bench-session-01", sk).public_key for i, sk in sks.items()}
+    p0 = MaskingParty(0, codec, b"bench-session-01", sks[0])
+    ps = list(range(n))
+    nb_keys = {j: keys[j] for j in ps if j != 0}
     x = np.random.default_rng(0).normal(0, 0.01, dim)
     seed = os.urandom(32)
     item = codec.dtype.itemsize
@@ -173,29 +173,29 @@ def _kernel_timing(dim: int, n: int, reps: int, ring_bits: int) -> dict[str, flo
         return {"weight": 100.0, "parties": n, "rng": np.random.default_rng(1)}
 
     enc = codec.encode(x, **kw())
-    p0, rnd = parties[0], iter(range(1, 10_000_000))
-    active = p0.neighbours
+    rnd = iter(range(1, 10_000_000))
+    graph = {"parties": ps, "keys": nb_keys, "neighbours": 0, "threshold": 0}
 
     def mask_reference() -> None:
-        seeds = p0.mask_seeds(next(rnd), active, os.urandom(32))
+        seeds = p0.mask_seeds(next(rnd), nb_keys, os.urandom(32))
         prg.accumulate_reference(enc, seeds, ring_bits)
 
     def mask_kernel() -> None:
-        seeds = p0.mask_seeds(next(rnd), active, os.urandom(32))
+        seeds = p0.mask_seeds(next(rnd), nb_keys, os.urandom(32))
         prg.accumulate(np.empty_like(enc), seeds, ring_bits, base=enc)
 
     def encode_and_mask() -> None:  # as the client mod does: mask the encoding in place
-        p0.mask(codec.encode(x, **kw()), rnd=next(rnd), overwrite=True)
+        p0.mask(codec.encode(x, **kw()), rnd=next(rnd), overwrite=True, **graph)
 
     return {
-        "expansions": len(active) + 1,
+        "expansions": len(nb_keys) + 1,
         "floor": _best(floor, reps),
         "floor_alloc": _best(lambda: prg.keystream(seed, item * dim), reps),
         "encode_ref": _best(lambda: codec.encode_reference(x, **kw()), reps),
         "encode": _best(lambda: codec.encode(x, **kw()), reps),
         "mask_ref": _best(mask_reference, reps),
         "mask_kernel": _best(mask_kernel, reps),
-        "mask": _best(lambda: p0.mask(enc, rnd=next(rnd)), reps),
+        "mask": _best(lambda: p0.mask(enc, rnd=next(rnd), **graph), reps),
         "encode_mask": _best(encode_and_mask, reps),
     }
 

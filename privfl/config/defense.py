@@ -223,7 +223,9 @@ class SecAggSection:
 
         Fixes an automatic ``neighbours`` to :meth:`log_neighbours`, and an automatic
         ``threshold`` that dropouts would not let neighbourhoods reach to
-        :meth:`dropout_threshold` (never below a majority of the neighbourhood).
+        :meth:`dropout_threshold`, never to ``t <= (m + 1) / 2``: a server that tells
+        parties different survivor sets could then have both a party's self-mask seed and
+        all its round seeds revealed (see :mod:`privfl.secagg.masking`).
         """
         sc = scenario.scenario
         n = sc.per_round(scenario.data.parties)
@@ -252,21 +254,21 @@ class SecAggSection:
                 f"got {self.threshold}",
             )
         # Dropouts at or after the masked inputs need t survivors in every neighbourhood;
-        # earlier ones only restart key setup.
+        # earlier ones (key setup) only leave the party out of that round.
         rate = sc.dropout_rate if sc.dropout_stage in ("train", "unmask") else 0.0
         if not rate:
             return
-        reach, majority = self.dropout_threshold(m, rate), m // 2 + 1
+        reach, floor_t = self.dropout_threshold(m, rate), (m + 3) // 2
         t = self.threshold or (2 * m) // 3 + 1
-        if not self.threshold and t > reach >= majority:
+        if not self.threshold and t > reach >= floor_t:
             object.__setattr__(self, "threshold", reach)
         elif t > reach:
-            fix = "lower it" if self.threshold and reach >= majority else "raise neighbours"
+            fix = "lower it" if self.threshold and reach >= floor_t else "raise neighbours"
             _fail(
                 f"{key}.threshold",
                 f"{t} of a neighbourhood of {m} cannot be reached with scenario.dropout_rate "
                 f"= {rate:g} (expected survivors less one standard deviation: {reach}, a "
-                f"majority is {majority}); {fix}, parties_per_round or lower the dropout rate",
+                f"safe floor is {floor_t}); {fix}, parties_per_round or lower the dropout rate",
             )
 
 

@@ -94,8 +94,8 @@ class Scenario:
             _fail(
                 "strategy.name",
                 f"{self.strategy.name!r} ranks single updates, but with "
-                f"defense.secure_aggregation = {sa!r} the server only ever sees their sum; "
-                "use a mean-based strategy (fedavg, fedprox, fedadam, fedyogi, fedadagrad)",
+                f"defense.secure_aggregation = {sa!r} the server only ever sees their sum; use "
+                "a mean-based strategy (fedavg, fedavgm, fedprox, fedadam, fedyogi, fedadagrad)",
             )
         if self.strategy.name == "fedprox" and self.defense.dp.mode == "client":
             _fail(
@@ -108,7 +108,7 @@ class Scenario:
                 "strategy.name",
                 f"{self.strategy.name!r} with defense.dp.mode = {self.defense.dp.mode!r}: "
                 "party-level DP calibrates its noise to the mean of clipped updates; use a "
-                "mean-based strategy (fedavg, fedprox, fedadam, fedyogi, fedadagrad)",
+                "mean-based strategy (fedavg, fedavgm, fedprox, fedadam, fedyogi, fedadagrad)",
             )
         self.scenario.validate_for("scenario", self)
         self.defense.secagg.validate_for("defense.secagg", self)

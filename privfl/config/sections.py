@@ -41,7 +41,7 @@ class ScenarioSection:
     # Simulated dropouts: each sampled party drops out of a round with this probability,
     # at dropout_stage (drawn from seed, round and party; the party simply stops answering).
     dropout_rate: float = 0.0
-    dropout_stage: Literal["train", "advertise", "keyshare", "sum", "unmask"] = "train"
+    dropout_stage: Literal["train", "advertise", "sum", "unmask"] = "train"
 
     def validate(self, key: str) -> None:
         if self.rounds < 1:
@@ -88,7 +88,7 @@ class ScenarioSection:
         if self.dropout_rate and stage != "train":
             allowed = {
                 "additive": ("advertise", "sum"),
-                "masking": ("advertise", "keyshare", "unmask"),
+                "masking": ("advertise", "unmask"),
             }.get(sa, ())
             if stage not in allowed:
                 _fail(
@@ -198,6 +198,7 @@ class ModelSection:
 
 STRATEGIES = (
     "fedavg",
+    "fedavgm",
     "fedprox",
     "fedadam",
     "fedyogi",

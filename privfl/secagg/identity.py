@@ -1,14 +1,25 @@
-"""Long-term party identities: Ed25519 keys that sign each key-setup epoch's keys.
+"""Long-term party identities: Ed25519 keys, and the X25519 keys they stand for.
 
 Every party holds an Ed25519 identity key and, out of band, the roster: every party's
-identity public key. At key setup a party signs its fresh ephemeral keys together with
-the session and its index; before it uses a key directory the server relays, it checks
-every entry against the roster. A server that swaps a key (to sit in the middle of two
-parties' channels) cannot sign the swap, so the party refuses the directory.
+identity public key. Two uses:
+
+* additive secret sharing: at key setup a party signs its fresh channel key together
+  with the session and its index; before it uses a key directory the server relays, it
+  checks every entry against the roster. A server that swaps a key (to sit in the middle
+  of two parties' channels) cannot sign the swap, so the party refuses the directory.
+* masking: a party's static X25519 key is its identity key read on the Montgomery curve
+  (:func:`dh_private`, :func:`dh_public`; the map libsodium's
+  ``crypto_sign_ed25519_{sk,pk}_to_curve25519`` computes). Every party derives every
+  other's key from the roster itself, so a pair key needs neither a setup round trip
+  nor a signature check, and a server cannot swap it. Signing and key agreement with one
+  scalar is the XEdDSA setting (Signal); its joint security is analysed by Thormarker
+  (2021), "On using the same key pair for Ed25519 and an X25519 based KEM".
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import struct
 from collections.abc import Mapping, Sequence
@@ -76,6 +87,36 @@ def _message(session: bytes, party: int, keys: Sequence[bytes]) -> bytes:
     for k in keys:
         parts += [struct.pack(">I", len(k)), k]
     return b"".join(parts)
+
+
+_P25519 = 2**255 - 19
+
+
+def dh_private(identity_private: bytes) -> bytes:
+    """The raw X25519 private key of a raw Ed25519 identity key: the same secret scalar.
+
+    Ed25519 signs with the clamped first half of SHA-512 of the seed (RFC 8032, 5.1.5);
+    X25519 clamps the 32 bytes it is given the same way (RFC 7748, 5).
+    """
+    if len(identity_private) != 32:
+        raise IdentityError(f"an identity key has 32 bytes, got {len(identity_private)}")
+    return hashlib.sha512(identity_private).digest()[:32]
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def dh_public(identity_public: bytes) -> bytes:
+    """The raw X25519 public key of a raw Ed25519 identity public key.
+
+    The Edwards point's ``y`` maps to the Montgomery ``u = (1 + y) / (1 - y)`` mod
+    ``2^255 - 19`` (RFC 7748, 4.1); the sign bit of ``x`` does not matter to X25519.
+    """
+    if len(identity_public) != 32:
+        raise IdentityError(f"an identity public key has 32 bytes, got {len(identity_public)}")
+    y = int.from_bytes(identity_public, "little") & ((1 << 255) - 1)
+    if y >= _P25519 or y == 1:
+        raise IdentityError("not an Ed25519 public key: y is out of range or the neutral point")
+    u = (1 + y) * pow(1 - y, -1, _P25519) % _P25519
+    return u.to_bytes(32, "little")
 
 
 def sign_keys(private: bytes, *, session: bytes, party: int, keys: Sequence[bytes]) -> bytes:

@@ -1,33 +1,48 @@
-"""Pairwise + self masking with Shamir-shared recovery (SecAgg / SecAgg+ style).
+"""Pairwise + self masking with static keys and per-round seeds (SecAgg / SecAgg+ style).
 
-Key setup (once per epoch; a new epoch after any party's mask key was revealed):
-every party ``i`` advertises an X25519 channel key and an X25519 mask key
-``pk_i``, then Shamir-shares its mask private key ``sk_i`` (threshold ``t``) among its
-neighbourhood ``M(i) = N(i) + {i}`` (all parties, or a k-regular Harary graph as in
-SecAgg+), each share encrypted for its holder.
+Keys: every party ``i`` holds a static X25519 key pair ``(sk_i, pk_i)`` for the run: its
+identity key read on the Montgomery curve (:func:`privfl.secagg.identity.dh_private`),
+so every party derives every other's ``pk_j`` from its own roster; a party without a
+roster registers a random one with the server once. The pair secret
+``K_ij = X25519(sk_i, pk_j)`` never leaves the two parties.
 
-Per round (two exchanges):
+Per round (two exchanges), among the round's parties ``P`` and on the graph
+``N(i)`` (all of ``P``, or a k-regular Harary graph on ``P`` as in SecAgg+):
 
 1. *masked input*: party ``i`` draws a fresh 32-byte self-mask seed ``b_i`` and sends
    ``y_i = x_i + PRG(b_i) + sum_{j in N(i)} sign(i, j) PRG(s_ij,r)`` (mod 2^k) with
-   ``s_ij,r = HKDF(X25519(sk_i, pk_j), session, round, {i, j})`` (fresh every round),
-   ``sign = +1`` if ``i < j`` else ``-1``, together with encrypted Shamir shares of
-   ``b_i`` for ``M(i)``. PRG is AES-256-CTR (:mod:`privfl.secagg.prg`).
+   ``s_ij,r = HKDF(K_ij, session, round, {i, j})``, ``sign = +1`` if ``i < j`` else
+   ``-1``, together with Shamir shares (threshold ``t``) of ``b_i`` for
+   ``M(i) = N(i) + {i}``, each sealed for its holder with AES-GCM under a key derived
+   from ``K_ij`` and the round. PRG is AES-256-CTR (:mod:`privfl.secagg.prg`).
 2. *unmask*: the server names the survivors ``S`` (sent ``y``) and the dropped ``D``.
    Each responding party reveals, for its neighbours, its share of ``b_i`` if ``i`` in
-   ``S`` and its share of ``sk_d`` if ``d`` in ``D`` -- never both for one party. With
-   ``t`` shares per secret the server removes the self masks of ``S`` and the pairwise
-   masks between ``S`` and ``D``; pairwise masks inside ``S`` cancel.
+   ``S`` and its round seed ``s_id,r`` if ``d`` in ``D`` -- never both for one party.
+   With ``t`` shares per self-mask seed the server removes the self masks of ``S``, and
+   with the revealed round seeds the masks between ``S`` and ``D``; pairwise masks
+   inside ``S`` cancel.
 
-What the server learns: every ``y_i`` is uniform on the ring (the self mask alone
-makes it so) and independent of ``x_i``; after unmasking it learns ``sum_{i in S} x_i``
-and the mask keys of dropped parties (so they are re-keyed before they take part
-again). Parties refuse to unmask when fewer than ``t`` of their neighbourhood
-survived, so no aggregate of fewer than ``t`` inputs is revealed; fewer than ``t``
-unmask replies make the server raise :class:`MaskingError` rather than output a wrong
-sum. Security is against an honest-but-curious server colluding with fewer than ``t``
-parties; against a server that lies about ``S`` to different parties SecAgg's extra
-consistency round would be needed (not done here).
+What the server learns: every ``y_i`` is uniform on the ring (the self mask alone makes
+it so) and independent of ``x_i``; after unmasking it learns ``sum_{i in S} x_i`` and the
+round seeds of the pairs a dropped party had with survivors. Those seeds serve that
+round only (HKDF of the pair secret with the round), so no key is ever revealed and no
+party is re-keyed: there is no key-setup round trip after the first round, whoever is
+sampled. A party masks a round number once: a second masking of the round would reuse
+seeds the server may hold. Parties refuse to unmask when fewer than ``t`` of their
+neighbourhood survived, so no aggregate of fewer than ``t`` inputs is revealed; fewer
+than ``t`` unmask replies, or a survivor that drops out of the unmask stage while a
+neighbour of it dropped out before (its round seed with that neighbour is known to no
+one else), make the server raise :class:`MaskingError` rather than output a wrong sum.
+
+Security is against an honest-but-curious server colluding with fewer than ``t``
+parties. A server that lies about ``S`` to different parties needs, to strip party
+``i``'s masks, every pair seed of ``i`` (revealed only by a party told the other one
+dropped) and ``t`` shares of ``b_i`` (revealed only by parties told ``i`` survived);
+``i`` itself reveals only while ``t`` of its neighbourhood survived. That needs
+``2t <= k + 2``: with ``t`` above ``(k + 2) / 2`` (the default is more than two thirds of
+a neighbourhood; an automatic threshold lowered for dropouts stays above it) it cannot be
+had, as in SecAgg. SecAgg's consistency round (signed survivor lists), which
+also covers colluding parties, is not run here.
 
 The party and the server side live in one file so that the protocol reads in one place:
 each side's checks are the other side's assumptions.
@@ -43,24 +58,24 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from privfl.errors import PrivflError
 from privfl.fixedpoint import FixedPointCodec
 from privfl.secagg import prg, shamir
-from privfl.secagg.channel import (
-    ChannelError,
-    SecureChannel,
-    derive,
-    exchange,
-    private_bytes,
-    public_bytes,
-)
+from privfl.secagg.channel import ChannelError, derive, exchange, private_bytes, public_bytes
 
-KEYSHARE_STAGE = "masking/keyshare"
 BSHARE_STAGE = "masking/bshare"
 # Subsets of revealed shares tried to find the consistent ones when a share is corrupt.
 _MAX_SUBSETS = 4096
+# Pair secrets a party keeps between rounds beyond its current neighbours' (one X25519
+# agreement saved per neighbour met again); the oldest go first.
+PAIR_CACHE = 64
+# Rounds whose self-mask share a party keeps while it waits for their unmask stage.
+_KEEP_ROUNDS = 4
+_NONCE = 12
 
 
 def commit_seed(session: bytes, rnd: int, party: int, seed: bytes) -> bytes:
@@ -87,9 +102,9 @@ def neighbourhoods(parties: Sequence[int], k: int) -> dict[int, list[int]]:
     :meth:`privfl.config.SecAggSection.log_neighbours`).
 
     Security caveat: SecAgg+ (Bell et al. 2020) draws a *random* graph the server cannot
-    predict at key setup; this one is deterministic and public. A server colluding with
-    the ``k`` parties placed around a victim holds all of the victim's pairwise masks and
-    recovers its input from its masked input once its self mask is removed, so with
+    predict; this one is deterministic and public. A server colluding with the ``k``
+    parties placed around a victim holds all of the victim's pairwise masks and recovers
+    its input from its masked input once its self mask is removed, so with
     ``0 < k < n - 1`` the guarantee holds only against collusions that do not cover a
     whole neighbourhood (all pairs: fewer than ``t`` parties).
     """
@@ -128,159 +143,195 @@ def resolve_threshold(threshold: int, neighbourhood_size: int) -> int:
     return t
 
 
-def pairwise_seed(sk: bytes, peer_pk: bytes, *, session: bytes, rnd: int, i: int, j: int) -> bytes:
-    """Seed of the round-``rnd`` mask between ``i`` and ``j`` (same for both)."""
-    return _round_seed(exchange(sk, peer_pk), session=session, rnd=rnd, i=i, j=j)
-
-
-def _round_seed(shared: bytes, *, session: bytes, rnd: int, i: int, j: int) -> bytes:
+def round_seed(shared: bytes, *, session: bytes, rnd: int, i: int, j: int) -> bytes:
+    """Seed of the round-``rnd`` mask between ``i`` and ``j`` from their pair secret."""
     lo, hi = sorted((i, j))
     return derive(shared, salt=session, info=b"privfl-mask|" + struct.pack(">qII", rnd, lo, hi))
+
+
+def pairwise_seed(sk: bytes, peer_pk: bytes, *, session: bytes, rnd: int, i: int, j: int) -> bytes:
+    """Seed of the round-``rnd`` mask between ``i`` and ``j`` (same for both)."""
+    return round_seed(exchange(sk, peer_pk), session=session, rnd=rnd, i=i, j=j)
+
+
+def _share_aead(shared: bytes, session: bytes, rnd: int, sender: int, recipient: int) -> AESGCM:
+    # One key per (round, sender, recipient): a share is sealed under it once.
+    info = b"privfl-bshare|" + struct.pack(">qII", rnd, sender, recipient)
+    return AESGCM(derive(shared, salt=session, info=info))
+
+
+def _share_aad(session: bytes, rnd: int, sender: int, recipient: int, bind: bytes) -> bytes:
+    return b"|".join(
+        [BSHARE_STAGE.encode(), session, struct.pack(">qII", rnd, sender, recipient), bind]
+    )
 
 
 def _x(party: int) -> int:
     return party + 1  # Shamir point of a party (0 holds the secret)
 
 
-def _mask_public(key: bytes) -> bytes:
-    try:
-        return public_bytes(X25519PrivateKey.from_private_bytes(key))
-    except ValueError:
-        return b""
+def fresh_static_key() -> bytes:
+    """A fresh static X25519 private key from the OS CSPRNG (a party without a roster)."""
+    return private_bytes(X25519PrivateKey.generate())
 
 
 class MaskingParty:
-    """One party of the masking protocol (no networking; the caller relays bytes)."""
+    """One party of the masking protocol (no networking; the caller relays bytes).
+
+    Parameters
+    ----------
+    party : int
+        This party's index.
+    codec : FixedPointCodec
+        The ring its input is encoded in.
+    session : bytes
+        The server's public identifier of the run's masking (salt of every seed and key).
+    static_key : bytes
+        Raw X25519 private key, static for the run (:func:`privfl.secagg.identity.dh_private`
+        of the identity key, or :func:`fresh_static_key`).
+    repeat_rounds : bool
+        Mask a round number more than once (a party that trusts the server): a repeated
+        round reuses its pairwise seeds, which the round replay attack exploits.
+    """
 
     def __init__(
         self,
         party: int,
         codec: FixedPointCodec,
         session: bytes,
+        static_key: bytes,
         *,
-        channel: SecureChannel | None = None,
-        mask_key: bytes | None = None,
+        repeat_rounds: bool = False,
     ) -> None:
         self.party = party
         self.codec = codec
         self.session = session
-        self.channel = channel if channel is not None else SecureChannel(party, session)
-        self._mask_sk = mask_key or private_bytes(X25519PrivateKey.generate())
-        self.directory: dict[int, tuple[bytes, bytes]] = {}
-        self.neighbours: list[int] = []
-        self.threshold = 0
-        self.held_keyshares: dict[int, bytes] = {}
-        self._own_bshares: dict[int, tuple[bytes, list[int]]] = {}
-        # X25519 secrets shared with each neighbour: agreed once per epoch, kept with the
-        # party's state (as secret as the mask key itself), expanded per round by HKDF.
-        self._shared: dict[int, bytes] = {}
+        self._sk = static_key
+        self._key: X25519PrivateKey | None = None
+        self.repeat_rounds = repeat_rounds
+        # Pair secrets by peer public key, kept with the party's state (as secret as the
+        # static key itself); expanded per round by HKDF.
+        self._shared: dict[bytes, bytes] = {}
+        # round -> (own share of b, neighbours' public keys, threshold)
+        self._rounds: dict[int, tuple[bytes, dict[int, bytes], int]] = {}
+        self.last_round = -1
         self.last_commitment = b""
 
     @property
-    def public_keys(self) -> tuple[bytes, bytes]:
-        """``(channel key, mask key)`` to advertise."""
-        return self.channel.public_key, public_bytes(
-            X25519PrivateKey.from_private_bytes(self._mask_sk)
-        )
+    def static_key(self) -> bytes:
+        """The raw static X25519 private key (kept in the party's own state only)."""
+        return self._sk
 
-    def share_keys(
-        self, directory: Mapping[int, tuple[bytes, bytes]], *, threshold: int, neighbours: int
-    ) -> dict[int, bytes]:
-        """Adopt the key directory; Shamir-share the mask key among the neighbourhood."""
-        if self.party not in directory:
-            raise ValueError(f"party {self.party}: not in the key directory")
-        if directory[self.party] != self.public_keys:
-            raise ValueError(f"party {self.party}: the directory holds someone else's keys for me")
-        self._shared = {}
-        self.neighbours = neighbours_of(list(directory), neighbours, self.party)
-        # Only the neighbourhood's keys are ever used again: keep the party's state small.
-        self.directory = {p: directory[p] for p in [self.party, *self.neighbours]}
-        self.threshold = resolve_threshold(threshold, len(self.neighbours) + 1)
-        xs = [_x(p) for p in [self.party, *self.neighbours]]
-        shares = shamir.share_bytes(self._mask_sk, xs, self.threshold)
-        self.held_keyshares = {self.party: shares[_x(self.party)]}
-        return {
-            p: self.channel.seal(
-                p, self.directory[p][0], shares[_x(p)], rnd=0, stage=KEYSHARE_STAGE
-            )
-            for p in self.neighbours
-        }
+    @property
+    def public_key(self) -> bytes:
+        """The static X25519 public key (registered with the server by a roster-less party)."""
+        return public_bytes(X25519PrivateKey.from_private_bytes(self._sk))
 
-    def receive_keyshares(self, incoming: Mapping[int, bytes]) -> None:
-        """Decrypt and keep the mask-key shares neighbours sent."""
-        if set(incoming) != set(self.neighbours):
-            raise ValueError(
-                f"party {self.party}: expected key shares from {self.neighbours}, "
-                f"got {sorted(incoming)}"
-            )
-        for s, ct in incoming.items():
-            self.held_keyshares[s] = self.channel.open(
-                s, self.directory[s][0], ct, rnd=0, stage=KEYSHARE_STAGE
-            )
+    def _pair(self, peer_public: bytes) -> bytes:
+        shared = self._shared.get(peer_public)
+        if shared is None:
+            if self._key is None:  # parsed once per message, not once per neighbour
+                self._key = X25519PrivateKey.from_private_bytes(self._sk)
+            try:
+                shared = self._key.exchange(X25519PublicKey.from_public_bytes(peer_public))
+            except ValueError as exc:
+                raise ChannelError(
+                    f"party {self.party}: unusable X25519 public key of a neighbour: {exc}"
+                ) from None
+            self._shared[peer_public] = shared
+        return shared
+
+    def _trim(self, keep: set[bytes]) -> None:
+        # The oldest pair secrets go first; those of the current round stay.
+        extra = len(self._shared) - max(PAIR_CACHE, len(keep))
+        for pk in [k for k in self._shared if k not in keep][: max(extra, 0)]:
+            del self._shared[pk]
 
     def mask(
         self,
         encoded: np.ndarray,
         *,
         rnd: int,
-        parties: Sequence[int] | None = None,
+        parties: Sequence[int],
+        keys: Mapping[int, bytes],
+        neighbours: int,
+        threshold: int,
         overwrite: bool = False,
         bind: bytes = b"",
     ) -> tuple[np.ndarray, dict[int, bytes]]:
-        """Masked input ``y`` and encrypted shares of the fresh self-mask seed.
+        """Masked input ``y`` and sealed shares of the fresh self-mask seed.
 
+        ``parties`` are the round's parties, ``neighbours`` and ``threshold`` as in
+        ``defense.secagg``; ``keys`` holds the static public key of every neighbour.
         :attr:`last_commitment` then holds the seed's commitment (:func:`commit_seed`) to
         send with ``y``; ``bind`` is authenticated into every share ciphertext.
-
-        Only neighbours among this round's ``parties`` (default: all) take part, so
-        parties not selected this round are not treated as dropped. ``overwrite=True``
-        masks ``encoded`` in place (it must be writeable and contiguous) and returns it:
-        no second vector of ``d`` words, for callers that drop the plain input anyway.
+        ``overwrite=True`` masks ``encoded`` in place (it must be writeable and
+        contiguous) and returns it: no second vector of ``d`` words, for callers that
+        drop the plain input anyway.
         """
-        if len(self.held_keyshares) != len(self.neighbours) + 1:
-            raise ValueError(f"party {self.party}: key setup incomplete, cannot mask")
-        active = [j for j in self.neighbours if parties is None or j in parties]
-        if len(active) + 1 < self.threshold:
+        me = f"party {self.party}"
+        if rnd <= self.last_round and not self.repeat_rounds:
             raise MaskingError(
-                f"party {self.party}: only {len(active) + 1} of my neighbourhood take part "
-                f"in round {rnd}, threshold is {self.threshold}"
+                f"{me}: already masked round {self.last_round}; refusing round {rnd} "
+                "(a repeated round would reuse seeds the server may hold)"
             )
+        hood = neighbours_of(parties, neighbours, self.party)
+        missing = [j for j in hood if j not in keys]
+        if missing:
+            raise MaskingError(f"{me}: no static key for neighbours {missing}")
+        t = resolve_threshold(threshold, len(hood) + 1)
         x = np.asarray(encoded)
         if x.dtype != self.codec.dtype or x.ndim != 1:
             raise ValueError(
-                f"party {self.party}: encoded input must be a 1-d {self.codec.dtype} vector, "
+                f"{me}: encoded input must be a 1-d {self.codec.dtype} vector, "
                 f"got {x.dtype} {x.shape}"
             )
         b = os.urandom(prg.SEED_BYTES)
+        seeds = self.mask_seeds(rnd, {j: keys[j] for j in hood}, b)
         # One pass over y: all masks expanded chunk-wise and added to x on the fly.
-        seeds = self.mask_seeds(rnd, active, b)
         if overwrite:
             y = prg.accumulate(x, seeds, self.codec.ring_bits)
         else:
             y = prg.accumulate(np.empty_like(x), seeds, self.codec.ring_bits, base=x)
-        shares = shamir.share_bytes(b, [_x(p) for p in [self.party, *active]], self.threshold)
-        self._own_bshares[rnd] = (shares[_x(self.party)], active)
+        shares = shamir.share_bytes(b, [_x(p) for p in [self.party, *hood]], t)
+        self._rounds[rnd] = (shares[_x(self.party)], {j: keys[j] for j in hood}, t)
+        for old in sorted(self._rounds)[:-_KEEP_ROUNDS]:
+            del self._rounds[old]
+        self.last_round = max(self.last_round, rnd)
         self.last_commitment = commit_seed(self.session, rnd, self.party, b)
-        cts = {
-            p: self.channel.seal(
-                p, self.directory[p][0], shares[_x(p)], rnd=rnd, stage=BSHARE_STAGE, bind=bind
-            )
-            for p in active
-        }
+        cts = {}
+        for j in hood:
+            nonce = os.urandom(_NONCE)
+            aad = _share_aad(self.session, rnd, self.party, j, bind)
+            aead = _share_aead(self._pair(keys[j]), self.session, rnd, self.party, j)
+            cts[j] = nonce + aead.encrypt(nonce, shares[_x(j)], aad)
+        self._trim({keys[j] for j in hood})
         return y, cts
 
     def mask_seeds(
-        self, rnd: int, active: Sequence[int], self_seed: bytes
+        self, rnd: int, keys: Mapping[int, bytes], self_seed: bytes
     ) -> list[tuple[bytes, int]]:
-        """``(seed, sign)`` of every mask this party adds in round ``rnd``: self mask first."""
+        """``(seed, sign)`` of every mask this party adds in round ``rnd`` with the
+        neighbours whose static keys are ``keys``: the self mask first."""
         out = [(self_seed, 1)]
-        for j in active:
-            shared = self._shared.get(j)
-            if shared is None:
-                shared = self._shared[j] = exchange(self._mask_sk, self.directory[j][1])
-            seed = _round_seed(shared, session=self.session, rnd=rnd, i=self.party, j=j)
+        for j, pk in keys.items():
+            seed = round_seed(self._pair(pk), session=self.session, rnd=rnd, i=self.party, j=j)
             out.append((seed, 1 if self.party < j else -1))
         return out
+
+    def _open(self, sender: int, shared: bytes, blob: bytes, rnd: int, bind: bytes) -> bytes:
+        if len(blob) < _NONCE + 16:
+            raise ChannelError(f"share from party {sender} is truncated ({len(blob)} bytes)")
+        aad = _share_aad(self.session, rnd, sender, self.party, bind)
+        aead = _share_aead(shared, self.session, rnd, sender, self.party)
+        try:
+            return aead.decrypt(bytes(blob[:_NONCE]), bytes(blob[_NONCE:]), aad)
+        except InvalidTag:
+            raise ChannelError(
+                f"share from party {sender} (round {rnd}) failed authentication: tampered, "
+                "misrouted, from another round or session, not from that sender, or sealed "
+                "over a different global model or party list"
+            ) from None
 
     def unmask(
         self,
@@ -291,11 +342,12 @@ class MaskingParty:
         incoming: Mapping[int, bytes],
         bind: bytes = b"",
     ) -> dict[str, Any]:
-        """Reveal shares: of ``b_i`` for surviving neighbours, of ``sk_d`` for dropped ones.
+        """Reveal, per neighbour, its self-mask share if it survived, else the round seed.
 
-        A share ciphertext that fails authentication is left out and its sender named
-        under ``"bad"`` (``{sender: reason}``): the honest recipient still reveals the rest,
-        so one bad share costs at most that one share, never this party's whole reply.
+        Returns ``{"b": {owner: share}, "seed": {dropped: round seed}, "bad": {sender:
+        reason}}``. A share ciphertext that fails authentication is left out and its
+        sender named under ``"bad"``: the honest recipient still reveals the rest, so one
+        bad share costs at most that one share, never this party's whole reply.
         """
         S, D = set(survivors), set(dropped)
         me = f"party {self.party}"
@@ -303,14 +355,14 @@ class MaskingParty:
             raise MaskingError(f"{me}: parties {sorted(S & D)} named both survivor and dropped")
         if self.party not in S:
             raise MaskingError(f"{me}: asked to unmask round {rnd} without being a survivor")
-        if rnd not in self._own_bshares:
-            raise MaskingError(f"{me}: I sent no masked input in round {rnd}")
-        own_share, active = self._own_bshares.pop(rnd)
-        hood = set(active) | {self.party}
-        if len(S & hood) < self.threshold:
+        if rnd not in self._rounds:
+            raise MaskingError(f"{me}: no masked input of mine awaits unmasking in round {rnd}")
+        own_share, keys, t = self._rounds.pop(rnd)
+        hood = set(keys) | {self.party}
+        if len(S & hood) < t:
             raise MaskingError(
                 f"{me}: only {len(S & hood)} of my neighbourhood survived round {rnd}, "
-                f"threshold is {self.threshold}; refusing to unmask"
+                f"threshold is {t}; refusing to unmask"
             )
         if not hood <= (S | D):
             raise MaskingError(
@@ -325,56 +377,60 @@ class MaskingParty:
         bad: dict[int, str] = {}
         for s, ct in incoming.items():
             try:
-                bshares[s] = self.channel.open(
-                    s, self.directory[s][0], ct, rnd=rnd, stage=BSHARE_STAGE, bind=bind
-                )
+                bshares[s] = self._open(s, self._pair(keys[s]), ct, rnd, bind)
             except ChannelError as exc:
                 bad[s] = str(exc)
-        skshares = {d: self.held_keyshares[d] for d in sorted(D & hood)}
-        return {"b": bshares, "sk": skshares, "bad": bad}
+        seeds = {
+            d: round_seed(self._pair(keys[d]), session=self.session, rnd=rnd, i=self.party, j=d)
+            for d in sorted(D & hood)
+        }
+        return {"b": bshares, "seed": seeds, "bad": bad}
 
     def to_state(self) -> dict[str, Any]:
         """JSON-able state for ``context.state``."""
         return {
-            "channel": self.channel.to_state(),
-            "mask_sk": self._mask_sk.hex(),
-            "directory": {str(p): [a.hex(), b.hex()] for p, (a, b) in self.directory.items()},
-            "neighbours": self.neighbours,
-            "threshold": self.threshold,
-            "held": {str(p): v.hex() for p, v in self.held_keyshares.items()},
-            "own_b": {str(r): [v.hex(), a] for r, (v, a) in self._own_bshares.items()},
-            "shared": {str(p): v.hex() for p, v in self._shared.items()},
+            "party": self.party,
+            "session": self.session.hex(),
+            "sk": self._sk.hex(),
+            "repeat": self.repeat_rounds,
+            "last": self.last_round,
+            "rounds": {
+                str(r): [s.hex(), {str(p): k.hex() for p, k in keys.items()}, t]
+                for r, (s, keys, t) in self._rounds.items()
+            },
+            "shared": [[k.hex(), v.hex()] for k, v in self._shared.items()],
         }
 
     @classmethod
     def from_state(cls, state: dict[str, Any], codec: FixedPointCodec) -> MaskingParty:
         """Inverse of :meth:`to_state`."""
-        ch = SecureChannel.from_state(state["channel"])
-        p = cls(ch.party, codec, ch.session, channel=ch, mask_key=bytes.fromhex(state["mask_sk"]))
-        p.directory = {
-            int(k): (bytes.fromhex(a), bytes.fromhex(b)) for k, (a, b) in state["directory"].items()
+        p = cls(
+            int(state["party"]),
+            codec,
+            bytes.fromhex(state["session"]),
+            bytes.fromhex(state["sk"]),
+            repeat_rounds=bool(state["repeat"]),
+        )
+        p.last_round = int(state["last"])
+        p._rounds = {
+            int(r): (bytes.fromhex(s), {int(q): bytes.fromhex(k) for q, k in keys.items()}, t)
+            for r, (s, keys, t) in state["rounds"].items()
         }
-        p.neighbours = list(state["neighbours"])
-        p.threshold = state["threshold"]
-        p.held_keyshares = {int(k): bytes.fromhex(v) for k, v in state["held"].items()}
-        p._own_bshares = {
-            int(k): (bytes.fromhex(v), list(a)) for k, (v, a) in state["own_b"].items()
-        }
-        p._shared = {int(k): bytes.fromhex(v) for k, v in state.get("shared", {}).items()}
+        p._shared = {bytes.fromhex(k): bytes.fromhex(v) for k, v in state["shared"]}
         return p
 
 
 class MaskingServer:
-    """The server's side: plan the unmask stage and remove the masks.
+    """The server's side of one round: plan the unmask stage and remove the masks.
 
     Parameters
     ----------
     codec : FixedPointCodec
         The public codec.
     session : bytes
-        The key-setup epoch's identifier.
-    directory : Mapping[int, tuple[bytes, bytes]]
-        ``party -> (channel key, mask key)`` of this epoch.
+        The run's masking session.
+    parties : Sequence[int]
+        The round's parties (those asked for a masked input).
     threshold, neighbours : int
         As in ``defense.secagg`` (0 = automatic / all pairs).
     """
@@ -383,18 +439,17 @@ class MaskingServer:
         self,
         codec: FixedPointCodec,
         session: bytes,
-        directory: Mapping[int, tuple[bytes, bytes]],
+        parties: Sequence[int],
         *,
         threshold: int,
         neighbours: int,
     ) -> None:
         self.codec = codec
         self.session = session
-        self.directory = dict(directory)
-        self.graph = neighbourhoods(list(directory), neighbours)
+        self.parties = sorted(parties)
+        self.graph = neighbourhoods(self.parties, neighbours)
         size = len(next(iter(self.graph.values()))) + 1
         self.threshold = resolve_threshold(threshold, size)
-        self.revealed: set[int] = set()
         # What went wrong, and who is to blame where that can be told: {party, stage, reason}.
         self.faults: list[dict[str, Any]] = []
 
@@ -402,18 +457,17 @@ class MaskingServer:
         self,
         masked: Mapping[int, np.ndarray],
         bshares: Mapping[int, Mapping[int, bytes]],
-        parties: Sequence[int],
     ) -> tuple[list[int], list[int], dict[int, dict[int, bytes]]]:
         """Survivors, dropped, and per survivor the self-mask share ciphertexts to forward."""
-        S = sorted(p for p in parties if p in masked and p in bshares)
-        D = sorted(set(parties) - set(S))
+        S = [p for p in self.parties if p in masked and p in bshares]
+        D = sorted(set(self.parties) - set(S))
         if len(S) < self.threshold:
             raise MaskingError(
                 f"masking: only {len(S)} parties sent masked input (dropped: {D}); "
                 f"threshold is {self.threshold}, the sum cannot be recovered"
             )
         for s in S:
-            if set(bshares[s]) != set(self.graph[s]) & set(parties):
+            if set(bshares[s]) != set(self.graph[s]):
                 raise MaskingError(f"masking: party {s} sent self-mask shares to the wrong parties")
         routed: dict[int, dict[int, bytes]] = {p: {} for p in S}
         for s in S:
@@ -453,20 +507,16 @@ class MaskingServer:
                 continue
             if not check(secret):
                 continue
-            for x in sorted(set(pts) - set(subset)):
-                probe = {**{y: pts[y] for y in subset[: t - 1]}, x: pts[x]}
-                try:
-                    ok = shamir.reconstruct_bytes(probe, t) == secret
-                except shamir.ShamirError:
-                    ok = False
-                if not ok:
-                    self.faults.append(
-                        {
-                            "party": x - 1,
-                            "stage": "unmask",
-                            "reason": f"revealed a corrupted share of {what} of party {owner}",
-                        }
-                    )
+            extra = {x: pts[x] for x in sorted(set(pts) - set(subset))}
+            fits = shamir.on_polynomial({x: pts[x] for x in subset}, extra)
+            for x in sorted(x for x, ok in fits.items() if not ok):
+                self.faults.append(
+                    {
+                        "party": x - 1,
+                        "stage": "unmask",
+                        "reason": f"revealed a corrupted share of {what} of party {owner}",
+                    }
+                )
             return secret
         holders = sorted(x - 1 for x in pts)
         raise MaskingError(
@@ -517,23 +567,23 @@ class MaskingServer:
                 )
             )
         for d in dropped:
-            nbs = [s for s in self.graph[d] if s in survivors]
-            if not nbs:
-                continue
-            shares = {r: rv["sk"][d] for r, rv in reveals.items() if d in rv.get("sk", {})}
-            sk = self._recover(
-                "the mask key",
-                d,
-                shares,
-                lambda key, d=d: _mask_public(key) == self.directory[d][1],
-            )
-            self.revealed.add(d)
-            for s in nbs:
-                seed = pairwise_seed(
-                    sk, self.directory[s][1], session=self.session, rnd=rnd, i=d, j=s
-                )
+            for s in self.graph[d]:
+                if s not in survivors:
+                    continue
+                rv = reveals.get(s)
+                if rv is None:
+                    raise MaskingError(
+                        f"masking: party {s} did not answer the unmask stage, and only it "
+                        f"holds its round seed with dropped party {d}; the sum cannot be "
+                        "recovered"
+                    )
+                seed = rv.get("seed", {}).get(d)
+                if seed is None or len(seed) != prg.SEED_BYTES:
+                    raise MaskingError(
+                        f"masking: party {s} did not reveal its round seed with dropped party {d}"
+                    )
                 # Survivor s added +m if s < d, -m otherwise: undo it.
-                undo.append((seed, -1 if s < d else 1))
+                undo.append((bytes(seed), -1 if s < d else 1))
         return prg.accumulate(acc, undo, self.codec.ring_bits)
 
     def _seed_check(

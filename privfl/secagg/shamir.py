@@ -55,18 +55,29 @@ def reconstruct(shares: Mapping[int, int], threshold: int) -> int:
 @lru_cache(maxsize=8192)
 def _lagrange_at_zero(xs: tuple[int, ...]) -> tuple[int, ...]:
     # Public and fixed by the share points alone: a server reconstructs with the same
-    # points round after round. One modular inversion for all the denominators
-    # (Montgomery's trick) instead of one per point.
-    nums, dens = [], []
-    for i, xi in enumerate(xs):
+    # points round after round.
+    out = []
+    for i, w in enumerate(_weights(xs)):
         # Share points are small party indices: multiplying them unreduced and reducing
         # once costs less than a reduction after every factor.
-        num = den = 1
+        num = 1
         for j, xj in enumerate(xs):
             if j != i:
                 num *= -xj
+        out.append(num % PRIME * w % PRIME)
+    return tuple(out)
+
+
+@lru_cache(maxsize=8192)
+def _weights(xs: tuple[int, ...]) -> tuple[int, ...]:
+    # Barycentric weights 1 / prod_{j != i} (x_i - x_j), with one modular inversion for all
+    # of them (Montgomery's trick) instead of one per point.
+    dens = []
+    for i, xi in enumerate(xs):
+        den = 1
+        for j, xj in enumerate(xs):
+            if j != i:
                 den *= xi - xj
-        nums.append(num % PRIME)
         dens.append(den % PRIME)
     prefix = [1]
     for d in dens:
@@ -74,9 +85,38 @@ def _lagrange_at_zero(xs: tuple[int, ...]) -> tuple[int, ...]:
     inv = pow(prefix[-1], -1, PRIME)
     out = [0] * len(xs)
     for i in range(len(xs) - 1, -1, -1):
-        out[i] = nums[i] * inv % PRIME * prefix[i] % PRIME  # 1/dens[i] = inv * prefix[i]
+        out[i] = inv * prefix[i] % PRIME
         inv = inv * dens[i] % PRIME
     return tuple(out)
+
+
+def on_polynomial(points: Mapping[int, bytes], others: Mapping[int, bytes]) -> dict[int, bool]:
+    """For each share of ``others``, whether it lies on the polynomial of degree
+    ``len(points) - 1`` through the shares ``points`` (all as :func:`share_bytes` gives).
+
+    One set of barycentric weights serves every point checked: ``t`` products per point
+    instead of a reconstruction of its own.
+    """
+    pts = sorted((x, int.from_bytes(y, "big")) for x, y in points.items())
+    xs = tuple(x for x, _ in pts)
+    if len(set(xs)) != len(xs) or 0 in xs:
+        raise ShamirError(f"share points must be distinct and non-zero, got {list(xs)}")
+    yw = [y * w % PRIME for (_, y), w in zip(pts, _weights(xs), strict=True)]
+    out = {}
+    for x, share_ in others.items():
+        if x in xs:
+            out[x] = int.from_bytes(share_, "big") == dict(pts)[x]
+            continue
+        diffs = [x - xj for xj in xs]
+        suffix = [1] * (len(xs) + 1)
+        for j in range(len(xs) - 1, -1, -1):
+            suffix[j] = suffix[j + 1] * diffs[j]
+        value, prefix = 0, 1
+        for j, c in enumerate(yw):
+            value += c * (prefix * suffix[j + 1])  # prod_{m != j} (x - x_m), unreduced
+            prefix *= diffs[j]
+        out[x] = value % PRIME == int.from_bytes(share_, "big")
+    return out
 
 
 def share_bytes(secret: bytes, xs: Sequence[int], threshold: int) -> dict[int, bytes]:

@@ -19,11 +19,11 @@ from privfl.strategies.secure_aggregation import (
 
 
 class RoundReplayServer(ActiveServer):
-    """Run a finished round again, same round number, same key epoch (masking).
+    """Run a finished round again, same round number, same session (masking).
 
-    The pairwise masks of a round depend on the epoch's keys and the round number only,
-    and the unmask stage reveals every self mask: ``y - PRG(b) = x + M`` with the same
-    pairwise mask sum ``M`` both times. The replay sends the round's own aggregate as
+    The pairwise masks of a round depend on the static keys, the session and the round
+    number only, and the unmask stage reveals every self mask: ``y - PRG(b) = x + M``
+    with the same pairwise mask sum ``M`` both times. The replay sends the round's own aggregate as
     the global model, so the difference of the two unmasked inputs is each party's
     ``x - x'`` for two different models. Stopped by parties that never train twice in a
     round.
