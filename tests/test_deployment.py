@@ -165,9 +165,11 @@ def _descendants(proc):
 
 
 @pytest.mark.slow
-def test_three_supernodes_with_secure_aggregation_match_the_simulation(tmp_path):
-    sc = resolve("three_hospitals", SMALL)
-    assert sc.defense.secure_aggregation == "additive"
+@pytest.mark.parametrize("protocol", ["additive", "masking"])
+def test_three_supernodes_with_secure_aggregation_match_the_simulation(tmp_path, protocol):
+    # Masking: each SuperNode reads its identity key and the roster from its node config,
+    # and its static masking key and its neighbours' from them.
+    sc = resolve("three_hospitals", [*SMALL, f"defense.secure_aggregation={protocol}"])
     report = DeploymentRun()
     dep = run_deployment(sc, tmp_path / "deployed", report=report)
     # SuperLink, three SuperNodes, three ClientApp runners, flwr run: all stopped.
