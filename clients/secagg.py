@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -272,15 +272,13 @@ def _check_directory(
     directory: dict[int, tuple[bytes, ...]],
     *,
     session: bytes,
-    me: Any,
+    me: AdditiveParty,
     record: PartyRecord | None,
-    only: Collection[int] | None = None,
 ) -> None:
-    """Refuse a key directory unless every entry (of ``only``, default all) is signed by
-    the party the roster names."""
+    """Refuse an additive key directory unless every entry is signed by the party the
+    roster names."""
     own = directory.get(me.party)
-    mine = me.public_keys if isinstance(me, MaskingParty) else (me.public_key,)
-    if own is not None and tuple(own) != tuple(mine):
+    if own is not None and tuple(own) != (me.public_key,):
         raise SecAggClientError(
             f"party {me.party}: the key directory holds someone else's keys for me"
         )
@@ -295,8 +293,6 @@ def _check_directory(
         )
     try:
         for p, sig in zip(order, sigs, strict=True):
-            if only is not None and p not in only:
-                continue
             verify_keys(record.roster, sig, session=session, party=p, keys=list(directory[p]))
     except IdentityError as exc:
         raise RefusalError(f"party {me.party}: {exc}") from None
@@ -496,6 +492,11 @@ def _neighbour_keys(
         relayed = wire.unpack_cts(cfg, wire.PREFIX + "nb_")
     except ValueError as exc:
         raise SecAggClientError(f"party {proto.party}: {exc}") from None
+    if relayed.pop(proto.party, proto.public_key) != proto.public_key:
+        # Its neighbours would mask with a key this party does not hold: no sum.
+        raise SecAggClientError(
+            f"party {proto.party}: the server holds another static key for me than mine"
+        )
     if record is None or record.trust_server:
         return relayed
     keys = {}

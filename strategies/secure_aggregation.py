@@ -398,9 +398,12 @@ class SecureAggregation(StrategyWrapper):
             wire.PREFIX + "neighbours": self.neighbours,
             wire.PREFIX + "threshold": self.threshold,
         }
+        # Each party's own key too, so that it can tell a stale registration.
         return lambda party: {
             **common,
-            **wire.pack_cts({j: self._static[j] for j in graph[party]}, wire.PREFIX + "nb_"),
+            **wire.pack_cts(
+                {j: self._static[j] for j in [party, *graph[party]]}, wire.PREFIX + "nb_"
+            ),
         }
 
     def aggregate_train(

@@ -260,7 +260,7 @@ def test_forged_key_directory_is_detected(protocol, trust):
             msg = Message(copy.deepcopy(msg.content), metadata=msg.metadata)
             cfg = msg.content["config"]
             keys = list(cfg[field])
-            keys[1 if protocol == "additive" else 0] = forged  # party 0 is told party 1's key
+            keys[1] = forged  # party 0 is told party 1's key is the server's
             cfg[field] = keys
         return msg
 
@@ -274,6 +274,26 @@ def test_forged_key_directory_is_detected(protocol, trust):
         return
     (f,) = [f for f in faults if f["party"] == 0 and "forged or altered" in f["reason"]]
     assert "refused" in f["reason"]
+
+
+@pytest.mark.parametrize("trust", [True, False])
+def test_a_party_told_another_static_key_for_itself_stops(trust):
+    # Its neighbours would mask with a key it does not hold: the sum could not cancel.
+    sc = _scenario(protocol="masking", trust=trust)
+    app = make_client_app(sc, secret=SECRET)
+
+    def swap_own(msg):
+        cfg = msg.content.config_records.get("config")
+        if cfg is not None and wire.PREFIX + "nb_cts" in cfg and msg.metadata.dst_node_id == 100:
+            msg = Message(copy.deepcopy(msg.content), metadata=msg.metadata)
+            relayed = wire.unpack_cts(msg.content["config"], wire.PREFIX + "nb_")
+            relayed[0] = SecureChannel(9, b"x").public_key
+            msg.content["config"].update(wire.pack_cts(relayed, wire.PREFIX + "nb_"))
+        return msg
+
+    strat, _ = _run(sc, TamperGrid(app, NODES, on_send=swap_own), rounds=1)
+    (f,) = [f for f in strat.faults.get(1, []) if f["party"] == 0]
+    assert "another static key for me" in f["reason"]
 
 
 @pytest.mark.parametrize("forged_party, refused", [(1, True), (3, False)])
