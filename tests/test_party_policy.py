@@ -276,22 +276,29 @@ def test_forged_key_directory_is_detected(protocol, trust):
     assert "refused" in f["reason"]
 
 
+def _relaying_to_party_0(forged_party):
+    """A server that relays to party 0 a static key of its own for ``forged_party``."""
+    forged = SecureChannel(9, b"x").public_key
+
+    def forge(msg):
+        cfg = msg.content.config_records.get("config")
+        if cfg is not None and wire.PREFIX + "nb_cts" in cfg and msg.metadata.dst_node_id == 100:
+            msg = Message(copy.deepcopy(msg.content), metadata=msg.metadata)
+            relayed = wire.unpack_cts(msg.content["config"], wire.PREFIX + "nb_")
+            relayed[forged_party] = forged
+            msg.content["config"].update(wire.pack_cts(relayed, wire.PREFIX + "nb_"))
+        return msg
+
+    return forge
+
+
 @pytest.mark.parametrize("trust", [True, False])
 def test_a_party_told_another_static_key_for_itself_stops(trust):
     # Its neighbours would mask with a key it does not hold: the sum could not cancel.
     sc = _scenario(protocol="masking", trust=trust)
     app = make_client_app(sc, secret=SECRET)
 
-    def swap_own(msg):
-        cfg = msg.content.config_records.get("config")
-        if cfg is not None and wire.PREFIX + "nb_cts" in cfg and msg.metadata.dst_node_id == 100:
-            msg = Message(copy.deepcopy(msg.content), metadata=msg.metadata)
-            relayed = wire.unpack_cts(msg.content["config"], wire.PREFIX + "nb_")
-            relayed[0] = SecureChannel(9, b"x").public_key
-            msg.content["config"].update(wire.pack_cts(relayed, wire.PREFIX + "nb_"))
-        return msg
-
-    strat, _ = _run(sc, TamperGrid(app, NODES, on_send=swap_own), rounds=1)
+    strat, _ = _run(sc, TamperGrid(app, NODES, on_send=_relaying_to_party_0(0)), rounds=1)
     (f,) = [f for f in strat.faults.get(1, []) if f["party"] == 0]
     assert "another static key for me" in f["reason"]
 
@@ -304,18 +311,7 @@ def test_a_party_takes_its_neighbours_masking_keys_from_its_roster(forged_party,
         ["defense.secagg.neighbours=2", "defense.secagg.threshold=2"]
     )
     app = make_client_app(sc, secret=SECRET)
-    forged = SecureChannel(9, b"x").public_key
-
-    def forge(msg):
-        cfg = msg.content.config_records.get("config")
-        if cfg is not None and wire.PREFIX + "nb_cts" in cfg and msg.metadata.dst_node_id == 100:
-            msg = Message(copy.deepcopy(msg.content), metadata=msg.metadata)
-            cfg = msg.content["config"]
-            relayed = wire.unpack_cts(cfg, wire.PREFIX + "nb_")
-            relayed[forged_party] = forged
-            cfg.update(wire.pack_cts(relayed, wire.PREFIX + "nb_"))
-        return msg
-
+    forge = _relaying_to_party_0(forged_party)
     strat, _ = _run(sc, TamperGrid(app, _nodes(sc), on_send=forge), rounds=1)
     party0 = [f for f in strat.faults.get(1, []) if f["party"] == 0 and "forged" in f["reason"]]
     assert bool(party0) == refused
