@@ -65,7 +65,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from privfl.errors import PrivflError
 from privfl.fixedpoint import FixedPointCodec
 from privfl.secagg import prg, shamir
-from privfl.secagg.channel import ChannelError, derive, exchange, private_bytes, public_bytes
+from privfl.secagg.channel import ChannelError, derive, private_bytes, public_bytes
 
 BSHARE_STAGE = "masking/bshare"
 # Subsets of revealed shares tried to find the consistent ones when a share is corrupt.
@@ -147,11 +147,6 @@ def round_seed(shared: bytes, *, session: bytes, rnd: int, i: int, j: int) -> by
     """Seed of the round-``rnd`` mask between ``i`` and ``j`` from their pair secret."""
     lo, hi = sorted((i, j))
     return derive(shared, salt=session, info=b"privfl-mask|" + struct.pack(">qII", rnd, lo, hi))
-
-
-def pairwise_seed(sk: bytes, peer_pk: bytes, *, session: bytes, rnd: int, i: int, j: int) -> bytes:
-    """Seed of the round-``rnd`` mask between ``i`` and ``j`` (same for both)."""
-    return round_seed(exchange(sk, peer_pk), session=session, rnd=rnd, i=i, j=j)
 
 
 def _share_aead(shared: bytes, session: bytes, rnd: int, sender: int, recipient: int) -> AESGCM:
