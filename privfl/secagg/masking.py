@@ -26,8 +26,8 @@ What the server learns: every ``y_i`` is uniform on the ring (the self mask alon
 it so) and independent of ``x_i``; after unmasking it learns ``sum_{i in S} x_i`` and the
 round seeds of the pairs a dropped party had with survivors. Those seeds serve that
 round only (HKDF of the pair secret with the round), so no key is ever revealed and no
-party is re-keyed: a party takes part in key setup once (a roster-less one registers its
-key), whatever sample of parties it is in later. A party masks a round number once: a second masking of the round would reuse
+party is re-keyed: a party registers its static key once, whatever sample of parties it
+is in later. A party masks a round number once: a second masking of the round would reuse
 seeds the server may hold. Parties refuse to unmask when fewer than ``t`` of their
 neighbourhood survived, so no aggregate of fewer than ``t`` inputs is revealed; fewer
 than ``t`` unmask replies, or a survivor that drops out of the unmask stage while a
