@@ -492,7 +492,8 @@ def _neighbour_keys(
         relayed = wire.unpack_cts(cfg, wire.PREFIX + "nb_")
     except ValueError as exc:
         raise SecAggClientError(f"party {proto.party}: {exc}") from None
-    if relayed.pop(proto.party, proto.public_key) != proto.public_key:
+    mine = proto.public_key
+    if relayed.pop(proto.party, mine) != mine:
         # Its neighbours would mask with a key this party does not hold: no sum.
         raise SecAggClientError(
             f"party {proto.party}: the server holds another static key for me than mine"
@@ -528,27 +529,26 @@ def handle_setup(
     session = bytes(cfg[wire.PREFIX + "session"])
     protocol = own.protocol
     if stage == "advertise":
+        record = party_record(context)
         if scenario is not None and scenario.defense.dp.mode == "distributed":
-            record = party_record(context)
             (check_fn or check_distributed)(
                 scenario,
                 dim=int(cfg[wire.PREFIX + "dim"]),
                 parties=record.min_parties if record else int(cfg[wire.PREFIX + "n"]),
             )
-        record = party_record(context)
+        st: dict[str, Any] = {"protocol": protocol, "session": session.hex()}
         if protocol == "masking":
             proto: Any = _masking_party(context, party, codec, session, record)
             out = ConfigRecord({"dh_pk": proto.public_key})
-            context.state.array_records.pop(wire.CACHE, None)
-            _save(context, proto, {"protocol": protocol, "session": session.hex()})
-            return Message(RecordDict({wire.PAYLOAD: out}), reply_to=msg)
-        proto = AdditiveParty(party, codec, session)
-        keys = [proto.public_key]
-        out = ConfigRecord({"chan_pk": keys[0]})
-        if record is not None:
-            out["sig"] = sign_keys(record.identity_key, session=session, party=party, keys=keys)
+        else:
+            proto = AdditiveParty(party, codec, session)
+            keys = [proto.public_key]
+            out = ConfigRecord({"chan_pk": keys[0]})
+            if record is not None:
+                out["sig"] = sign_keys(record.identity_key, session=session, party=party, keys=keys)
+            st["directory"] = {}
         context.state.array_records.pop(wire.CACHE, None)
-        _save(context, proto, {"protocol": protocol, "session": session.hex(), "directory": {}})
+        _save(context, proto, st)
         return Message(RecordDict({wire.PAYLOAD: out}), reply_to=msg)
     raise SecAggClientError(f"party {party}: unknown setup stage {stage!r}")
 

@@ -264,9 +264,8 @@ def test_masking_party_masks_a_round_once_unless_it_trusts_the_server():
         with pytest.raises(MaskingError, match=rf"already masked round 4; refusing round {rnd}"):
             parties[0].mask(enc, rnd=rnd)
     trusting = MaskingParty(0, CODEC, SESSION, fresh_static_key(), repeat_rounds=True)
-    graph = {**parties[0].graph, "keys": parties[0].graph["keys"]}
-    trusting.mask(enc, rnd=4, **graph)
-    trusting.mask(enc, rnd=4, **graph)
+    trusting.mask(enc, rnd=4, **parties[0].graph)
+    trusting.mask(enc, rnd=4, **parties[0].graph)
 
 
 def test_masking_party_state_roundtrip_mid_round():

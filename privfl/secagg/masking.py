@@ -220,15 +220,18 @@ class MaskingParty:
     @property
     def public_key(self) -> bytes:
         """The static X25519 public key (registered with the server by a roster-less party)."""
-        return public_bytes(X25519PrivateKey.from_private_bytes(self._sk))
+        return public_bytes(self._private())
+
+    def _private(self) -> X25519PrivateKey:
+        if self._key is None:  # parsed once per message, not once per neighbour
+            self._key = X25519PrivateKey.from_private_bytes(self._sk)
+        return self._key
 
     def _pair(self, peer_public: bytes) -> bytes:
         shared = self._shared.get(peer_public)
         if shared is None:
-            if self._key is None:  # parsed once per message, not once per neighbour
-                self._key = X25519PrivateKey.from_private_bytes(self._sk)
             try:
-                shared = self._key.exchange(X25519PublicKey.from_public_bytes(peer_public))
+                shared = self._private().exchange(X25519PublicKey.from_public_bytes(peer_public))
             except ValueError as exc:
                 raise ChannelError(
                     f"party {self.party}: unusable X25519 public key of a neighbour: {exc}"

@@ -102,10 +102,11 @@ def on_polynomial(points: Mapping[int, bytes], others: Mapping[int, bytes]) -> d
     if len(set(xs)) != len(xs) or 0 in xs:
         raise ShamirError(f"share points must be distinct and non-zero, got {list(xs)}")
     yw = [y * w % PRIME for (_, y), w in zip(pts, _weights(xs), strict=True)]
+    known = dict(pts)
     out = {}
     for x, share_ in others.items():
-        if x in xs:
-            out[x] = int.from_bytes(share_, "big") == dict(pts)[x]
+        if x in known:
+            out[x] = int.from_bytes(share_, "big") == known[x]
             continue
         diffs = [x - xj for xj in xs]
         suffix = [1] * (len(xs) + 1)
