@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -217,7 +218,7 @@ def _distributed_budget(
         rec = ConfigRecord({"rounds": 0})
         context.state.config_records[_DDP_STATE] = rec
     arrays = msg.content.array_records.get("arrays")
-    dim = sum(int(np.prod(a.shape)) for a in arrays.values()) if arrays is not None else 1
+    dim = sum(math.prod(a.shape) for a in arrays.values()) if arrays is not None else 1
     after = distributed_epsilon(scenario, dim, int(rec["rounds"]) + 1)
     budget = scenario.defense.dp.epsilon
     if budget > 0 and after > budget * (1 + 1e-9):

@@ -29,6 +29,7 @@ around the grid records it (a curious server's transcript), and
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -264,7 +265,7 @@ class SecureAggregation(StrategyWrapper):
 
     def _advertise(self, server_round: int, parties: list[int], session: bytes) -> dict[int, Any]:
         """The setup stage: each party's reply payload (its public keys)."""
-        dim = sum(int(np.prod(a.shape)) for a in _started(self._global, "key setup").values())
+        dim = sum(math.prod(a.shape) for a in _started(self._global, "key setup").values())
         cfg = {
             wire.PREFIX + "stage": "advertise",
             wire.PREFIX + "session": session,
@@ -416,7 +417,7 @@ class SecureAggregation(StrategyWrapper):
         got = self._collect(server_round, "train", replies)
         sides = side.collect(replies)
         arrays = _started(self._global, "aggregation")
-        dim = sum(int(np.prod(a.shape)) for a in arrays.values()) + wire.EXTRA_COORDS
+        dim = sum(math.prod(a.shape) for a in arrays.values()) + wire.EXTRA_COORDS
         try:
             if self.protocol == "additive":
                 total, included = self._finish_additive(server_round, got, dim)

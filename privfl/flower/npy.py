@@ -9,6 +9,7 @@ times, so the header is parsed once per distinct header and the data is viewed i
 from __future__ import annotations
 
 import ast
+import math
 from functools import lru_cache
 
 import numpy as np
@@ -42,7 +43,7 @@ def as_numpy(array: Array) -> np.ndarray:
     hlen = int.from_bytes(data[8 : 8 + size], "little")
     begin = 8 + size
     dtype, shape, fortran = _header(bytes(data[begin : begin + hlen]))
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)
     offset = begin + hlen
     if len(data) - offset != count * dtype.itemsize:
         raise ValueError(

@@ -11,6 +11,7 @@ is computed, :func:`with_delta` the one place a Δ becomes weights again, and
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,18 +51,17 @@ def flat_delta(sent: ArrayRecord, got: ArrayRecord) -> np.ndarray:
         raise UpdateError(
             f"local weights have keys {list(got.keys())}, the global model has {keys}"
         )
-    sizes = []
-    for k in keys:
-        if tuple(got[k].shape) != tuple(sent[k].shape):
-            raise UpdateError(
-                f"'{k}' has shape {tuple(got[k].shape)}, expected {tuple(sent[k].shape)}"
-            )
-        sizes.append(int(np.prod(sent[k].shape)))
+    pairs = [(got[k], sent[k]) for k in keys]
+    for k, (g, w) in zip(keys, pairs, strict=True):
+        if list(g.shape) != list(w.shape):
+            raise UpdateError(f"'{k}' has shape {tuple(g.shape)}, expected {tuple(w.shape)}")
+    sizes = [math.prod(w.shape) for _, w in pairs]
     out = np.empty(sum(sizes))
     off = 0
-    for k, n in zip(keys, sizes, strict=True):
-        a, b = as_numpy(got[k]).ravel(), as_numpy(sent[k]).ravel()
-        np.subtract(a, b, out=out[off : off + n], dtype=np.float64)
+    for (g, w), n in zip(pairs, sizes, strict=True):
+        np.subtract(
+            as_numpy(g).ravel(), as_numpy(w).ravel(), out=out[off : off + n], dtype=np.float64
+        )
         off += n
     return out
 
@@ -71,7 +71,7 @@ def delta_arrays(sent: ArrayRecord, got: ArrayRecord) -> dict[str, np.ndarray]:
     flat = flat_delta(sent, got)
     out, off = {}, 0
     for k, a in sent.items():
-        n = int(np.prod(a.shape))
+        n = math.prod(a.shape)
         out[k] = flat[off : off + n].reshape(a.shape)
         off += n
     return out
@@ -86,7 +86,7 @@ def with_delta(
     out, off = ArrayRecord(), 0
     for k, a in base.items():
         ref = like[k]
-        n = int(np.prod(a.shape))
+        n = math.prod(a.shape)
         if off + n > delta.size:
             raise UpdateError(f"update has {delta.size} entries; the model needs more at '{k}'")
         total = as_numpy(a).reshape(-1) + delta[off : off + n]  # float64

@@ -8,6 +8,7 @@ records (:data:`PAYLOAD`, :data:`VECTOR`) plus pass-through ``privfl.side.*`` re
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -183,7 +184,7 @@ def curious_read(
     if vec is None:
         return None
     layout = _template_layout(template)
-    need = sum(int(np.prod(s)) for _, s, _ in layout)
+    need = sum(math.prod(s) for _, s, _ in layout)
     if vec.size < need:
         return None
     codec = (
@@ -194,7 +195,7 @@ def curious_read(
     vals = codec.decode(vec)
     out, off = {}, 0
     for k, shape, dtype in layout:
-        size = int(np.prod(shape))
+        size = math.prod(shape)
         out[k] = vals[off : off + size].reshape(shape).astype(dtype, copy=False)
         off += size
     return out
