@@ -100,21 +100,23 @@ def test_identity_keys_read_as_x25519_keys_agree_on_one_pair_secret():
 
 
 def test_prg_deterministic_and_uniform():
-    seed = os.urandom(32)
+    seed = os.urandom(prg.SEED_BYTES)
     a = prg.expand(seed, 100_000, 62)
     assert np.array_equal(a, prg.expand(seed, 100_000, 62))
-    assert not np.array_equal(a, prg.expand(os.urandom(32), 100_000, 62))
+    assert not np.array_equal(a, prg.expand(os.urandom(prg.SEED_BYTES), 100_000, 62))
     assert a.max() < np.uint64(1 << 62)
     top = (a >> np.uint64(58)).astype(int)  # top 4 bits of the 62-bit ring
     assert stats.chisquare(np.bincount(top, minlength=16)).pvalue > 1e-6
-    with pytest.raises(ValueError, match="32 bytes"):
+    with pytest.raises(ValueError, match="16 bytes"):
         prg.expand(b"short", 4)
+    with pytest.raises(ValueError, match="16 bytes"):
+        prg.expand(bytes(32), 4)
 
 
 def test_prg_matches_reference_aes_ctr():
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-    seed = bytes(range(32))
+    seed = bytes(range(16))  # AES-128
     enc = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
     ref = np.frombuffer(enc.update(bytes(80)), dtype="<u8")
     assert np.array_equal(prg.expand(seed, 10, 64), ref)
@@ -194,7 +196,7 @@ def test_accumulate_matches_reference(ring_bits, size, signs, seed):
     dt = prg.ring_dtype(ring_bits)
     rng = np.random.default_rng(seed)
     acc = rng.integers(0, 2 ** min(ring_bits, 63), size, dtype=np.uint64).astype(dt)
-    seeds = [(rng.bytes(32), s) for s in signs]
+    seeds = [(rng.bytes(prg.SEED_BYTES), s) for s in signs]
     want = prg.accumulate_reference(acc, seeds, ring_bits)
     got = prg.accumulate(acc.copy(), seeds, ring_bits)
     assert got.dtype == dt and np.array_equal(got, want)
@@ -205,7 +207,7 @@ def test_accumulate_matches_reference(ring_bits, size, signs, seed):
 
 
 def test_accumulate_is_the_sum_of_expansions_and_refuses_bad_input():
-    seed_a, seed_b = os.urandom(32), os.urandom(32)
+    seed_a, seed_b = os.urandom(prg.SEED_BYTES), os.urandom(prg.SEED_BYTES)
     a, b = prg.expand(seed_a, 1000, 32), prg.expand(seed_b, 1000, 32)
     assert a.dtype == np.uint32  # a 32-bit ring reads 4 keystream bytes per element
     got = prg.accumulate(np.zeros(1000, np.uint32), [(seed_a, 1), (seed_b, -1)], 32)

@@ -162,7 +162,7 @@ def _kernel_timing(dim: int, n: int, reps: int, ring_bits: int) -> dict[str, flo
     ps = list(range(n))
     nb_keys = {j: keys[j] for j in ps if j != 0}
     x = np.random.default_rng(0).normal(0, 0.01, dim)
-    seed = os.urandom(32)
+    seed = os.urandom(prg.SEED_BYTES)
     item = codec.dtype.itemsize
     zeros, buf = bytes(item * dim), bytearray(item * dim)
 
@@ -177,11 +177,11 @@ def _kernel_timing(dim: int, n: int, reps: int, ring_bits: int) -> dict[str, flo
     graph = {"parties": ps, "keys": nb_keys, "neighbours": 0, "threshold": 0}
 
     def mask_reference() -> None:
-        seeds = p0.mask_seeds(next(rnd), nb_keys, os.urandom(32))
+        seeds = p0.mask_seeds(next(rnd), nb_keys, os.urandom(prg.SEED_BYTES))
         prg.accumulate_reference(enc, seeds, ring_bits)
 
     def mask_kernel() -> None:
-        seeds = p0.mask_seeds(next(rnd), nb_keys, os.urandom(32))
+        seeds = p0.mask_seeds(next(rnd), nb_keys, os.urandom(prg.SEED_BYTES))
         prg.accumulate(np.empty_like(enc), seeds, ring_bits, base=enc)
 
     def encode_and_mask() -> None:  # as the client mod does: mask the encoding in place

@@ -6,7 +6,7 @@ an X25519 channel key):
 1. Party ``i`` splits its encoded vector ``x_i`` into ``n`` additive shares
    ``x_i = sum_j s_ij``; ``s_ij`` for ``j != i`` is encrypted and authenticated for
    ``j`` (:mod:`privfl.secagg.channel`) and sent to the server; ``s_ii`` is kept (only
-   its 32-byte PRG seed is stored).
+   its 16-byte PRG seed is stored).
 2. The server routes the ciphertexts; party ``j`` decrypts the ``n - 1`` shares
    addressed to it and returns ``P_j = sum_i s_ij``.
 3. The server outputs ``sum_j P_j = sum_i x_i``.

@@ -59,9 +59,9 @@ def exchange(private: bytes, peer_public: bytes) -> bytes:
     return X25519PrivateKey.from_private_bytes(private).exchange(peer)
 
 
-def derive(shared: bytes, *, salt: bytes, info: bytes) -> bytes:
-    """32 bytes of HKDF-SHA256 from a shared secret."""
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info).derive(shared)
+def derive(shared: bytes, *, salt: bytes, info: bytes, length: int = 32) -> bytes:
+    """``length`` bytes of HKDF-SHA256 from a shared secret."""
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(shared)
 
 
 def agree(private: bytes, peer_public: bytes, *, salt: bytes, info: bytes) -> bytes:

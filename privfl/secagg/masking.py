@@ -9,7 +9,7 @@ roster registers a random one with the server once. The pair secret
 Per round (two exchanges), among the round's parties ``P`` and on the graph
 ``N(i)`` (all of ``P``, or a k-regular Harary graph on ``P`` as in SecAgg+):
 
-1. *masked input*: party ``i`` draws a fresh 32-byte self-mask seed ``b_i`` and sends
+1. *masked input*: party ``i`` draws a fresh 16-byte self-mask seed ``b_i`` and sends
    ``y_i = x_i + PRG(b_i) + sum_{j in N(i)} sign(i, j) PRG(s_ij,r)`` (mod 2^k) with
    ``s_ij,r = HKDF(K_ij, session, round, {i, j})``, ``sign = +1`` if ``i < j`` else
    ``-1``, together with Shamir shares (threshold ``t``) of ``b_i`` for
@@ -146,7 +146,8 @@ def resolve_threshold(threshold: int, neighbourhood_size: int) -> int:
 def round_seed(shared: bytes, *, session: bytes, rnd: int, i: int, j: int) -> bytes:
     """Seed of the round-``rnd`` mask between ``i`` and ``j`` from their pair secret."""
     lo, hi = sorted((i, j))
-    return derive(shared, salt=session, info=b"privfl-mask|" + struct.pack(">qII", rnd, lo, hi))
+    info = b"privfl-mask|" + struct.pack(">qII", rnd, lo, hi)
+    return derive(shared, salt=session, info=info, length=prg.SEED_BYTES)
 
 
 def _share_aead(shared: bytes, session: bytes, rnd: int, sender: int, recipient: int) -> AESGCM:
