@@ -21,7 +21,9 @@ The federation runs in-process on privfl's LoopbackGrid (real messages, mods and
 serialised records, no Ray): Flower's Ray engine spends minutes
 starting 1,000 SuperNodes on a 2-core machine, which would swamp the protocol's cost.
 The round time includes the grid's copying and serialisation of every message (what a
-transport would also pay); it is neither party nor server time.
+transport would also pay); it is neither party nor server time. Each row starts from a
+collected heap frozen out of the garbage collector's reach (``gc.freeze``), so that a
+row's full collections scan its own objects, not the interpreter's and the earlier rows'.
 
 One file: privfl's federation and its Flower SecAgg+ twin are built from the same
 scenario and timed by the same grid and row, so the table compares like with like.
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -431,6 +434,10 @@ def run(
                 if why not in notes:
                     notes.append(why)
                 continue
+            # A full collection in a row then scans that row's objects only, not the
+            # interpreter's and earlier rows' (hundreds of thousands, 0.2 s a scan).
+            gc.collect()
+            gc.freeze()
             try:
                 row = measure(method, n, measured, overrides)
             except UserError:
@@ -440,6 +447,8 @@ def run(
                 notes.append(note)
                 print(f"{n:>6} {per_round(n):>6} {'':>5} {method:<15} failed", flush=True)
                 continue
+            finally:
+                gc.unfreeze()
             rows.append(row)
             plain = next(
                 (r.round_seconds for r in rows if r.method == "plain" and r.parties == n), None
