@@ -133,6 +133,13 @@ def simulation_policy(scenario: Scenario, party: int, secret: bytes | None = Non
     )
 
 
+def simulation_roster(parties: int, secret: bytes | None = None) -> Mapping[int, bytes]:
+    """The public roster of a simulated federation (party -> identity public key): what
+    :func:`simulation_policy` hands every party, and what the operator of a deployment
+    hands everyone. Public keys only."""
+    return _roster(lab_secret() if secret is None else secret, parties)
+
+
 @functools.lru_cache(maxsize=4)
 def _roster(secret: bytes, parties: int) -> Mapping[int, bytes]:
     # Simulated parties in one process share one roster: n parties, not n^2 key derivations.

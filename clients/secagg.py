@@ -325,17 +325,22 @@ def make_secagg_mod(
                 f"party {party}: train message without a secure-aggregation session; "
                 "this party releases its update only inside secure aggregation"
             )
-        codec = (settings or SecAggSettings.from_scenario(scenario)).codec
-        proto, st = _load(context, party, codec)
-        if bytes(cfg[wire.PREFIX + "session"]) != bytes.fromhex(st["session"]):
-            raise SecAggClientError(
-                f"party {party}: train message is for another key-setup session"
-            )
+        own = settings or SecAggSettings.from_scenario(scenario)
+        session = bytes(cfg[wire.PREFIX + "session"])
         rnd = int(cfg["server-round"])
         parties = wire.ids(cfg[wire.PREFIX + "parties"])
         if party not in parties:
             raise SecAggClientError(f"party {party}: not among this round's parties {parties}")
         record = party_record(context)
+        if own.protocol == "masking" and record is not None and not _in_session(context, session):
+            # Not asked to register: a server that holds the federation's public roster
+            # knows this party's static key already. Set up as registration would.
+            _setup_masking(msg, context, scenario, party, own.codec, session, record)
+        proto, st = _load(context, party, own.codec)
+        if session != bytes.fromhex(st["session"]):
+            raise SecAggClientError(
+                f"party {party}: train message is for another key-setup session"
+            )
         if wire.PREFIX + "dir_parties" in cfg:  # first round of an epoch (additive)
             directory = {
                 int(p): (bytes(k),)
@@ -515,6 +520,39 @@ def _neighbour_keys(
     return keys
 
 
+def _in_session(context: Context, session: bytes) -> bool:
+    rec = context.state.config_records.get(wire.STATE)
+    return rec is not None and json.loads(str(rec["json"])).get("session") == session.hex()
+
+
+def _setup_masking(
+    msg: Message,
+    context: Context,
+    scenario: Scenario | None,
+    party: int,
+    codec: FixedPointCodec,
+    session: bytes,
+    record: PartyRecord | None,
+    *,
+    dim: int | None = None,
+    parties: int = 0,
+    check_fn: Callable[..., None] | None = None,
+) -> MaskingParty:
+    """This party's masking state for ``session``, checked against its own DP policy
+    first; its static key is public (see :func:`_masking_party`)."""
+    if scenario is not None and scenario.defense.dp.mode == "distributed":
+        if dim is None:
+            arrays = msg.content.array_records.get("arrays")
+            dim = sum(math.prod(a.shape) for a in arrays.values()) if arrays else 0
+        (check_fn or check_distributed)(
+            scenario, dim=dim, parties=record.min_parties if record else parties
+        )
+    proto = _masking_party(context, party, codec, session, record)
+    context.state.array_records.pop(wire.CACHE, None)
+    _save(context, proto, {"protocol": "masking", "session": session.hex()})
+    return proto
+
+
 def handle_setup(
     msg: Message,
     context: Context,
@@ -531,23 +569,34 @@ def handle_setup(
     protocol = own.protocol
     if stage == "advertise":
         record = party_record(context)
+        dim, n = int(cfg[wire.PREFIX + "dim"]), int(cfg[wire.PREFIX + "n"])
+        if protocol == "masking":
+            proto: Any = _setup_masking(
+                msg,
+                context,
+                scenario,
+                party,
+                codec,
+                session,
+                record,
+                dim=dim,
+                parties=n,
+                check_fn=check_fn,
+            )
+            return Message(
+                RecordDict({wire.PAYLOAD: ConfigRecord({"dh_pk": proto.public_key})}),
+                reply_to=msg,
+            )
         if scenario is not None and scenario.defense.dp.mode == "distributed":
             (check_fn or check_distributed)(
-                scenario,
-                dim=int(cfg[wire.PREFIX + "dim"]),
-                parties=record.min_parties if record else int(cfg[wire.PREFIX + "n"]),
+                scenario, dim=dim, parties=record.min_parties if record else n
             )
-        st: dict[str, Any] = {"protocol": protocol, "session": session.hex()}
-        if protocol == "masking":
-            proto: Any = _masking_party(context, party, codec, session, record)
-            out = ConfigRecord({"dh_pk": proto.public_key})
-        else:
-            proto = AdditiveParty(party, codec, session)
-            keys = [proto.public_key]
-            out = ConfigRecord({"chan_pk": keys[0]})
-            if record is not None:
-                out["sig"] = sign_keys(record.identity_key, session=session, party=party, keys=keys)
-            st["directory"] = {}
+        proto = AdditiveParty(party, codec, session)
+        keys = [proto.public_key]
+        out = ConfigRecord({"chan_pk": keys[0]})
+        if record is not None:
+            out["sig"] = sign_keys(record.identity_key, session=session, party=party, keys=keys)
+        st: dict[str, Any] = {"protocol": protocol, "session": session.hex(), "directory": {}}
         context.state.array_records.pop(wire.CACHE, None)
         _save(context, proto, st)
         return Message(RecordDict({wire.PAYLOAD: out}), reply_to=msg)

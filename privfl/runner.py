@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -104,12 +104,13 @@ def run_scenario(
     if engine not in ENGINES:
         raise UserError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
     auditor = make_auditor(sc, fed.num_classes)
+    roster = _public_roster(sc)
     if engine == "inprocess":
         _quiet_flower(verbose)
-        return _run_inprocess(sc, out, progress=progress, auditor=auditor)
+        return _run_inprocess(sc, out, progress=progress, auditor=auditor, roster=roster)
     outcome: list[Any] = []
     server_app = make_server_app(
-        sc, out, progress=progress, on_done=outcome.append, auditor=auditor
+        sc, out, progress=progress, on_done=outcome.append, auditor=auditor, roster=roster
     )
 
     # Flower and torch: kept off privfl's import, as above.
@@ -141,8 +142,23 @@ def run_scenario(
     return json.loads((out / "results.json").read_text())
 
 
+def _public_roster(sc: Scenario) -> Mapping[int, bytes] | None:
+    """The simulated federation's public roster, handed to the server as a deployment's
+    operator would: masking parties on it need not register their keys."""
+    if sc.defense.secure_aggregation != "masking":
+        return None
+    from privfl.clients.policy import simulation_roster
+
+    return simulation_roster(sc.data.parties)
+
+
 def _run_inprocess(
-    sc: Scenario, out: Path, *, progress: bool | None, auditor: Any
+    sc: Scenario,
+    out: Path,
+    *,
+    progress: bool | None,
+    auditor: Any,
+    roster: Mapping[int, bytes] | None = None,
 ) -> dict[str, Any]:
     # Flower and torch: kept off privfl's import, as in run_scenario.
     from privfl.clients.app import make_client_app
@@ -153,7 +169,7 @@ def _run_inprocess(
     grid = LoopbackGrid(
         make_client_app(sc, auditor=auditor), {1000 + p: p for p in range(sc.data.parties)}
     )
-    run_federation(grid, sc, out, progress=progress, auditor=auditor)
+    run_federation(grid, sc, out, progress=progress, auditor=auditor, roster=roster)
     # What results.json holds, as the simulation engine returns it.
     return json.loads((out / "results.json").read_text())
 

@@ -214,12 +214,14 @@ def run_federation(
     *,
     progress: bool | None = None,
     auditor: RunAuditor | None = None,
+    roster: Mapping[int, bytes] | None = None,
 ) -> dict[str, Any]:
     """Run ``scenario`` on ``grid`` and write results.json + report.md into ``out_dir``.
 
     ``auditor`` is the privacy audit whose canary records the parties were handed
     (``make_client_app(..., auditor=)``); it watches every global model the server
-    releases and adds a ``privacy-audit`` entry.
+    releases and adds a ``privacy-audit`` entry. ``roster`` is the federation's public
+    roster, where the server holds it (see :func:`build_strategy`).
     """
     if scenario.audit.enabled and auditor is None:
         raise ValueError(
@@ -251,7 +253,7 @@ def run_federation(
         party_of = discover_parties(grid, scenario.data.parties, scenario.scenario.timeout)
         startup = time.perf_counter() - t_start
         model = build_model(scenario, fed.num_classes)
-        strategy = build_strategy(scenario, party_of)
+        strategy = build_strategy(scenario, party_of, roster=roster)
         round_evaluator = _RoundEvaluator(
             scenario, build_model(scenario, fed.num_classes), progress
         )
@@ -386,8 +388,10 @@ def make_server_app(
     progress: bool | None = None,
     on_done: Callable[[dict[str, Any] | BaseException], None] | None = None,
     auditor: RunAuditor | None = None,
+    roster: Mapping[int, bytes] | None = None,
 ) -> ServerApp:
-    """A ServerApp for a fixed scenario (``privfl run``) or one read from the run config."""
+    """A ServerApp for a fixed scenario (``privfl run``) or one read from the run config;
+    ``roster``: the federation's public roster, where the server is handed one."""
     app = ServerApp()
 
     @app.main()
@@ -402,7 +406,9 @@ def make_server_app(
                 grid = PollingGrid(grid)
             else:
                 sc, out = scenario, Path(out_dir or ".")
-            results = run_federation(grid, sc, out, progress=progress, auditor=auditor)
+            results = run_federation(
+                grid, sc, out, progress=progress, auditor=auditor, roster=roster
+            )
             if scenario is None:  # under `flwr run`, say where the outputs went
                 print(f"privfl: results written to {out}", file=sys.stderr)
         except BaseException as exc:

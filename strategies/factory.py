@@ -113,8 +113,13 @@ def aggregation_strategy(scenario: Scenario, *, evaluate: bool = True) -> Strate
     return call_object(cls, "strategy.name", **supplied, **options)
 
 
-def build_strategy(scenario: Scenario, party_of: Mapping[int, int]) -> Strategy:
+def build_strategy(
+    scenario: Scenario, party_of: Mapping[int, int], *, roster: Mapping[int, bytes] | None = None
+) -> Strategy:
     """The server strategy a scenario asks for (see the module docstring for the order).
+
+    ``roster`` is the federation's public roster (party -> identity public key), where the
+    server holds it: masking then needs no key registration from the parties on it.
 
     Errors in ``[strategy]`` (an unknown class, a keyword its class does not take, an
     error raised while building it) are :class:`~privfl.config.ScenarioError` naming the key.
@@ -132,7 +137,9 @@ def build_strategy(scenario: Scenario, party_of: Mapping[int, int]) -> Strategy:
     if scenario.defense.dp.mode in ("global", "distributed"):
         strategy = DPGlobalUpdate.from_scenario(strategy, scenario, party_of=party_of)
     if scenario.defense.secure_aggregation != "none":
-        strategy = SecureAggregation.from_scenario(strategy, scenario, party_of=party_of)
+        strategy = SecureAggregation.from_scenario(
+            strategy, scenario, party_of=party_of, roster=roster
+        )
     if scenario.attack.kind == "gradient-inversion":
         from privfl.strategies.curious_server import CuriousServer  # imports the attacks
 

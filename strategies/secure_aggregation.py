@@ -48,6 +48,7 @@ from privfl.flower import side, wire
 from privfl.flower.update import with_delta
 from privfl.refusal import diverged_reason, refusal_reason
 from privfl.secagg.additive import AdditiveServer, RoundAbortedError
+from privfl.secagg.identity import IdentityError, dh_public
 from privfl.secagg.masking import MaskingError, MaskingServer, neighbourhoods
 from privfl.strategies.wrapper import StrategyWrapper, strategy_chain, weighted_by_key
 
@@ -106,6 +107,12 @@ class SecureAggregation(StrategyWrapper):
     message_config : Mapping, optional
         Entries added to the config of every message this wrapper sends (privfl's own
         parties read their round settings there).
+    roster : Mapping[int, bytes], optional
+        Masking: the federation's public roster (party -> Ed25519 identity public key),
+        which every party of a deployment holds. A party's static masking key is its
+        identity key on the Montgomery curve, so the server reads the keys of the
+        parties on it from there and asks only the others to register theirs. Public
+        keys only: it tells the server nothing a party's traffic does not.
     """
 
     def __init__(
@@ -122,6 +129,7 @@ class SecureAggregation(StrategyWrapper):
         on_failure: str = "skip",
         release_train_loss: bool = True,
         message_config: Mapping[str, Any] | None = None,
+        roster: Mapping[int, bytes] | None = None,
     ) -> None:
         if on_failure not in ("skip", "raise"):
             raise ValueError(f"on_failure must be 'skip' or 'raise', got {on_failure!r}")
@@ -158,9 +166,14 @@ class SecureAggregation(StrategyWrapper):
         self._global: ArrayRecord | None = None
         self._parties: list[int] = []
         self._epoch: dict[str, Any] | None = None
-        # Masking: the run's session and every registered party's static X25519 key.
+        # Masking: the run's session and every known party's static X25519 key.
         self._session = os.urandom(16)
         self._static: dict[int, bytes] = {}
+        if roster and protocol == "masking":
+            try:
+                self._static = {int(p): dh_public(k) for p, k in roster.items()}
+            except IdentityError as exc:
+                raise ValueError(f"roster: {exc}") from None
 
     @classmethod
     def from_scenario(

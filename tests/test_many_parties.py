@@ -10,7 +10,7 @@ from flwr.serverapp import Grid
 
 from privfl.architecture import build_model
 from privfl.clients.app import make_client_app
-from privfl.clients.policy import drops_out, simulation_policy
+from privfl.clients.policy import drops_out, simulation_policy, simulation_roster
 from privfl.config import SCENARIO_KEY, Scenario, ScenarioError
 from privfl.data import load_federation
 from privfl.dp import accounted_sampling_rate
@@ -40,12 +40,12 @@ def _nodes() -> dict[int, int]:
     return {100 + p: p for p in range(PARTIES)}
 
 
-def _run(sc: Scenario):
+def _run(sc: Scenario, roster=None):
     grid = LoopbackGrid(make_client_app(sc, secret=SECRET), _nodes())
     # What the server received, by party, as a curious server's recorder sees it.
     recording = RecordingGrid(grid, Transcript(_nodes(), copy=False))
     grid.transcript = recording.transcript
-    strat = build_strategy(sc, _nodes())
+    strat = build_strategy(sc, _nodes(), roster=roster)
     fed = load_federation(sc)
     start = ArrayRecord(build_model(sc, fed.num_classes).state_dict())
     cfg = ConfigRecord({SCENARIO_KEY: sc.to_json()})
@@ -123,6 +123,41 @@ def test_only_the_sampled_parties_train_and_the_sum_is_theirs(protocol):
     # The secure sum of the sampled parties is the plain mean of the same parties,
     # up to the fixed-point quantisation.
     np.testing.assert_allclose(_flat(res.arrays), _flat(plain.arrays), atol=1e-4)
+
+
+@pytest.mark.parametrize("stage", ["unmask", "train"])
+def test_a_server_holding_the_public_roster_skips_key_registration(stage):
+    """The parties on the roster mask with the keys it gives: no setup message in any
+    round, the same sum bit for bit as after registration, dropouts included."""
+    sc = _scenario(dropout_rate=0.1, dropout_stage=stage)
+    roster = simulation_roster(PARTIES, SECRET)
+    strat, res, grid = _run(sc, roster=roster)
+    registered, res_reg, grid_reg = _run(sc)
+    for rnd in (1, 2):
+        assert not grid.transcript.exchanges(rnd, wire.SETUP)
+        assert grid_reg.transcript.exchanges(1, wire.SETUP)
+        assert strat.round_trips[rnd] == 2  # train, unmask
+    assert strat.included == registered.included and strat.faults == registered.faults
+    assert np.array_equal(_flat(res.arrays), _flat(res_reg.arrays))
+    # Parties off the server's roster still register, and only they.
+    part = {p: k for p, k in roster.items() if p % 2 == 0}
+    _, _, grid_part = _run(sc, roster=part)
+    asked = {p for ex in grid_part.transcript.exchanges(1, wire.SETUP) for p in ex.received}
+    want = sample_parties(range(PARTIES), PER_ROUND, seed=5, server_round=1)
+    assert asked == {p for p in want if p % 2}
+
+
+def test_a_forged_public_roster_is_refused_by_the_parties_holding_the_real_one():
+    sc = _scenario(rounds=1)
+    roster = dict(simulation_roster(PARTIES, SECRET))
+    want = sample_parties(range(PARTIES), PER_ROUND, seed=5, server_round=1)
+    victim = want[0]
+    roster[victim] = simulation_roster(PARTIES, bytes(32))[victim]  # the server's own key
+    strat, _, _ = _run(sc, roster=roster)
+    reasons = [f["reason"] for f in strat.faults[1]]
+    assert any("forged or altered key directory" in r for r in reasons), reasons
+    assert any("another static key for me" in r for r in reasons), reasons
+    assert strat.included == {1: []}
 
 
 def test_masking_recovers_the_sum_when_parties_drop_after_sending_masked_inputs():

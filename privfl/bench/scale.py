@@ -61,6 +61,7 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
 from privfl.architecture import build_model
 from privfl.clients.app import make_client_app
+from privfl.clients.policy import simulation_roster
 from privfl.config import SCENARIO_KEY, Scenario
 from privfl.data import load_federation
 from privfl.errors import UserError
@@ -210,7 +211,8 @@ def run_privfl(method: str, n: int, measured: int, overrides: list[str]) -> Row:
     fed = load_federation(sc)
     _reset_peak()
     grid = TimedGrid(make_client_app(sc, secret=SECRET), nodes)
-    strategy = build_strategy(sc, nodes)
+    # The server holds the public roster, as privfl run hands it: no key registration.
+    strategy = build_strategy(sc, nodes, roster=simulation_roster(n, SECRET))
     arrays = ArrayRecord(build_model(sc, fed.num_classes).state_dict())
     cfg = ConfigRecord({SCENARIO_KEY: sc.to_json()})
     marks = []

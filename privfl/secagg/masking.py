@@ -2,8 +2,9 @@
 
 Keys: every party ``i`` holds a static X25519 key pair ``(sk_i, pk_i)`` for the run: its
 identity key read on the Montgomery curve (:func:`privfl.secagg.identity.dh_private`),
-so every party derives every other's ``pk_j`` from its own roster; a party without a
-roster registers a random one with the server once. The pair secret
+so every party derives every other's ``pk_j`` from its own roster, and a server that
+holds the public roster reads them there; a party without a roster registers a random
+one with the server once. The pair secret
 ``K_ij = X25519(sk_i, pk_j)`` never leaves the two parties.
 
 Per round (two exchanges), among the round's parties ``P`` and on the graph
@@ -14,7 +15,7 @@ Per round (two exchanges), among the round's parties ``P`` and on the graph
    ``s_ij,r = HKDF(K_ij, session, round, {i, j})``, ``sign = +1`` if ``i < j`` else
    ``-1``, together with Shamir shares (threshold ``t``) of ``b_i`` for
    ``M(i) = N(i) + {i}``, each sealed for its holder with AES-GCM under a key derived
-   from ``K_ij`` and the round. PRG is AES-256-CTR (:mod:`privfl.secagg.prg`).
+   from ``K_ij`` and the round. PRG is AES-128-CTR (:mod:`privfl.secagg.prg`).
 2. *unmask*: the server names the survivors ``S`` (sent ``y``) and the dropped ``D``.
    Each responding party reveals, for its neighbours, its share of ``b_i`` if ``i`` in
    ``S`` and its round seed ``s_id,r`` if ``d`` in ``D`` -- never both for one party.
@@ -26,9 +27,9 @@ What the server learns: every ``y_i`` is uniform on the ring (the self mask alon
 it so) and independent of ``x_i``; after unmasking it learns ``sum_{i in S} x_i`` and the
 round seeds of the pairs a dropped party had with survivors. Those seeds serve that
 round only (HKDF of the pair secret with the round), so no key is ever revealed and no
-party is re-keyed: a party registers its static key once, whatever sample of parties it
-is in later. A party masks a round number once: a second masking of the round would reuse
-seeds the server may hold. Parties refuse to unmask when fewer than ``t`` of their
+party is re-keyed: a party's static key serves every sample of parties it is in. A
+party masks a round number once: a second masking of the round would reuse seeds the
+server may hold. Parties refuse to unmask when fewer than ``t`` of their
 neighbourhood survived, so no aggregate of fewer than ``t`` inputs is revealed; fewer
 than ``t`` unmask replies, or a survivor that drops out of the unmask stage while a
 neighbour of it dropped out before (its round seed with that neighbour is known to no
