@@ -300,11 +300,14 @@ def _check_directory(
 
 
 def make_secagg_mod(
-    noise_fn: NoiseFn | None = None, *, settings: SecAggSettings | None = None
+    noise_fn: NoiseFn | None = None,
+    *,
+    settings: SecAggSettings | None = None,
+    check_fn: Callable[..., None] | None = None,
 ) -> Callable[[Message, Context, Callable[[Message, Context], Message]], Message]:
-    """A :func:`secagg_mod` with an injected distributed-DP noise function (tests), or
-    built with the party's own ``settings`` (a ClientApp without a privfl scenario: the
-    party then releases its update only inside secure aggregation)."""
+    """A :func:`secagg_mod` with an injected distributed-DP noise function or setup
+    check (tests), or built with the party's own ``settings`` (a ClientApp without a
+    privfl scenario: the party then releases its update only inside secure aggregation)."""
 
     def mod(
         msg: Message, context: Context, call_next: Callable[[Message, Context], Message]
@@ -335,7 +338,9 @@ def make_secagg_mod(
         if own.protocol == "masking" and record is not None and not _in_session(context, session):
             # Not asked to register: a server that holds the federation's public roster
             # knows this party's static key already. Set up as registration would.
-            _setup_masking(msg, context, scenario, party, own.codec, session, record)
+            _setup_masking(
+                msg, context, scenario, party, own.codec, session, record, check_fn=check_fn
+            )
         proto, st = _load(context, party, own.codec)
         if session != bytes.fromhex(st["session"]):
             raise SecAggClientError(
