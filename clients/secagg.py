@@ -119,7 +119,10 @@ def _load(context: Context, party: int, codec: FixedPointCodec) -> tuple[Any, di
 
 def _save(context: Context, proto: Any, st: dict[str, Any]) -> None:
     st["party"] = proto.to_state()
-    context.state.config_records[wire.STATE] = ConfigRecord({"json": json.dumps(st)})
+    # The session beside the JSON: read on every train message without parsing it.
+    context.state.config_records[wire.STATE] = ConfigRecord(
+        {"json": json.dumps(st), "session": st["session"]}
+    )
 
 
 def encode_update(
@@ -525,9 +528,17 @@ def _neighbour_keys(
     return keys
 
 
+def _check_setup(
+    scenario: Scenario | None, dim: int, parties: int, check_fn: Callable[..., None] | None
+) -> None:
+    """The party's own distributed-DP check before it joins a session (raises)."""
+    if scenario is not None and scenario.defense.dp.mode == "distributed":
+        (check_fn or check_distributed)(scenario, dim=dim, parties=parties)
+
+
 def _in_session(context: Context, session: bytes) -> bool:
     rec = context.state.config_records.get(wire.STATE)
-    return rec is not None and json.loads(str(rec["json"])).get("session") == session.hex()
+    return rec is not None and rec.get("session") == session.hex()
 
 
 def _setup_masking(
@@ -545,13 +556,10 @@ def _setup_masking(
 ) -> MaskingParty:
     """This party's masking state for ``session``, checked against its own DP policy
     first; its static key is public (see :func:`_masking_party`)."""
-    if scenario is not None and scenario.defense.dp.mode == "distributed":
-        if dim is None:
-            arrays = msg.content.array_records.get("arrays")
-            dim = sum(math.prod(a.shape) for a in arrays.values()) if arrays else 0
-        (check_fn or check_distributed)(
-            scenario, dim=dim, parties=record.min_parties if record else parties
-        )
+    if dim is None:
+        arrays = msg.content.array_records.get("arrays")
+        dim = sum(math.prod(a.shape) for a in arrays.values()) if arrays else 0
+    _check_setup(scenario, dim, record.min_parties if record else parties, check_fn)
     proto = _masking_party(context, party, codec, session, record)
     context.state.array_records.pop(wire.CACHE, None)
     _save(context, proto, {"protocol": "masking", "session": session.hex()})
@@ -592,10 +600,7 @@ def handle_setup(
                 RecordDict({wire.PAYLOAD: ConfigRecord({"dh_pk": proto.public_key})}),
                 reply_to=msg,
             )
-        if scenario is not None and scenario.defense.dp.mode == "distributed":
-            (check_fn or check_distributed)(
-                scenario, dim=dim, parties=record.min_parties if record else n
-            )
+        _check_setup(scenario, dim, record.min_parties if record else n, check_fn)
         proto = AdditiveParty(party, codec, session)
         keys = [proto.public_key]
         out = ConfigRecord({"chan_pk": keys[0]})
