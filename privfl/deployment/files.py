@@ -81,6 +81,7 @@ def _app_pyproject() -> str:
             'scenario-file = ""',
             'out-dir = ""',
             'error-file = ""',
+            'roster-file = ""',
             "",
         ]
     )

@@ -122,6 +122,8 @@ def _submit(cluster: Cluster, scenario: Scenario, out: Path) -> None:
             f'scenario-file="{lab / "scenario.json"}"',
             f'out-dir="{out}"',
             f'error-file="{error_file}"',
+            # The public roster every party holds: masking then needs no key registration.
+            f'roster-file="{root / "roster.json"}"',
         ]
     )
     out.parent.mkdir(parents=True, exist_ok=True)

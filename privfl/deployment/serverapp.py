@@ -18,6 +18,7 @@ from privfl.config import scenario_from_json
 from privfl.deployment.grid import PollingGrid
 from privfl.errors import UserError
 from privfl.node import shorten_object_retries
+from privfl.secagg.identity import load_roster
 
 server_app = ServerApp()
 
@@ -32,7 +33,14 @@ def _serve(grid: Grid, context: Context) -> None:
     error_file = Path(str(cfg["error-file"]))
     try:
         scenario = scenario_from_json(Path(str(cfg["scenario-file"])).read_text())
-        run_federation(PollingGrid(grid), scenario, Path(str(cfg["out-dir"])), progress=False)
+        roster_file = str(cfg.get("roster-file", ""))
+        run_federation(
+            PollingGrid(grid),
+            scenario,
+            Path(str(cfg["out-dir"])),
+            progress=False,
+            roster=load_roster(roster_file) if roster_file else None,
+        )
     except BaseException as exc:
         # The engine reads this back: the ServerApp's process is not privfl's own.
         error_file.write_text(
