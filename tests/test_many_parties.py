@@ -152,6 +152,24 @@ def test_a_server_holding_the_public_roster_skips_key_registration(stage):
     assert asked == {p for p in want if p % 2}
 
 
+def test_a_party_never_asked_to_register_still_checks_its_dp_policy_first():
+    """Set up at its first train message, a party runs the check registration runs: here
+    its noise would be too coarse for the ring, and nothing is released."""
+    sc = _scenario(rounds=1).replace(
+        [
+            "defense.dp.mode='distributed'",
+            "defense.dp.noise_multiplier=1.0",
+            "defense.secagg.frac_bits=2",
+        ]
+    )
+    strat, _, grid = _run(sc, roster=simulation_roster(PARTIES, SECRET))
+    assert not grid.transcript.exchanges(1, wire.SETUP)
+    want = sample_parties(range(PARTIES), PER_ROUND, seed=5, server_round=1)
+    failed = {f["party"] for f in strat.faults[1] if "defense.secagg.frac_bits" in f["reason"]}
+    assert failed == set(want)
+    assert strat.included == {1: []}
+
+
 def test_a_forged_public_roster_is_refused_by_the_parties_holding_the_real_one():
     sc = _scenario(rounds=1)
     roster = dict(simulation_roster(PARTIES, SECRET))
