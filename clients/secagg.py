@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ from privfl.dp import check_distributed, clip_l2, distributed_epsilon, distribut
 from privfl.errors import PrivflError
 from privfl.fixedpoint import FixedPointCodec
 from privfl.flower import side, wire
-from privfl.flower.update import Update, UpdateError
+from privfl.flower.update import Update, UpdateError, coordinates
 from privfl.refusal import RefusalError, refusal_reply
 from privfl.secagg.additive import AdditiveParty
 from privfl.secagg.channel import ChannelError
@@ -221,7 +220,7 @@ def _distributed_budget(
         rec = ConfigRecord({"rounds": 0})
         context.state.config_records[_DDP_STATE] = rec
     arrays = msg.content.array_records.get("arrays")
-    dim = sum(math.prod(a.shape) for a in arrays.values()) if arrays is not None else 1
+    dim = coordinates(arrays) if arrays is not None else 1
     after = distributed_epsilon(scenario, dim, int(rec["rounds"]) + 1)
     budget = scenario.defense.dp.epsilon
     if budget > 0 and after > budget * (1 + 1e-9):
@@ -558,7 +557,7 @@ def _setup_masking(
     first; its static key is public (see :func:`_masking_party`)."""
     if dim is None:
         arrays = msg.content.array_records.get("arrays")
-        dim = sum(math.prod(a.shape) for a in arrays.values()) if arrays else 0
+        dim = coordinates(arrays) if arrays else 0
     _check_setup(scenario, dim, record.min_parties if record else parties, check_fn)
     proto = _masking_party(context, party, codec, session, record)
     context.state.array_records.pop(wire.CACHE, None)

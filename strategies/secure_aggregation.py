@@ -29,7 +29,6 @@ around the grid records it (a curious server's transcript), and
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -45,7 +44,7 @@ from privfl.config import SCENARIO_KEY, Scenario
 from privfl.errors import PrivflError
 from privfl.fixedpoint import FixedPointCodec
 from privfl.flower import side, wire
-from privfl.flower.update import with_delta
+from privfl.flower.update import coordinates, with_delta
 from privfl.refusal import diverged_reason, refusal_reason
 from privfl.secagg.additive import AdditiveServer, RoundAbortedError
 from privfl.secagg.identity import IdentityError, dh_public
@@ -278,7 +277,7 @@ class SecureAggregation(StrategyWrapper):
 
     def _advertise(self, server_round: int, parties: list[int], session: bytes) -> dict[int, Any]:
         """The setup stage: each party's reply payload (its public keys)."""
-        dim = sum(math.prod(a.shape) for a in _started(self._global, "key setup").values())
+        dim = coordinates(_started(self._global, "key setup"))
         cfg = {
             wire.PREFIX + "stage": "advertise",
             wire.PREFIX + "session": session,
@@ -430,7 +429,7 @@ class SecureAggregation(StrategyWrapper):
         got = self._collect(server_round, "train", replies)
         sides = side.collect(replies)
         arrays = _started(self._global, "aggregation")
-        dim = sum(math.prod(a.shape) for a in arrays.values()) + wire.EXTRA_COORDS
+        dim = coordinates(arrays) + wire.EXTRA_COORDS
         try:
             if self.protocol == "additive":
                 total, included = self._finish_additive(server_round, got, dim)

@@ -40,6 +40,11 @@ def weights_of(content: RecordDict) -> tuple[str, ArrayRecord]:
     return name, records[name]
 
 
+def coordinates(arrays: ArrayRecord) -> int:
+    """How many numbers ``arrays`` holds: the length of its flat Δ."""
+    return sum(math.prod(a.shape) for a in arrays.values())
+
+
 def flat_delta(sent: ArrayRecord, got: ArrayRecord) -> np.ndarray:
     """``got − sent`` in the key order of ``sent``, as one float64 vector.
 
